@@ -1,0 +1,116 @@
+"""`gossiplab run | presets | report`: the command line."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gossiplab.config import ConfigError, build_config, load_preset, preset_names
+from gossiplab.data.partition import PartitionError
+from gossiplab.data.sources import SourceMissingError
+from gossiplab.runner import DivergenceError, RunDirError, RunInterrupted, Runner, load_run_config
+
+app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
+console = Console()
+errors = Console(stderr=True)
+
+SUMMARY_ROWS = (
+    ("ALA", "ala", "{:.4f}"),
+    ("AGA", "aga", "{:.4f}"),
+    ("MMGA", "mmga", "{:.4f}"),
+    ("(ALA+AGA)/2", "ala_aga_mean", "{:.4f}"),
+    ("Gossip Gain", "gossip_gain", "{:+.2f}%"),
+    ("Consensus distance", "consensus_distance", "{:.4g}"),
+    ("Worst-10% local acc.", "worst10_local", "{:.4f}"),
+    ("Communication (MB, all sites)", "bytes_sent", "{:.1f}"),
+    ("Wall time (s)", "wall_time_s", "{:.1f}"),
+)
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['name']}: final metrics at step {summary['step']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for label, key, fmt in SUMMARY_ROWS:
+        value = summary[key] / 1e6 if key == "bytes_sent" else summary[key]
+        table.add_row(label, fmt.format(value))
+    return table
+
+
+def _fail(message: str, code: int = 2) -> None:
+    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. gossip.topology=ring")
+    ] = None,
+    preset: Annotated[
+        str, typer.Option("--preset", "-p", help="named experiment (see 'gossiplab presets')")
+    ] = "default",
+    run_dir: Annotated[Path | None, typer.Option(help="where to write results (default runs/NAME-TIME)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the interrupted run in this directory")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Run an experiment: the embedded default, or a preset with key=value overrides."""
+    try:
+        if resume is not None:
+            if overrides or preset != "default" or run_dir is not None:
+                _fail("--resume takes no preset, overrides or --run-dir: the run's own config.toml is used")
+            config = load_run_config(resume)
+            target = resume
+        else:
+            config = build_config(preset, overrides)
+            target = run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.mkdir(parents=True, exist_ok=True)
+        runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet)
+    except (ConfigError, RunDirError, SourceMissingError, PartitionError) as error:
+        _fail(str(error))
+    previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
+    try:
+        summary = runner.run()
+    except RunInterrupted as stop:
+        errors.print(f"[yellow]interrupted:[/] {stop}")
+        raise typer.Exit(130) from None
+    except DivergenceError as error:
+        _fail(str(error), code=1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    console.print(summary_table(summary))
+    console.print(f"run directory: {target}")
+
+
+@app.command()
+def presets() -> None:
+    """List the named experiments."""
+    table = Table(title="presets (gossiplab run --preset NAME)")
+    table.add_column("name")
+    table.add_column("description")
+    for name in preset_names():
+        table.add_row(name, load_preset(name).description)
+    console.print(table)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
+    """Redraw a finished run's plots and print its final metrics."""
+    from gossiplab.report import replot
+
+    if not (run_dir / "summary.json").is_file():
+        _fail(f"{run_dir} holds no finished run (no summary.json)")
+    for path in replot(run_dir):
+        console.print(f"wrote {path}")
+    console.print(summary_table(json.loads((run_dir / "summary.json").read_text())))
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,279 @@
+"""Typed experiment configuration: presets, `key=value` overrides and validation before any work.
+
+One `Config` describes one experiment completely; its TOML form (`config.toml` in every run
+directory) re-runs it as is. Presets are TOML files of overrides on top of the defaults below,
+which are themselves the embedded default experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import tomli_w
+
+TOPOLOGIES = ("complete", "ring", "exponential", "random-one-peer")
+MIXING_RULES = ("uniform", "metropolis")
+SCHEDULES = ("every", "steps", "final-only", "none")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+MODELS = ("mlp", "cnn")
+PARTITIONS = ("iid", "dirichlet")
+ENGINES = ("auto", "vmap", "loop")
+INITS = ("shared", "independent")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad field and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion-mnist"
+    partition: str = "dirichlet"
+    alpha: float = 0.1
+    min_site_samples: int = 64
+    path: str = ""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [200, 200])
+    channels: list[int] = field(default_factory=lambda: [16, 32])
+    init: str = "shared"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    engine: str = "auto"
+
+
+@dataclass
+class GossipConfig:
+    topology: str = "random-one-peer"
+    p: float = 1.0
+    mixing: str = "uniform"
+    schedule: str = "every"
+    every: int = 10
+    steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    description: str = "16 sites, Fashion-MNIST, Dirichlet(0.1) label skew, MLP, DSGD with random one-peer gossip"
+    seed: int = 0
+    num_sites: int = 16
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every settable field as 'section.key' -> its type."""
+    paths: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        path = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            paths.update(_leaf_paths(hint, f"{path}."))
+        else:
+            paths[path] = hint
+    return paths
+
+
+LEAF_TYPES = _leaf_paths(Config)
+
+
+def _coerce(path: str, value: Any) -> Any:
+    """Check a raw TOML value against the field's type; ints are accepted where floats are."""
+    hint = LEAF_TYPES[path]
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"field '{path}' = {value!r}: must be a list of {item.__name__}")
+        return list(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"field '{path}' = {value!r}: must be of type {hint.__name__}")
+    return value
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def resolve_key(key: str) -> str:
+    """Full path of an override key; a bare leaf name ('topology') is accepted when unambiguous."""
+    if key in LEAF_TYPES:
+        return key
+    matches = [path for path in LEAF_TYPES if path.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(f"key '{key}' is ambiguous: write one of {', '.join(matches)}")
+    raise ConfigError(f"unknown key '{key}'; known keys: {', '.join(LEAF_TYPES)}")
+
+
+def apply_values(config: Config, values: dict[str, Any]) -> None:
+    """Set 'section.key' -> value pairs on a config, checking every key and type."""
+    errors = []
+    for key, value in values.items():
+        try:
+            path = resolve_key(key)
+            target: Any = config
+            *parents, leaf = path.split(".")
+            for parent in parents:
+                target = getattr(target, parent)
+            setattr(target, leaf, _coerce(path, value))
+        except ConfigError as error:
+            errors.append(str(error))
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'gossip.topology=ring' -> ('gossip.topology', 'ring'); values are read as TOML, else as strings."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. gossip.topology=ring)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("gossiplab") / "presets"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Config:
+    names = preset_names()
+    if name not in names:
+        raise ConfigError(f"unknown preset '{name}'; available presets: {', '.join(names)}")
+    text = (resources.files("gossiplab") / "presets" / f"{name}.toml").read_text()
+    return config_from_toml(text, origin=f"preset '{name}'")
+
+
+def config_from_toml(text: str, origin: str = "config") -> Config:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{origin} is not valid TOML: {error}") from error
+    config = Config()
+    try:
+        apply_values(config, _flatten(table))
+    except ConfigError as error:
+        raise ConfigError(f"{origin}: {error}") from error
+    return config
+
+
+def build_config(preset: str = "default", overrides: list[str] | None = None) -> Config:
+    """The preset with the overrides applied, validated."""
+    config = load_preset(preset)
+    apply_values(config, dict(parse_override(o) for o in overrides or []))
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Refuse every impossible value up front, naming the field, the value and what is allowed."""
+    errors: list[str] = []
+
+    def need(ok: bool, path: str, allowed: str) -> None:
+        if not ok:
+            value: Any = config
+            for part in path.split("."):
+                value = getattr(value, part)
+            errors.append(f"field '{path}' = {value!r}: {allowed}")
+
+    def one_of(path: str, choices: tuple[str, ...]) -> None:
+        value: Any = config
+        for part in path.split("."):
+            value = getattr(value, part)
+        need(value in choices, path, f"must be one of {', '.join(choices)}")
+
+    need(config.num_sites >= 1, "num_sites", "must be >= 1")
+    need(config.seed >= 0, "seed", "must be >= 0")
+    one_of("data.partition", PARTITIONS)
+    need(config.data.alpha > 0, "data.alpha", "must be > 0")
+    need(config.data.min_site_samples >= 1, "data.min_site_samples", "must be >= 1")
+    one_of("model.name", MODELS)
+    one_of("model.init", INITS)
+    need(
+        len(config.model.hidden) >= 1 and all(h >= 1 for h in config.model.hidden),
+        "model.hidden",
+        "must be a non-empty list of sizes >= 1",
+    )
+    need(
+        len(config.model.channels) >= 1 and all(c >= 1 for c in config.model.channels),
+        "model.channels",
+        "must be a non-empty list of channel counts >= 1",
+    )
+    need(config.train.steps >= 1, "train.steps", "must be >= 1")
+    need(config.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+    one_of("train.optimizer", OPTIMIZERS)
+    need(config.train.lr > 0, "train.lr", "must be > 0")
+    need(0 <= config.train.momentum < 1, "train.momentum", "must be in [0, 1)")
+    need(config.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= config.train.beta1 < 1, "train.beta1", "must be in [0, 1)")
+    need(0 <= config.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
+    need(config.train.eps > 0, "train.eps", "must be > 0")
+    one_of("train.engine", ENGINES)
+    one_of("gossip.topology", TOPOLOGIES)
+    need(0 < config.gossip.p <= 1, "gossip.p", "must be in (0, 1]")
+    one_of("gossip.mixing", MIXING_RULES)
+    one_of("gossip.schedule", SCHEDULES)
+    need(config.gossip.every >= 1, "gossip.every", "must be >= 1")
+    need(
+        all(1 <= s <= config.train.steps for s in config.gossip.steps),
+        "gossip.steps",
+        f"every step must be in [1, train.steps={config.train.steps}]",
+    )
+    need(
+        config.gossip.schedule != "steps" or len(config.gossip.steps) > 0,
+        "gossip.steps",
+        "must list at least one step when gossip.schedule = 'steps'",
+    )
+    need(config.eval.every >= 1, "eval.every", "must be >= 1")
+    from gossiplab.data.sources import SOURCES
+
+    one_of("data.source", tuple(SOURCES))
+    if errors:
+        raise ConfigError("\n".join(errors))

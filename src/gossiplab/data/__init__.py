@@ -1,0 +1,1 @@
+"""Real datasets, partitions over sites, and the federation that samples [N, B, ...] batches."""

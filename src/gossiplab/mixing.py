@@ -1,0 +1,43 @@
+"""Mixing rules: the weights W (N x N, rows sum to 1) of gossip averaging theta_i <- sum_j W_ij theta_j."""
+
+from __future__ import annotations
+
+import torch
+
+
+def uniform(adjacency: torch.Tensor) -> torch.Tensor:
+    """Equal weight over the closed in-neighbourhood: W_ij = 1 / (|N_in(i)| + 1) for j in N_in(i) and j = i.
+
+    Row stochastic always; doubly stochastic on regular symmetric graphs (complete, ring,
+    matchings) and circulant ones (exponential), not on irregular graphs (use Metropolis there).
+    """
+    closed = adjacency | torch.eye(len(adjacency), dtype=torch.bool)
+    weights = closed.float()
+    return weights / weights.sum(1, keepdim=True)
+
+
+def metropolis(adjacency: torch.Tensor) -> torch.Tensor:
+    """Metropolis-Hastings weights (Xiao & Boyd 2004) on the undirected graph A | A^T.
+
+    W_ij = 1 / (1 + max(d_i, d_j)) for each edge, W_ii = 1 - sum_j W_ij: symmetric and doubly
+    stochastic on any graph, so the population mean is preserved.
+    """
+    undirected = adjacency | adjacency.T
+    degree = undirected.sum(1).float()
+    weights = torch.where(undirected, 1.0 / (1.0 + torch.maximum(degree[:, None], degree[None, :])), 0.0)
+    weights.diagonal().copy_(1.0 - weights.sum(1))
+    return weights
+
+
+def mixing_matrix(adjacency: torch.Tensor, rule: str) -> torch.Tensor:
+    if rule == "uniform":
+        return uniform(adjacency)
+    if rule == "metropolis":
+        return metropolis(adjacency)
+    raise ValueError(f"unknown gossip.mixing '{rule}'")
+
+
+def spectral_gap(weights: torch.Tensor) -> float:
+    """1 - |lambda_2(W)|: how fast repeated gossip with this W reaches consensus (0 = never)."""
+    moduli = torch.linalg.eigvals(weights.double()).abs().sort(descending=True).values
+    return float(1.0 - moduli[1]) if len(moduli) > 1 else 1.0

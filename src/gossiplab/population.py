@@ -1,0 +1,124 @@
+"""All N sites' models as one [N, P] tensor, trained by one engine call.
+
+`theta[i]` is site i's flat parameter vector; each layer's weights are reshaped views of a slice
+of it, so gossip and merging are row operations on one tensor (MAZEL Algorithm 1, line 7) while
+the forward pass sees ordinary parameter shapes through `torch.func.functional_call`.
+
+Gradients are computed by one of two strategies, both writing into the preallocated [N, P]
+`grad` buffer through per-parameter views registered as the autograd leaves' `.grad` (slicing
+one flat leaf would materialise a full [N, P] zero gradient per slice):
+- "vmap": one vmapped forward over [N, B, ...] batches and one backward of the summed site
+  losses; since sites share no parameters, each row's gradient is that site's own. Fastest for
+  linear stacks on CPU and for everything on GPU.
+- "loop": a Python loop over sites, each calling the model on views of its own row. Fastest
+  for convolutions on CPU, where grouped/vmapped convolutions lose about 2x (DESIGN section 2).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from gossiplab.models import has_convolutions
+
+# Leaves are strided views of the flat buffer, so their grads cannot follow the dense layout
+# contract; accumulation into them is still in place and exact.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+
+
+def choose_strategy(module: nn.Module, requested: str) -> str:
+    """'auto' picks the per-site loop for convolutional models on CPU and vmap otherwise."""
+    if requested != "auto":
+        return requested
+    return "loop" if has_convolutions(module) else "vmap"
+
+
+def initial_parameters(module: nn.Module, seed: int) -> torch.Tensor:
+    """The module's default initialisation drawn under `seed`, flattened to [P]."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+class Population:
+    """N copies of one architecture with parameters in `theta: [N, P]` and gradients in `grad: [N, P]`."""
+
+    def __init__(self, module: nn.Module, num_sites: int, *, seed: int, init: str = "shared", strategy: str = "auto"):
+        self.module = module
+        self.num_sites = num_sites
+        self.names = [name for name, _ in module.named_parameters()]
+        self.shapes = [p.shape for _, p in module.named_parameters()]
+        sizes = [math.prod(s) for s in self.shapes]
+        self.slices = [slice(o, o + n) for o, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes, strict=True)]
+        self.num_parameters = sum(sizes)
+        self.theta = torch.empty(num_sites, self.num_parameters)
+        self.grad = torch.zeros(num_sites, self.num_parameters)
+        if init == "shared":
+            self.theta.copy_(initial_parameters(module, seed).expand(num_sites, -1))
+        else:
+            for i in range(num_sites):
+                site_seed = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0])
+                self.theta[i] = initial_parameters(module, site_seed)
+        self.strategy = choose_strategy(module, strategy)
+        if self.strategy == "vmap":
+            self._leaves = self._make_leaves(self.theta, self.grad)
+        else:
+            self._site_leaves = [self._make_leaves(self.theta[i], self.grad[i]) for i in range(num_sites)]
+
+    def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter views of rows [M, P] as name -> [M, *shape] (or of one row [P] as name -> shape)."""
+        lead = rows.shape[:-1]
+        return {
+            n: rows[..., s].view(*lead, *shape)
+            for n, s, shape in zip(self.names, self.slices, self.shapes, strict=True)
+        }
+
+    def _make_leaves(self, rows: torch.Tensor, grads: torch.Tensor) -> dict[str, torch.Tensor]:
+        leaves = {}
+        grad_views = self.views(grads)
+        for name, view in self.views(rows.detach()).items():
+            leaf = view.requires_grad_()
+            leaf.grad = grad_views[name]
+            leaves[name] = leaf
+        return leaves
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.module, params, (x,))
+
+    def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Write every site's gradient of its mean cross-entropy on its batch into `grad`; return the losses [N]."""
+        self.grad.zero_()
+        if self.strategy == "vmap":
+            logits = vmap(self._forward)(self._leaves, x)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+            losses.sum().backward()
+            return losses.detach()
+        losses = torch.empty(self.num_sites)
+        for i, leaves in enumerate(self._site_leaves):
+            loss = F.cross_entropy(self._forward(leaves, x[i]), y[i])
+            loss.backward()
+            losses[i] = loss.detach()
+        return losses
+
+    @torch.no_grad()
+    def predict(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]."""
+        chunk = max(16, 2**16 // len(rows))
+        predictions = []
+        for start in range(0, len(x), chunk):
+            batch = x[start : start + chunk]
+            if self.strategy == "vmap":
+                logits = vmap(self._forward, in_dims=(0, None))(self.views(rows), batch)
+            else:
+                logits = torch.stack([self._forward(self.views(row), batch) for row in rows])
+            predictions.append(logits.argmax(-1))
+        return torch.cat(predictions, dim=1)
