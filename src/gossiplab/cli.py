@@ -19,7 +19,7 @@ from gossiplab.runner import DivergenceError, RunDirError, RunInterrupted, Runne
 
 app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 SUMMARY_ROWS = (
     ("ALA", "ala", "{:.4f}"),
@@ -57,6 +57,9 @@ def run(
     preset: Annotated[
         str, typer.Option("--preset", "-p", help="named experiment (see 'gossiplab presets')")
     ] = "default",
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="a config.toml to run (e.g. from an earlier run directory)")
+    ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="where to write results (default runs/NAME-TIME)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the interrupted run in this directory")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -64,12 +67,14 @@ def run(
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
     try:
         if resume is not None:
-            if overrides or preset != "default" or run_dir is not None:
-                _fail("--resume takes no preset, overrides or --run-dir: the run's own config.toml is used")
+            if overrides or preset != "default" or run_dir is not None or config_file is not None:
+                _fail("--resume takes no preset, --config, overrides or --run-dir: the run's own config.toml is used")
             config = load_run_config(resume)
             target = resume
         else:
-            config = build_config(preset, overrides)
+            if config_file is not None and preset != "default":
+                _fail("give either --preset or --config, not both")
+            config = build_config(preset, overrides, config_file)
             target = run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             target.mkdir(parents=True, exist_ok=True)
         runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet)

@@ -12,6 +12,7 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import tomli_w
@@ -49,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 2000
     batch_size: int = 32
     optimizer: str = "sgd"
     lr: float = 0.05
@@ -204,9 +205,16 @@ def config_from_toml(text: str, origin: str = "config") -> Config:
     return config
 
 
-def build_config(preset: str = "default", overrides: list[str] | None = None) -> Config:
-    """The preset with the overrides applied, validated."""
-    config = load_preset(preset)
+def build_config(preset: str = "default", overrides: list[str] | None = None, path: Path | None = None) -> Config:
+    """The preset (or the config file at `path`) with the overrides applied, validated."""
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from error
+        config = config_from_toml(text, origin=str(path))
+    else:
+        config = load_preset(preset)
     apply_values(config, dict(parse_override(o) for o in overrides or []))
     validate(config)
     return config

@@ -23,12 +23,16 @@ def mlp(input_shape: tuple[int, ...], hidden: list[int], num_classes: int) -> nn
 
 
 def cnn(input_shape: tuple[int, ...], channels: list[int], num_classes: int) -> nn.Module:
-    """5x5 conv -> GroupNorm -> ReLU -> 2x2 max-pool blocks, then one linear classifier."""
+    """5x5 conv -> GroupNorm -> ReLU -> 2x2 max-pool blocks, then one linear classifier.
+
+    The convolutions carry no bias: GroupNorm subtracts it again, so its gradient is rounding
+    noise, which Adam would turn into full-size steps.
+    """
     in_channels, height, width = input_shape
     layers: list[nn.Module] = []
     for out_channels in channels:
         layers += [
-            nn.Conv2d(in_channels, out_channels, 5, padding=2),
+            nn.Conv2d(in_channels, out_channels, 5, padding=2, bias=False),
             nn.GroupNorm(min(4, out_channels), out_channels),
             nn.ReLU(),
             nn.MaxPool2d(2),

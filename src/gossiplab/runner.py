@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab import merge, metrics
-from gossiplab.config import Config, config_from_toml, validate
+from gossiplab.config import Config, build_config
 from gossiplab.data.federation import Federation, build_federation
 from gossiplab.mixing import mixing_matrix
 from gossiplab.models import build_model
@@ -114,9 +114,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    config = config_from_toml((run_dir / "config.toml").read_text(), origin=str(run_dir / "config.toml"))
-    validate(config)
-    return config
+    prepare_run_dir(run_dir, resume=True)
+    return build_config(path=run_dir / "config.toml")
 
 
 class Runner:

@@ -1,0 +1,98 @@
+"""Bad input is refused before any work, naming the field and what is allowed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from gossiplab.config import ConfigError, build_config, config_from_toml, preset_names
+
+
+def test_presets_exist_and_build():
+    assert {"default", "local-only", "complete-graph", "ring", "final-merge-only"} <= set(preset_names())
+    for name in preset_names():
+        assert build_config(name).name == name
+
+
+def test_overrides_accept_full_paths_and_unambiguous_leaf_names():
+    config = build_config("default", ["gossip.topology=ring", "gossip.steps=[3, 9]", "lr=0.1", "num_sites=4"])
+    assert config.gossip.topology == "ring" and config.train.lr == 0.1 and config.num_sites == 4
+    assert config.gossip.steps == [3, 9]
+    assert build_config("default", ["train.steps=50"]).train.steps == 50
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("gossip.topology=star-of-david", "field 'gossip.topology' = 'star-of-david': must be one of complete, ring"),
+        ("data.alpha=0", "field 'data.alpha' = 0.0: must be > 0"),
+        ("gossip.p=1.5", r"field 'gossip.p' = 1.5: must be in \(0, 1\]"),
+        ("gossip.p=0", r"field 'gossip.p' = 0.0: must be in \(0, 1\]"),
+        ("num_sites=0", "field 'num_sites' = 0: must be >= 1"),
+        ("train.batch_size=-4", "field 'train.batch_size' = -4: must be >= 1"),
+        ("train.steps=0", "field 'train.steps' = 0: must be >= 1"),
+        ("train.lr=fast", "field 'train.lr' = 'fast': must be of type float"),
+        ("gossip.learning=1", "unknown key 'gossip.learning'"),
+        ("every=3", "key 'every' is ambiguous: write one of gossip.every, eval.every"),
+        ("noequals", "not of the form key=value"),
+        ("data.source=cifar-11", "field 'data.source' = 'cifar-11': must be one of fashion-mnist"),
+    ],
+)
+def test_bad_values_are_refused_with_field_and_allowed_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("default", [override])
+
+
+def test_all_errors_are_reported_together():
+    with pytest.raises(ConfigError) as error:
+        build_config("default", ["data.alpha=-1", "gossip.p=2"])
+    assert "data.alpha" in str(error.value) and "gossip.p" in str(error.value)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available presets: complete-graph, default"):
+        build_config("nope")
+
+
+def test_malformed_config_file_is_refused():
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config_from_toml("[gossip\n")
+    with pytest.raises(ConfigError, match="unknown key 'gossip.colour'"):
+        config_from_toml("[gossip]\ncolour = 'red'\n")
+
+
+def test_config_round_trips_through_toml():
+    config = build_config("ring", ["seed=7", "gossip.steps=[1, 2]"])
+    assert config_from_toml(config.to_toml()) == config
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_refuses_bad_input_before_any_work(tmp_path):
+    result = run_cli("run", "gossip.p=3", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "field 'gossip.p' = 3.0: must be in (0, 1]" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_finished_run_dir_and_keeps_its_results(tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    summary = {"status": "finished", "ala": 0.9}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    result = run_cli("run", "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    assert "already holds a finished run" in result.stderr
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert sorted(p.name for p in run_dir.iterdir()) == ["summary.json"]
+
+
+def test_cli_lists_presets():
+    result = run_cli("presets")
+    assert result.returncode == 0
+    assert "final-merge-only" in result.stdout and "local-only" in result.stdout

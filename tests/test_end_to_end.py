@@ -1,0 +1,122 @@
+"""Small real runs on Fashion-MNIST: learning, the label-skew signature, files, resume, re-run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gossiplab.config import build_config
+from gossiplab.runner import Runner, RunInterrupted
+
+
+def finish(config, run_dir, **kwargs):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Runner(config, run_dir, show_progress=False, **kwargs).run()
+
+
+@pytest.fixture(scope="module")
+def default_and_local(tmp_path_factory):
+    """The default experiment (16 sites, Dirichlet 0.1) and local-only, shortened to 300 steps."""
+    root = tmp_path_factory.mktemp("runs")
+    short = ["train.steps=300", "eval.every=100"]
+    return (
+        finish(build_config("default", short), root / "default"),
+        finish(build_config("local-only", short), root / "local"),
+    )
+
+
+def test_default_learns_far_above_chance(default_and_local):
+    default, _ = default_and_local
+    assert default["ala"] > 0.7  # chance is 0.1
+    assert default["mmga"] > 0.5
+    assert default["communication_steps"][:2] == [10, 20]
+
+
+def test_local_only_shows_the_label_skew_signature(default_and_local):
+    default, local = default_and_local
+    assert local["ala"] > 0.8
+    assert local["aga"] < local["ala"] - 0.3  # local models do not generalise to other sites' labels
+    assert local["bytes_sent"] == 0
+    assert default["aga"] > local["aga"] + 0.1  # gossip transfers knowledge across sites
+
+
+def test_final_merge_only_ends_in_consensus(small_config, tmp_path):
+    summary = finish(small_config("final-merge-only"), tmp_path / "final")
+    assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-12)
+    assert summary["mmga"] == pytest.approx(summary["aga"])
+    assert summary["communication_steps"] == [120]
+
+
+def test_resume_continues_to_the_uninterrupted_result(small_config, tmp_path):
+    config = small_config("default", "train.optimizer=adam", "train.lr=0.001")
+    finish(config, tmp_path / "whole")
+
+    def stop_after_first_evaluation(runner, row):
+        if row["step"] == 40:
+            runner.request_stop()
+
+    (tmp_path / "split").mkdir()
+    with pytest.raises(RunInterrupted, match="stopped at step 40/120"):
+        Runner(config, tmp_path / "split", show_progress=False).run(on_evaluation=stop_after_first_evaluation)
+    assert not (tmp_path / "split" / "summary.json").exists()
+    finish(config, tmp_path / "split", resume=True)
+
+    assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(whole["theta"], split["theta"])
+    assert torch.equal(whole["optimizer"]["exp_avg_sq"], split["optimizer"]["exp_avg_sq"])
+
+
+def test_resume_refuses_a_finished_run(small_config, tmp_path):
+    finish(small_config(), tmp_path / "done")
+    from gossiplab.runner import RunDirError
+
+    with pytest.raises(RunDirError, match="already holds a finished run"):
+        Runner(small_config(), tmp_path / "done", resume=True)
+
+
+def test_cli_run_writes_a_complete_run_directory_that_reruns_identically(tmp_path):
+    args = ["num_sites=4", "train.steps=60", "eval.every=30", "--quiet"]
+    first = subprocess.run(
+        [sys.executable, "-m", "gossiplab", "run", *args, "--run-dir", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+    )
+    assert first.returncode == 0, first.stderr
+    assert "MMGA" in first.stdout and f"run directory: {tmp_path / 'a'}" in first.stdout
+    files = {p.name for p in (tmp_path / "a").iterdir()}
+    assert {
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.pt",
+        "accuracy.png",
+        "consensus.png",
+        "accuracy_matrix.png",
+    } <= files
+    rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 30, 60]
+    assert len(json.loads((tmp_path / "a" / "summary.json").read_text())["accuracy_matrix"]) == 4
+
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gossiplab",
+            "run",
+            "--config",
+            str(tmp_path / "a" / "config.toml"),
+            "--quiet",
+            "--run-dir",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()

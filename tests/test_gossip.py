@@ -1,0 +1,95 @@
+"""Topologies, mixing rules and the gossip operation on the [N, P] tensor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gossiplab.merge import GossipAverager, global_merge
+from gossiplab.mixing import metropolis, mixing_matrix, spectral_gap, uniform
+from gossiplab.schedule import GossipSchedule
+from gossiplab.topology import build_adjacency, exponential, random_one_peer, ring
+
+GRAPHS = ["complete", "ring", "exponential", "random-one-peer"]
+
+
+@pytest.mark.parametrize("topology", GRAPHS)
+@pytest.mark.parametrize("rule", ["uniform", "metropolis"])
+@pytest.mark.parametrize("num_sites", [2, 7, 16])
+def test_mixing_is_doubly_stochastic_and_preserves_the_mean(topology, rule, num_sites):
+    weights = mixing_matrix(build_adjacency(topology, num_sites, 3, seed=5), rule)
+    torch.testing.assert_close(weights.sum(1), torch.ones(num_sites))
+    torch.testing.assert_close(weights.sum(0), torch.ones(num_sites))
+    assert (weights >= 0).all()
+    theta = torch.randn(num_sites, 1000)
+    mean = theta.mean(0)
+    GossipAverager(theta.shape)(theta, weights)
+    torch.testing.assert_close(theta.mean(0), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_uniform_weights_on_an_irregular_graph_are_row_but_not_column_stochastic():
+    star = torch.zeros(4, 4, dtype=torch.bool)
+    star[0, 1:] = star[1:, 0] = True
+    weights = uniform(star)
+    torch.testing.assert_close(weights.sum(1), torch.ones(4))
+    assert not torch.allclose(weights.sum(0), torch.ones(4))
+    torch.testing.assert_close(metropolis(star).sum(0), torch.ones(4))
+    assert torch.equal(metropolis(star), metropolis(star).T)
+
+
+@pytest.mark.parametrize("topology", GRAPHS)
+def test_sparse_gather_equals_dense_product(topology):
+    weights = mixing_matrix(build_adjacency(topology, 32, 1, seed=0), "metropolis")
+    theta = torch.randn(32, 257)
+    expected = weights @ theta
+    GossipAverager(theta.shape)(theta, weights)
+    torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_graph_shapes():
+    assert ring(6).sum(1).tolist() == [2] * 6
+    assert ring(2).sum().item() == 2
+    assert exponential(16).sum(1).tolist() == [4] * 16  # hops 1, 2, 4, 8
+    assert exponential(16)[0, 16 - 4]
+
+
+def test_random_one_peer_is_a_matching_derived_from_seed_and_round():
+    a = random_one_peer(16, round_index=4, seed=1)
+    assert torch.equal(a, a.T)
+    assert a.sum(1).tolist() == [1] * 16
+    assert torch.equal(a, random_one_peer(16, round_index=4, seed=1))
+    assert not torch.equal(a, random_one_peer(16, round_index=5, seed=1))
+    assert not torch.equal(a, random_one_peer(16, round_index=4, seed=2))
+
+
+def test_random_one_peer_with_probability_p_activates_about_p_of_the_sites():
+    active = torch.stack([random_one_peer(200, r, seed=0, p=0.2).any(1) for r in range(50)]).float().mean()
+    assert 0.15 < active < 0.22  # odd leftovers stay alone, so slightly below p
+    assert (random_one_peer(200, 0, seed=0, p=0.2).sum(1) <= 1).all()
+
+
+def test_spectral_gap_orders_graphs_by_mixing_speed():
+    gaps = {t: spectral_gap(mixing_matrix(build_adjacency(t, 16, 0, seed=0), "uniform")) for t in GRAPHS[:3]}
+    assert gaps["complete"] == pytest.approx(1.0)
+    assert gaps["complete"] > gaps["exponential"] > gaps["ring"] > 0
+
+
+def test_global_merge_sets_every_row_to_the_mean():
+    theta = torch.randn(5, 10)
+    mean = theta.mean(0)
+    global_merge(theta)
+    for row in theta:
+        torch.testing.assert_close(row, mean)
+
+
+def test_schedules():
+    every = GossipSchedule("every", 100, every=10)
+    assert every.communication_steps() == list(range(10, 101, 10))
+    assert every.rounds_until(35) == 3
+    listed = GossipSchedule("steps", 100, steps=frozenset({5, 50}))
+    assert [t for t in range(1, 101) if listed.gossips_at(t)] == [5, 50]
+    final = GossipSchedule("final-only", 100)
+    assert final.communication_steps() == [100]
+    assert not any(final.gossips_at(t) for t in range(1, 101))
+    assert final.merges_globally_at(100)
+    assert GossipSchedule("none", 100).communication_steps() == []
