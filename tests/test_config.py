@@ -60,7 +60,7 @@ def test_unknown_preset_lists_the_available_ones():
 def test_malformed_config_file_is_refused():
     with pytest.raises(ConfigError, match="not valid TOML"):
         config_from_toml("[gossip\n")
-    with pytest.raises(ConfigError, match="unknown key 'gossip.colour'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'gossip\.colour'"):
         config_from_toml("[gossip]\ncolour = 'red'\n")
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gossiplab.config import build_config
-from gossiplab.runner import Runner, RunInterrupted
+from gossiplab.runner import RunInterrupted, Runner
 
 
 def finish(config, run_dir, **kwargs):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_training
 
 from gossiplab.config import ModelConfig, TrainConfig
 from gossiplab.merge import GossipAverager
@@ -13,6 +12,7 @@ from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
 from gossiplab.topology import build_adjacency
+from reference import reference_training
 
 ENGINE_OPTIMIZERS = {
     "sgd": TrainConfig(optimizer="sgd", lr=0.05, momentum=0.0),
