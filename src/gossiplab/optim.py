@@ -17,12 +17,12 @@ from gossiplab.config import TrainConfig
 class StackedSGD:
     """SGD with optional heavy-ball momentum and L2 weight decay (torch.optim.SGD, dampening 0).
 
-    g <- g + wd * theta;  b <- g (first step) or mu * b + g;  theta <- theta - lr * b
+    g <- g + wd * theta;  b <- mu * b + g  (b starts at 0, so b = g after the first step);
+    theta <- theta - lr * b
     """
 
     def __init__(self, shape: torch.Size, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.steps = 0
         self.momentum_buffer = torch.zeros(shape) if momentum > 0 else None
 
     @torch.no_grad()
@@ -31,19 +31,13 @@ class StackedSGD:
             grad.add_(theta, alpha=self.weight_decay)
         direction = grad
         if self.momentum_buffer is not None:
-            if self.steps == 0:
-                self.momentum_buffer.copy_(grad)
-            else:
-                self.momentum_buffer.mul_(self.momentum).add_(grad)
-            direction = self.momentum_buffer
+            direction = self.momentum_buffer.mul_(self.momentum).add_(grad)
         theta.add_(direction, alpha=-self.lr)
-        self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "momentum_buffer": self.momentum_buffer}
+        return {"momentum_buffer": self.momentum_buffer}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = state["steps"]
         if self.momentum_buffer is not None:
             self.momentum_buffer.copy_(state["momentum_buffer"])
 
