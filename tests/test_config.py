@@ -38,7 +38,10 @@ def test_overrides_accept_full_paths_and_unambiguous_leaf_names():
         ("gossip.learning=1", "unknown key 'gossip.learning'"),
         ("every=3", "key 'every' is ambiguous: write one of gossip.every, eval.every"),
         ("noequals", "not of the form key=value"),
-        ("data.source=cifar-11", "field 'data.source' = 'cifar-11': must be one of fashion-mnist"),
+        ("data.sources=cifar-11", r"field 'data.sources' = \['cifar-11'\]: \['cifar-11'\] unknown: use fashion-mnist"),
+        ("data.partition=by_domain", "field 'num_sites' = 16: must equal the sites of data.sites_per_source"),
+        ("data.val_fraction=1.0", r"field 'data.val_fraction' = 1.0: must be in \[0, 1\)"),
+        ("data.channels=2", "field 'data.channels' = 2: must be 1 or 3"),
     ],
 )
 def test_bad_values_are_refused_with_field_and_allowed_values(override, message):
@@ -96,3 +99,18 @@ def test_cli_lists_presets():
     result = run_cli("presets")
     assert result.returncode == 0
     assert "final-merge-only" in result.stdout and "local-only" in result.stdout
+
+
+def test_cli_data_lists_sources_and_shows_a_source_and_a_preset(tmp_path):
+    listing = run_cli("data")
+    assert listing.returncode == 0
+    for name in ("fashion-mnist", "mnist-5k", "animal-silhouettes", "digits-8x8", "font-letters"):
+        assert name in listing.stdout
+    grid = run_cli("data", "show", "digits-8x8", "--out", str(tmp_path / "grid.png"))
+    assert grid.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 1000
+    sites = run_cli("data", "show", "mazel-8site", "--out", str(tmp_path / "sites.png"))
+    assert sites.returncode == 0, sites.stderr
+    assert "40 classes" in sites.stdout and "digits-8x8" in sites.stdout
+    assert (tmp_path / "sites.png").stat().st_size > 1000
+    unknown = run_cli("data", "show", "cifar-11")
+    assert unknown.returncode == 2 and "no source" in unknown.stderr

