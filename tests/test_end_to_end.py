@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from gossiplab.config import build_config
+from gossiplab.metrics import consensus_distance
 from gossiplab.runner import RunInterrupted, Runner
 
 
@@ -49,6 +50,31 @@ def test_final_merge_only_ends_in_consensus(small_config, tmp_path):
     assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-12)
     assert summary["mmga"] == pytest.approx(summary["aga"])
     assert summary["communication_steps"] == [120]
+    premerge = torch.load(tmp_path / "final" / "premerge.pt", weights_only=True)
+    final = torch.load(tmp_path / "final" / "checkpoint.pt", weights_only=True)["theta"]
+    assert (premerge - premerge.mean(0)).abs().max() > 1e-3  # sites had drifted apart before the merge
+    torch.testing.assert_close(final, premerge.mean(0).expand_as(final))
+
+
+@pytest.mark.parametrize("method", ["one-peer-exponential", "exponential"])
+def test_final_merge_by_exponential_gossip(small_config, tmp_path, method):
+    """8 sites, log2 8 = 3 rounds: one-peer exponential gives the exact average; the static graph
+    (|lambda_2| = 1/2) shrinks the squared distance to the mean at least 4^3-fold."""
+    summary = finish(small_config("final-merge-only", f"gossip.final_merge={method}"), tmp_path / method)
+    premerge = torch.load(tmp_path / method / "premerge.pt", weights_only=True)
+    before = consensus_distance(premerge)
+    if method == "one-peer-exponential":
+        assert summary["consensus_distance"] < 1e-9 * before
+    else:
+        assert 0 < summary["consensus_distance"] <= before / 4**3
+
+
+def test_byte_counts_match_the_analytic_formula(small_config, tmp_path):
+    """Ring: every round each of m sites sends P parameters to 2 neighbours (m R P T with R = 2),
+    plus an exact final merge of 2 (m - 1) P; 4 bytes per parameter."""
+    summary = finish(small_config("ring", "gossip.every=10", "gossip.final_merge=exact"), tmp_path / "ring")
+    m, p, rounds = 8, summary["num_parameters"], 120 // 10
+    assert summary["bytes_sent"] == 4 * (m * 2 * p * rounds + 2 * (m - 1) * p)
 
 
 def test_resume_continues_to_the_uninterrupted_result(small_config, tmp_path):

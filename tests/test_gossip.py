@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from gossiplab.merge import GossipAverager, global_merge
 from gossiplab.mixing import metropolis, mixing_matrix, spectral_gap, uniform
 from gossiplab.schedule import GossipSchedule
-from gossiplab.topology import build_adjacency, exponential, random_one_peer, ring
+from gossiplab.topology import build_adjacency, exponential, one_peer_exponential, random_one_peer, ring
 
-GRAPHS = ["complete", "ring", "exponential", "random-one-peer"]
+GRAPHS = ["complete", "ring", "exponential", "one-peer-exponential", "random-one-peer"]
 
 
 @pytest.mark.parametrize("topology", GRAPHS)
@@ -88,8 +90,42 @@ def test_schedules():
     assert every.rounds_until(35) == 3
     listed = GossipSchedule("steps", 100, steps=frozenset({5, 50}))
     assert [t for t in range(1, 101) if listed.gossips_at(t)] == [5, 50]
-    final = GossipSchedule("final-only", 100)
+    final = GossipSchedule("none", 100, final_merge=True)
     assert final.communication_steps() == [100]
     assert not any(final.gossips_at(t) for t in range(1, 101))
-    assert final.merges_globally_at(100)
+    assert final.merges_globally_at(100) and not final.merges_globally_at(99)
     assert GossipSchedule("none", 100).communication_steps() == []
+    window = GossipSchedule("window", 100, every=5, window=(41, 60), final_merge=True)
+    assert window.communication_steps() == [45, 50, 55, 60, 100]
+    assert window.rounds_until(52) == 2 and window.rounds_until(100) == 4
+
+
+@pytest.mark.parametrize("num_sites", [2, 4, 8, 16, 64])
+def test_log2_n_rounds_of_one_peer_exponential_gossip_give_the_exact_average(num_sites):
+    theta = torch.randn(num_sites, 33, dtype=torch.float64)
+    mean = theta.mean(0)
+    rounds = int(math.log2(num_sites))
+    for r in range(rounds):
+        theta = uniform(one_peer_exponential(num_sites, r)).double() @ theta
+    torch.testing.assert_close(theta, mean.expand_as(theta), rtol=0, atol=1e-12)
+
+
+def test_one_peer_exponential_needs_all_log2_n_rounds():
+    theta = torch.randn(16, 5, dtype=torch.float64)
+    for r in range(3):
+        theta = uniform(one_peer_exponential(16, r)).double() @ theta
+    assert (theta - theta.mean(0)).abs().max() > 1e-3
+
+
+def test_static_exponential_gossip_error_shrinks_as_its_spectral_gap_predicts():
+    weights = uniform(exponential(12)).double()  # 12 is not a power of two: no exact finite averaging
+    second = 1 - spectral_gap(weights)
+    theta = torch.randn(12, 50, dtype=torch.float64)
+    error0 = (theta - theta.mean(0)).norm()
+    errors = []
+    for k in range(1, 8):
+        theta = weights @ theta
+        errors.append(float((theta - theta.mean(0)).norm()))
+        assert errors[-1] <= second**k * error0 * (1 + 1e-9)  # W is circulant, hence normal
+    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
+    assert errors[-1] < 0.01 * float(error0)

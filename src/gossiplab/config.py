@@ -17,9 +17,10 @@ from typing import Any
 
 import tomli_w
 
-TOPOLOGIES = ("complete", "ring", "exponential", "random-one-peer")
+TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
 MIXING_RULES = ("uniform", "metropolis")
-SCHEDULES = ("every", "steps", "final-only", "none")
+SCHEDULES = ("every", "steps", "window", "none")
+FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODELS = ("mlp", "cnn")
 PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
@@ -78,6 +79,10 @@ class GossipConfig:
     schedule: str = "every"
     every: int = 10
     steps: list[int] = field(default_factory=list)
+    window_start: int = 0
+    window_end: int = 0
+    final_merge: str = "none"
+    final_merge_rounds: int = 0
 
 
 @dataclass
@@ -310,6 +315,15 @@ def validate(config: Config) -> None:
         "gossip.steps",
         "must list at least one step when gossip.schedule = 'steps'",
     )
+    if config.gossip.schedule == "window":
+        need(
+            1 <= config.gossip.window_start <= config.gossip.window_end <= config.train.steps,
+            "gossip.window_start",
+            f"with gossip.window_end={config.gossip.window_end} must satisfy 1 <= window_start <= window_end <= "
+            f"train.steps={config.train.steps} when gossip.schedule = 'window'",
+        )
+    one_of("gossip.final_merge", FINAL_MERGES)
+    need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
     from gossiplab.data.sources import SOURCES, is_local
 

@@ -3,7 +3,7 @@
     for t = 1..T:
         every site takes one local optimizer step on its own batch      (one engine call)
         if the schedule fires: theta <- W_r theta                          (one row operation)
-        if t = T and the schedule is final-only: every row <- mean of rows
+        if t = T and gossip.final_merge is set: the global merge (exact mean, or k gossip rounds)
         every eval.every steps and at T: evaluate, append metrics.jsonl, checkpoint
 
 A run directory holds config.toml (re-runnable), metrics.jsonl, summary.json, checkpoint.pt and
@@ -14,6 +14,7 @@ checkpoint with the same batches, graphs and updates, so it ends at the uninterr
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -58,6 +59,20 @@ def atomic_write(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def atomic_save(obj: object, path: Path) -> None:
+    """torch.save through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def message_count(weights: torch.Tensor) -> int:
+    """Parameter vectors sent in one gossip round: one per off-diagonal non-zero W_ij (j sends to i)."""
+    return int((weights != 0).sum() - (weights.diagonal() != 0).sum())
 
 
 @dataclass
@@ -161,12 +176,7 @@ class Runner:
             "generator": self.generator.get_state(),
             "config": self.config.to_dict(),
         }
-        path = self.run_dir / "checkpoint.pt"
-        tmp = path.with_name(".checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        atomic_save(state, self.run_dir / "checkpoint.pt")
 
     def _load_checkpoint(self) -> None:
         state = torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
@@ -215,11 +225,31 @@ class Runner:
             adjacency = build_adjacency(gossip.topology, self.config.num_sites, round_index, self.config.seed, gossip.p)
             weights = mixing_matrix(adjacency, gossip.mixing)
             experiment.averager(theta, weights)
-            messages = int((weights != 0).sum() - (weights.diagonal() != 0).sum())
-            self.bytes_sent += messages * parameter_bytes
+            self.bytes_sent += message_count(weights) * parameter_bytes
         if experiment.schedule.merges_globally_at(step):
+            atomic_save(theta, self.run_dir / "premerge.pt")
+            self.bytes_sent += self._final_merge(theta) * parameter_bytes
+
+    def _final_merge(self, theta: torch.Tensor) -> int:
+        """The single global merge; returns how many parameter vectors it sent.
+
+        'exact': every row <- the mean (an all-reduce: 2 (N - 1) vectors, ring all-reduce).
+        'exponential' / 'one-peer-exponential': k rounds of uniform gossip on that graph instead
+        (k = gossip.final_merge_rounds, or ceil(log2 N)), the single-merge paper's appendix C.
+        """
+        gossip, num_sites = self.config.gossip, self.config.num_sites
+        if gossip.final_merge == "exact":
             merge.global_merge(theta)
-            self.bytes_sent += 2 * (self.config.num_sites - 1) * parameter_bytes
+            return 2 * (num_sites - 1)
+        rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
+        sent = 0
+        for round_index in range(rounds):
+            weights = mixing_matrix(
+                build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed), "uniform"
+            )
+            self.experiment.averager(theta, weights)
+            sent += message_count(weights)
+        return sent
 
     def run(self, on_evaluation: Callable[[Runner, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train to `train.steps`, then write summary.json and the plots; return the summary."""

@@ -7,6 +7,8 @@ every process of a distributed run derives the same graph for round r without ta
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -39,6 +41,21 @@ def exponential(num_sites: int) -> torch.Tensor:
     return adjacency
 
 
+def one_peer_exponential(num_sites: int, round_index: int) -> torch.Tensor:
+    """One-peer exponential graph (Ying et al. 2021): in round r, site i receives from i + 2^(r mod L).
+
+    L = ceil(log2 N). Each site sends to one peer and receives from one; with uniform weights
+    W = (I + shift) / 2 is doubly stochastic, and for N a power of two, L consecutive rounds
+    give the exact average (single-merge paper, appendix C).
+    """
+    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
+    if num_sites > 1:
+        period = max(1, math.ceil(math.log2(num_sites)))
+        sites = torch.arange(num_sites)
+        adjacency[sites, (sites + 2 ** (round_index % period)) % num_sites] = True
+    return adjacency
+
+
 def random_one_peer(num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:
     """Random one-peer gossip: each round, active sites are paired by a random perfect matching.
 
@@ -64,10 +81,12 @@ def build_adjacency(name: str, num_sites: int, round_index: int, seed: int, p: f
         return ring(num_sites)
     if name == "exponential":
         return exponential(num_sites)
+    if name == "one-peer-exponential":
+        return one_peer_exponential(num_sites, round_index)
     if name == "random-one-peer":
         return random_one_peer(num_sites, round_index, seed, p)
     raise ValueError(f"unknown gossip.topology '{name}'")
 
 
 def is_time_varying(name: str) -> bool:
-    return name == "random-one-peer"
+    return name in ("random-one-peer", "one-peer-exponential")
