@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -127,5 +128,5 @@ def test_static_exponential_gossip_error_shrinks_as_its_spectral_gap_predicts():
         theta = weights @ theta
         errors.append(float((theta - theta.mean(0)).norm()))
         assert errors[-1] <= second**k * error0 * (1 + 1e-9)  # W is circulant, hence normal
-    assert all(b < a for a, b in zip(errors, errors[1:], strict=False))
+    assert all(b < a for a, b in itertools.pairwise(errors))
     assert errors[-1] < 0.01 * float(error0)
