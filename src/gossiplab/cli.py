@@ -184,5 +184,102 @@ def data_show(
     console.print(f"wrote {site_class_heatmap(federation, path, f'{config.name}: class shares per site')}")
 
 
+@app.command()
+def sweep(
+    name: Annotated[str | None, typer.Argument(help="a sweep (none: list them)")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides for every variant")] = None,
+    sweep_dir: Annotated[
+        Path | None, typer.Option(help="where to write (default runs/sweep-NAME-TIME); reuse to resume")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="seeds per variant: seed, seed+1, ...")] = 1,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run a sweep's variants side by side: a table in the paper's layout and comparison plots."""
+    from gossiplab.sweep import load_sweep, run_sweep, sweep_names, table_rows, variant_configs
+
+    if name is None:
+        table = Table(title="sweeps (gossiplab sweep NAME)")
+        table.add_column("name")
+        table.add_column("description")
+        for sweep_name in sweep_names():
+            table.add_row(sweep_name, load_sweep(sweep_name).description)
+        console.print(table)
+        return
+    try:
+        if seeds < 1:
+            raise ConfigError(f"--seeds {seeds}: must be >= 1")
+        chosen = load_sweep(name)
+        variant_configs(chosen, overrides or [], seeds)
+    except ConfigError as error:
+        _fail(str(error))
+    target = sweep_dir or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    target.mkdir(parents=True, exist_ok=True)
+    results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
+    table = Table(title=f"{name}: {chosen.description}")
+    table.add_column("metric")
+    for variant in results:
+        table.add_column(variant, justify="right")
+    for label, cells in table_rows(results):
+        table.add_row(label, *cells)
+    console.print(table)
+    console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
+
+
+@app.command()
+def landscape(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    metric: Annotated[str, typer.Option(help="loss or accuracy")] = "loss",
+    resolution: Annotated[int, typer.Option(help="grid points per axis")] = 31,
+    samples: Annotated[int, typer.Option(help="global test samples evaluated per point")] = 1000,
+    after_merge: Annotated[
+        bool, typer.Option(help="use the final models, not the ones before the final merge")
+    ] = False,
+) -> None:
+    """The loss/accuracy landscape of up to 16 sites' models on a Wachspress polygon (PNG)."""
+    import torch
+
+    from gossiplab.landscape import MAX_MODELS, plot_landscape
+    from gossiplab.landscape import landscape as compute
+    from gossiplab.runner import build_experiment
+
+    if metric not in ("loss", "accuracy"):
+        _fail(f"--metric {metric}: must be loss or accuracy")
+    if resolution < 3 or samples < 1:
+        _fail("--resolution must be >= 3 and --samples >= 1")
+    premerge = run_dir / "premerge.pt"
+    source = run_dir / "checkpoint.pt" if after_merge or not premerge.is_file() else premerge
+    try:
+        config = load_run_config(run_dir, finished_ok=True)
+    except (ConfigError, RunDirError) as error:
+        _fail(str(error))
+    loaded = torch.load(source, weights_only=True)
+    theta = loaded["theta"] if isinstance(loaded, dict) else loaded
+    experiment = build_experiment(config)
+    federation = experiment.federation
+    chosen = torch.randperm(len(federation.test_y), generator=torch.Generator().manual_seed(0))[:samples]
+    count = min(MAX_MODELS, len(theta))
+    if count < 3:
+        _fail(f"{run_dir} has {len(theta)} sites; the polygon needs at least 3")
+    points, losses, accuracies = compute(
+        experiment.population, theta[:count], federation.test_x[chosen], federation.test_y[chosen], resolution
+    )
+    values = losses if metric == "loss" else accuracies
+    label = "before the final merge" if source == premerge else "at the end"
+    path = plot_landscape(
+        points,
+        values,
+        [f"site {i}" for i in range(count)],
+        run_dir / f"landscape_{metric}.png",
+        f"{config.name}: {count} models {label}",
+        metric,
+    )
+    centre = int(torch.argmin(points.norm(dim=1)))
+    console.print(
+        f"merged model (centre): loss {losses[centre]:.4f}, accuracy {accuracies[centre]:.4f}; "
+        f"vertices: mean loss {losses[-count:].mean():.4f}, mean accuracy {accuracies[-count:].mean():.4f}"
+    )
+    console.print(f"wrote {path}")
+
+
 def main() -> None:
     app()

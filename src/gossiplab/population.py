@@ -110,15 +110,18 @@ class Population:
         return losses
 
     @torch.no_grad()
-    def predict(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]."""
+    def logits(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs [M, n, C] of the models rows [M, P] on shared inputs x [n, ...], in chunks of inputs."""
         chunk = max(16, 2**16 // len(rows))
-        predictions = []
+        outputs = []
         for start in range(0, len(x), chunk):
             batch = x[start : start + chunk]
             if self.strategy == "vmap":
-                logits = vmap(self._forward, in_dims=(0, None))(self.views(rows), batch)
+                outputs.append(vmap(self._forward, in_dims=(0, None))(self.views(rows), batch))
             else:
-                logits = torch.stack([self._forward(self.views(row), batch) for row in rows])
-            predictions.append(logits.argmax(-1))
-        return torch.cat(predictions, dim=1)
+                outputs.append(torch.stack([self._forward(self.views(row), batch) for row in rows]))
+        return torch.cat(outputs, dim=1)
+
+    def predict(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]."""
+        return self.logits(rows, x).argmax(-1)

@@ -127,8 +127,12 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
-def load_run_config(run_dir: Path) -> Config:
-    prepare_run_dir(run_dir, resume=True)
+def load_run_config(run_dir: Path, finished_ok: bool = False) -> Config:
+    """The config.toml of a run directory; unless `finished_ok`, the run must be resumable."""
+    if not finished_ok:
+        prepare_run_dir(run_dir, resume=True)
+    elif not (run_dir / "config.toml").is_file():
+        raise RunDirError(f"{run_dir} holds no config.toml")
     return build_config(path=run_dir / "config.toml")
 
 
@@ -154,7 +158,8 @@ class Runner:
         self.experiment = build_experiment(config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
-        self.bytes_sent = 0
+        self.gossip_messages = 0  # parameter vectors sent by gossip rounds
+        self.merge_messages = 0  # parameter vectors sent by the final global merge
         self.wall_time = 0.0
         self._last_matrix: torch.Tensor | None = None
 
@@ -169,7 +174,8 @@ class Runner:
     def _save_checkpoint(self) -> None:
         state = {
             "step": self.step,
-            "bytes_sent": self.bytes_sent,
+            "gossip_messages": self.gossip_messages,
+            "merge_messages": self.merge_messages,
             "wall_time": self.wall_time,
             "theta": self.experiment.population.theta,
             "optimizer": self.experiment.optimizer.state_dict(),
@@ -183,7 +189,8 @@ class Runner:
         if state["config"] != self.config.to_dict():
             raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by another config than config.toml")
         self.step = state["step"]
-        self.bytes_sent = state["bytes_sent"]
+        self.gossip_messages = state["gossip_messages"]
+        self.merge_messages = state["merge_messages"]
         self.wall_time = state["wall_time"]
         self.experiment.population.theta.copy_(state["theta"])
         self.experiment.optimizer.load_state_dict(state["optimizer"])
@@ -215,20 +222,27 @@ class Runner:
         self._last_matrix = matrix
         return row
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent by all sites so far: 4 bytes per parameter per parameter vector sent."""
+        vector_bytes = self.experiment.population.num_parameters * BYTES_PER_PARAMETER
+        return (self.gossip_messages + self.merge_messages) * vector_bytes
+
     def _communicate(self, step: int) -> None:
         experiment = self.experiment
         theta = experiment.population.theta
-        parameter_bytes = experiment.population.num_parameters * BYTES_PER_PARAMETER
         if experiment.schedule.gossips_at(step):
             gossip = self.config.gossip
             round_index = experiment.schedule.rounds_until(step) - 1
             adjacency = build_adjacency(gossip.topology, self.config.num_sites, round_index, self.config.seed, gossip.p)
             weights = mixing_matrix(adjacency, gossip.mixing)
             experiment.averager(theta, weights)
-            self.bytes_sent += message_count(weights) * parameter_bytes
+            self.gossip_messages += message_count(weights)
         if experiment.schedule.merges_globally_at(step):
             atomic_save(theta, self.run_dir / "premerge.pt")
-            self.bytes_sent += self._final_merge(theta) * parameter_bytes
+            before = {k: v for k, v in evaluate(experiment)[0].items() if k != "local_accuracy"}
+            atomic_write(self.run_dir / "premerge.json", json.dumps(before).encode())
+            self.merge_messages += self._final_merge(theta)
 
     def _final_merge(self, theta: torch.Tensor) -> int:
         """The single global merge; returns how many parameter vectors it sent.
@@ -321,6 +335,28 @@ class Runner:
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         raise DivergenceError(message)
 
+    def _read_premerge(self) -> dict[str, Any] | None:
+        path = self.run_dir / "premerge.json"
+        return json.loads(path.read_text()) if self.experiment.schedule.final_merge and path.is_file() else None
+
+    def _communication_cost(self) -> dict[str, Any]:
+        """The single-merge paper's cost O(m R P T + 2 m P): its terms as measured in this run.
+
+        m sites, P parameters, T gossip rounds, R parameter vectors sent per site per round on
+        average (peers), and the final merge's vectors (2 (m - 1) for an exact ring all-reduce).
+        """
+        m, p = self.config.num_sites, self.experiment.population.num_parameters
+        rounds = self.experiment.schedule.rounds_until(self.config.train.steps)
+        return {
+            "sites_m": m,
+            "parameters_P": p,
+            "gossip_rounds_T": rounds,
+            "peers_per_round_R": self.gossip_messages / (m * rounds) if rounds else 0.0,
+            "gossip_bytes": self.gossip_messages * p * BYTES_PER_PARAMETER,
+            "final_merge_bytes": self.merge_messages * p * BYTES_PER_PARAMETER,
+            "total_bytes": self.bytes_sent,
+        }
+
     def _finish(self) -> dict[str, Any]:
         from gossiplab.report import plot_run
 
@@ -342,6 +378,8 @@ class Runner:
             "local_accuracy": final["local_accuracy"],
             "accuracy_matrix": matrix.tolist(),
             "communication_steps": self.experiment.schedule.communication_steps(),
+            "communication": self._communication_cost(),
+            "before_final_merge": self._read_premerge(),
         }
         plot_run(self.run_dir, rows, summary)
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
