@@ -68,7 +68,7 @@ def test_a_small_sweep_runs_resumes_and_tabulates(tmp_path):
         assert (tmp_path / path).is_file()
     rows = dict(table_rows(results))
     merge_only_mb = 2 * (4 - 1) * results["local-only"][0]["num_parameters"] * 4 / 1e6
-    assert "+-" in rows["ALA"][0] and rows["MB sent (all sites)"][1] == f"{merge_only_mb:.4g} +- 0"
+    assert "+-" in rows["ALA"][0] and rows["MB sent (all sites)"][1] == f"{merge_only_mb:.1f} +- 0"
     before = (tmp_path / "r-1" / "seed-0" / "metrics.jsonl").read_bytes()
     again = run_sweep(sweep, tmp_path, [], seeds=2, show_progress=False)  # finished runs are reused
     assert (tmp_path / "r-1" / "seed-0" / "metrics.jsonl").read_bytes() == before

@@ -91,17 +91,17 @@ def run_sweep(
     return results
 
 
-TABLE_ROWS = (
-    ("ALA", "ala", 1.0),
-    ("AGA", "aga", 1.0),
-    ("MMGA", "mmga", 1.0),
-    ("(ALA+AGA)/2", "ala_aga_mean", 1.0),
-    ("Gossip Gain (%)", "gossip_gain", 1.0),
-    ("AGA before final merge", ("before_final_merge", "aga"), 1.0),
-    ("MMGA before final merge", ("before_final_merge", "mmga"), 1.0),
-    ("MB sent (all sites)", "bytes_sent", 1e-6),
-    ("peers per round R", ("communication", "peers_per_round_R"), 1.0),
-    ("steps to 95% of best MMGA", ("convergence_step", "mmga"), 1.0),
+TABLE_ROWS = (  # label, summary key, scale, format
+    ("ALA", "ala", 1.0, ".4f"),
+    ("AGA", "aga", 1.0, ".4f"),
+    ("MMGA", "mmga", 1.0, ".4f"),
+    ("(ALA+AGA)/2", "ala_aga_mean", 1.0, ".4f"),
+    ("Gossip Gain (%)", "gossip_gain", 1.0, "+.2f"),
+    ("AGA before final merge", ("before_final_merge", "aga"), 1.0, ".4f"),
+    ("MMGA before final merge", ("before_final_merge", "mmga"), 1.0, ".4f"),
+    ("MB sent (all sites)", "bytes_sent", 1e-6, ".1f"),
+    ("peers per round R", ("communication", "peers_per_round_R"), 1.0, ".3f"),
+    ("steps to 95% of best MMGA", ("convergence_step", "mmga"), 1.0, ".0f"),
 )
 
 
@@ -115,16 +115,16 @@ def _value(summary: dict[str, Any], key: str | tuple[str, str]) -> float | None:
 def table_rows(results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[str]]]:
     """The paper's layout: one row per metric, one column per variant; mean +- std over seeds."""
     rows = []
-    for label, key, scale in TABLE_ROWS:
+    for label, key, scale, spec in TABLE_ROWS:
         cells = []
         for summaries in results.values():
             values = [v * scale for s in summaries if (v := _value(s, key)) is not None]
             if not values:
                 cells.append("-")
             elif len(values) == 1:
-                cells.append(f"{values[0]:.4g}")
+                cells.append(format(values[0], spec))
             else:
-                cells.append(f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g}")
+                cells.append(f"{format(statistics.mean(values), spec)} +- {statistics.stdev(values):.2g}")
         if any(c != "-" for c in cells):
             rows.append((label, cells))
     return rows
@@ -144,7 +144,7 @@ def plot_sweep(sweep: Sweep, sweep_dir: Path, results: dict[str, list[dict[str, 
         steps = [r["step"] for r in rows]
         ax.plot(steps, [r["mmga"] for r in rows], color=colour, label=f"{variant}: merged (counterfactual)")
         ax.plot(steps, [r["aga"] for r in rows], color=colour, linestyle="--", label=f"{variant}: local models (AGA)")
-    ax.set(xlabel="step", ylabel="global test accuracy", title=f"{sweep.name}: merged vs local models (seed 1st)")
+    ax.set(xlabel="step", ylabel="global test accuracy", title=f"{sweep.name}: merged vs local models (first seed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
