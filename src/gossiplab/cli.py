@@ -15,7 +15,9 @@ from rich.table import Table
 from gossiplab.config import ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
-from gossiplab.runner import DivergenceError, RunDirError, RunInterrupted, Runner, load_run_config
+from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
+
+USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError)
 
 app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
 console = Console()
@@ -76,9 +78,15 @@ def run(
                 _fail("give either --preset or --config, not both")
             config = build_config(preset, overrides, config_file)
             target = run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            target.mkdir(parents=True, exist_ok=True)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                probe = target / ".gossiplab-write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                _fail(f"run directory {target} cannot be written ({error.strerror or error})")
         runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet)
-    except (ConfigError, RunDirError, SourceMissingError, PartitionError) as error:
+    except USER_ERRORS as error:
         _fail(str(error))
     previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
     try:
@@ -172,7 +180,7 @@ def data_show(
         else:
             _fail(f"'{target}' is no source ({', '.join(SOURCES)}), preset ({', '.join(preset_names())}) or .toml file")
         federation = build_federation(config)
-    except (ConfigError, SourceMissingError, PartitionError) as error:
+    except USER_ERRORS as error:
         _fail(str(error))
     rows = site_rows(federation)
     table = Table(title=f"{config.name}: {federation.num_sites} sites, {federation.num_classes} classes in all")
@@ -213,8 +221,13 @@ def sweep(
     except ConfigError as error:
         _fail(str(error))
     target = sweep_dir or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    target.mkdir(parents=True, exist_ok=True)
-    results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
+    except USER_ERRORS as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"sweep directory {target}: {error}")
     table = Table(title=f"{name}: {chosen.description}")
     table.add_column("metric")
     for variant in results:
@@ -250,11 +263,11 @@ def landscape(
     source = run_dir / "checkpoint.pt" if after_merge or not premerge.is_file() else premerge
     try:
         config = load_run_config(run_dir, finished_ok=True)
-    except (ConfigError, RunDirError) as error:
+        experiment = build_experiment(config)
+    except USER_ERRORS as error:
         _fail(str(error))
     loaded = torch.load(source, weights_only=True)
     theta = loaded["theta"] if isinstance(loaded, dict) else loaded
-    experiment = build_experiment(config)
     federation = experiment.federation
     chosen = torch.randperm(len(federation.test_y), generator=torch.Generator().manual_seed(0))[:samples]
     count = min(MAX_MODELS, len(theta))

@@ -69,6 +69,7 @@ class TrainConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     engine: str = "auto"
+    on_divergence: str = "stop"
 
 
 @dataclass
@@ -142,12 +143,12 @@ def _coerce(path: str, value: Any) -> Any:
     return value
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{path}."))
+            flat.update(flatten(value, f"{path}."))
         else:
             flat[path] = value
     return flat
@@ -214,7 +215,7 @@ def config_from_toml(text: str, origin: str = "config") -> Config:
         raise ConfigError(f"{origin} is not valid TOML: {error}") from error
     config = Config()
     try:
-        apply_values(config, _flatten(table))
+        apply_values(config, flatten(table))
     except ConfigError as error:
         raise ConfigError(f"{origin}: {error}") from error
     return config
@@ -300,6 +301,7 @@ def validate(config: Config) -> None:
     need(0 <= config.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(config.train.eps > 0, "train.eps", "must be > 0")
     one_of("train.engine", ENGINES)
+    one_of("train.on_divergence", ("stop", "drop"))
     one_of("gossip.topology", TOPOLOGIES)
     need(0 < config.gossip.p <= 1, "gossip.p", "must be in (0, 1]")
     one_of("gossip.mixing", MIXING_RULES)

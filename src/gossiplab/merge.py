@@ -37,12 +37,28 @@ class GossipAverager:
 
 
 @torch.no_grad()
-def merged_model(theta: torch.Tensor) -> torch.Tensor:
-    """The uniform average of all rows, [1, P] (model soup; MAZEL: theta_merged = 1/N sum_i theta_i)."""
-    return theta.mean(0, keepdim=True)
+def merged_model(theta: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    """The uniform average of the (active) rows, [1, P] (model soup; MAZEL: theta_merged = 1/N sum_i theta_i)."""
+    if active is None or bool(active.all()):
+        return theta.mean(0, keepdim=True)
+    return theta[active].mean(0, keepdim=True)
 
 
 @torch.no_grad()
-def global_merge(theta: torch.Tensor) -> None:
-    """Replace every row by the population mean: the single final global merge."""
-    theta.copy_(merged_model(theta).expand_as(theta))
+def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None) -> None:
+    """Replace every (active) row by their mean: the single final global merge."""
+    mean = merged_model(theta, active)
+    if active is None:
+        theta.copy_(mean.expand_as(theta))
+    else:
+        theta[active] = mean
+
+
+def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """W with dropped sites cut out: nobody receives from them, they keep their own row, and the
+    remaining weights of every row are renormalised to sum to 1."""
+    if bool(active.all()):
+        return weights
+    weights = torch.where(active[:, None] & active[None, :], weights, 0.0)
+    weights = torch.where(active[:, None], weights, torch.eye(len(weights)))
+    return weights / weights.sum(1, keepdim=True)

@@ -41,18 +41,25 @@ def gossip_gain(mmga: float, aga: float) -> float:
 
 
 def evaluation_row(
-    correct: torch.Tensor, merged_correct: torch.Tensor, test_site: torch.Tensor, theta: torch.Tensor
-) -> tuple[dict[str, float | list[float]], torch.Tensor]:
+    correct: torch.Tensor,
+    merged_correct: torch.Tensor,
+    test_site: torch.Tensor,
+    theta: torch.Tensor,
+    active: torch.Tensor | None = None,
+) -> tuple[dict[str, float | list[float | None]], torch.Tensor]:
     """All metrics of one evaluation, and the accuracy matrix they come from.
 
     correct: [N, n_test] hits of every site's model on the global test set;
-    merged_correct: [1, n_test] hits of the counterfactual merged model (mean of all rows).
+    merged_correct: [1, n_test] hits of the counterfactual merged model (mean of the active rows);
+    active: sites still in the run (all by default); dropped sites' models are left out of every
+    metric, while their test data stays part of the global test set.
     """
     num_sites = len(theta)
+    active = torch.ones(num_sites, dtype=torch.bool) if active is None else active
     matrix = accuracy_matrix(correct, test_site, num_sites)
-    local = matrix.diagonal()
+    local = matrix.diagonal()[active]
     ala = float(local.mean())
-    aga = float(global_accuracy(correct).mean())
+    aga = float(global_accuracy(correct[active]).mean())
     mmga = float(global_accuracy(merged_correct)[0])
     merged_local = accuracy_matrix(merged_correct, test_site, num_sites)[0]
     row: dict[str, float | list[float]] = {
@@ -61,11 +68,11 @@ def evaluation_row(
         "mmga": mmga,
         "ala_aga_mean": (ala + aga) / 2,
         "gossip_gain": gossip_gain(mmga, aga),
-        "consensus_distance": consensus_distance(theta),
+        "consensus_distance": consensus_distance(theta[active]),
         "worst10_local": worst_fraction_mean(local, 0.1),
-        "std_local": float(local.std()) if num_sites > 1 else 0.0,
-        "merged_ala": float(merged_local.mean()),
-        "local_accuracy": local.tolist(),
+        "std_local": float(local.std()) if len(local) > 1 else 0.0,
+        "merged_ala": float(merged_local[active].mean()),
+        "local_accuracy": [float(a) if keep else None for a, keep in zip(matrix.diagonal(), active, strict=True)],
     }
     return row, matrix
 

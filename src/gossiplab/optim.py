@@ -34,6 +34,11 @@ class StackedSGD:
             direction = self.momentum_buffer.mul_(self.momentum).add_(grad)
         theta.add_(direction, alpha=-self.lr)
 
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forget the state of some sites (a site dropped for divergence)."""
+        if self.momentum_buffer is not None:
+            self.momentum_buffer[rows] = 0.0
+
     def state_dict(self) -> dict:
         return {"momentum_buffer": self.momentum_buffer}
 
@@ -79,6 +84,11 @@ class StackedAdam:
         torch.sqrt(self.exp_avg_sq, out=self._denominator)
         self._denominator.div_(math.sqrt(1 - beta2**self.steps)).add_(self.eps)
         theta.addcdiv_(self.exp_avg, self._denominator, value=-step_size)
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """Forget the state of some sites (a site dropped for divergence)."""
+        self.exp_avg[rows] = 0.0
+        self.exp_avg_sq[rows] = 0.0
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

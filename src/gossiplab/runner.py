@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab import merge, metrics
-from gossiplab.config import Config, build_config
+from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation
 from gossiplab.mixing import mixing_matrix
 from gossiplab.models import build_model
@@ -87,9 +87,68 @@ class Experiment:
     schedule: GossipSchedule
 
 
+class ResourceError(MemoryError):
+    """The run would not fit in this machine's memory; refused before allocating it."""
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Numbers every layer outputs for one input: the per-sample activation memory, in floats."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        total += output.numel()
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    with torch.no_grad():
+        module(torch.zeros(1, *input_shape))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
+    """Bytes the run will hold: [N, P] buffers (parameters, gradients, optimizer state, gossip
+    buffers), training activations (forward and backward), and the data."""
+    n = config.num_sites
+    p = sum(t.numel() for t in module.parameters())
+    optimizer_rows = 1 if config.train.optimizer == "sgd" and config.train.momentum > 0 else 0
+    optimizer_rows = 3 if config.train.optimizer != "sgd" else optimizer_rows
+    activations = activation_count(module, federation.image_shape)
+    data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
+    return {
+        "population buffers": (2 + optimizer_rows + 2) * n * p * 4,
+        "activations": 3 * n * config.train.batch_size * activations * 4 + 2**16 * activations * 4,
+        "data": data,
+    }
+
+
+def check_memory(estimate: dict[str, int], available: int) -> None:
+    total = sum(estimate.values())
+    if total > available:
+        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in estimate.items())
+        raise ResourceError(
+            f"the run needs about {total / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available; "
+            "lower num_sites, the model size (model.hidden / model.channels) or train.batch_size"
+        )
+
+
 def build_experiment(config: Config) -> Experiment:
     federation = build_federation(config)
     module = build_model(config.model, federation.image_shape, federation.num_classes)
+    check_memory(memory_estimate(config, federation, module), available_memory())
     population = Population(
         module, config.num_sites, seed=config.seed, init=config.model.init, strategy=config.train.engine
     )
@@ -103,21 +162,21 @@ def build_experiment(config: Config) -> Experiment:
     )
 
 
-def evaluate(experiment: Experiment) -> tuple[dict[str, Any], torch.Tensor]:
-    """Every model and the counterfactual merged model on the global test set, scored per site."""
+def evaluate(experiment: Experiment, active: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """Every model and the counterfactual merged model (mean of the active rows) on the global test
+    set, scored per site; sites dropped for divergence (`active` False) are left out."""
     federation, population = experiment.federation, experiment.population
     theta = population.theta
     correct = population.predict(theta, federation.test_x) == federation.test_y
-    merged_correct = population.predict(merge.merged_model(theta), federation.test_x) == federation.test_y
-    return metrics.evaluation_row(correct, merged_correct, federation.test_site, theta)
+    merged = merge.merged_model(theta, active)
+    merged_correct = population.predict(merged, federation.test_x) == federation.test_y
+    return metrics.evaluation_row(correct, merged_correct, federation.test_site, theta, active)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a directory that holds a finished run, or an unfinished one unless resuming."""
-    if resume:
-        for name in ("config.toml", "checkpoint.pt"):
-            if not (run_dir / name).is_file():
-                raise RunDirError(f"--resume {run_dir}: no {name} there, so there is nothing to resume")
+    if resume and not (run_dir / "config.toml").is_file():
+        raise RunDirError(f"--resume {run_dir}: no config.toml there, so there is nothing to resume")
     if (run_dir / "summary.json").is_file():
         raise RunDirError(f"run directory {run_dir} already holds a finished run; choose another --run-dir")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
@@ -161,6 +220,9 @@ class Runner:
         self.gossip_messages = 0  # parameter vectors sent by gossip rounds
         self.merge_messages = 0  # parameter vectors sent by the final global merge
         self.wall_time = 0.0
+        self.loss_sum, self.loss_count = 0.0, 0  # mean training loss since the last evaluation
+        self.active = torch.ones(config.num_sites, dtype=torch.bool)  # sites not dropped for divergence
+        self.last_finite_loss = torch.full((config.num_sites,), float("nan"))
         self._last_matrix: torch.Tensor | None = None
 
     def request_stop(self) -> None:
@@ -177,6 +239,10 @@ class Runner:
             "gossip_messages": self.gossip_messages,
             "merge_messages": self.merge_messages,
             "wall_time": self.wall_time,
+            "loss_sum": self.loss_sum,
+            "loss_count": self.loss_count,
+            "active": self.active,
+            "last_finite_loss": self.last_finite_loss,
             "theta": self.experiment.population.theta,
             "optimizer": self.experiment.optimizer.state_dict(),
             "generator": self.generator.get_state(),
@@ -185,10 +251,26 @@ class Runner:
         atomic_save(state, self.run_dir / "checkpoint.pt")
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
-        if state["config"] != self.config.to_dict():
-            raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by another config than config.toml")
+        """Continue from the last complete checkpoint; without one (killed before the first was
+        written) start over, dropping the rows logged so far."""
+        if not (self.run_dir / "checkpoint.pt").is_file():
+            atomic_write(self.metrics_path, b"")
+            return
+        try:
+            state = torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
+        except Exception as error:  # a truncated or foreign file: torch raises several kinds
+            raise RunDirError(f"{self.run_dir}/checkpoint.pt cannot be read ({error})") from error
+        written = flatten(state["config"])
+        differing = sorted(k for k in set(written) | set(self.config_flat) if written.get(k) != self.config_flat.get(k))
+        if differing:
+            details = ", ".join(f"{k}: {written.get(k)!r} vs {self.config_flat.get(k)!r}" for k in differing)
+            raise RunDirError(
+                f"{self.run_dir}/checkpoint.pt was written by another config (checkpoint vs now: {details})"
+            )
         self.step = state["step"]
+        self.loss_sum, self.loss_count = state["loss_sum"], state["loss_count"]
+        self.active.copy_(state["active"])
+        self.last_finite_loss.copy_(state["last_finite_loss"])
         self.gossip_messages = state["gossip_messages"]
         self.merge_messages = state["merge_messages"]
         self.wall_time = state["wall_time"]
@@ -198,10 +280,23 @@ class Runner:
         kept = [line for line in self._read_rows() if line["step"] <= self.step]
         atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
+    @property
+    def config_flat(self) -> dict[str, Any]:
+        return flatten(self.config.to_dict())
+
     def _read_rows(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows; a last line cut short by a crash mid-append is dropped."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        for index, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if index < len(lines) - 1:
+                    raise RunDirError(f"{self.metrics_path} line {index + 1} is corrupt") from None
+        return rows
 
     def _append_row(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -210,7 +305,10 @@ class Runner:
             os.fsync(handle.fileno())
 
     def _evaluate_and_log(self, train_loss: float | None) -> dict[str, Any]:
-        row, matrix = evaluate(self.experiment)
+        finite = torch.isfinite(self.experiment.population.theta).all(1)
+        if (self.active & ~finite).any():
+            self._handle_divergence(self.active & ~finite, "non-finite parameters")
+        row, matrix = evaluate(self.experiment, self.active)
         row = {
             "step": self.step,
             "gossip_rounds": self.experiment.schedule.rounds_until(self.step),
@@ -235,12 +333,12 @@ class Runner:
             gossip = self.config.gossip
             round_index = experiment.schedule.rounds_until(step) - 1
             adjacency = build_adjacency(gossip.topology, self.config.num_sites, round_index, self.config.seed, gossip.p)
-            weights = mixing_matrix(adjacency, gossip.mixing)
+            weights = merge.without_sites(mixing_matrix(adjacency, gossip.mixing), self.active)
             experiment.averager(theta, weights)
             self.gossip_messages += message_count(weights)
         if experiment.schedule.merges_globally_at(step):
             atomic_save(theta, self.run_dir / "premerge.pt")
-            before = {k: v for k, v in evaluate(experiment)[0].items() if k != "local_accuracy"}
+            before = {k: v for k, v in evaluate(experiment, self.active)[0].items() if k != "local_accuracy"}
             atomic_write(self.run_dir / "premerge.json", json.dumps(before).encode())
             self.merge_messages += self._final_merge(theta)
 
@@ -253,14 +351,13 @@ class Runner:
         """
         gossip, num_sites = self.config.gossip, self.config.num_sites
         if gossip.final_merge == "exact":
-            merge.global_merge(theta)
-            return 2 * (num_sites - 1)
+            merge.global_merge(theta, self.active)
+            return 2 * (int(self.active.sum()) - 1)
         rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
         sent = 0
         for round_index in range(rounds):
-            weights = mixing_matrix(
-                build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed), "uniform"
-            )
+            adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed)
+            weights = merge.without_sites(mixing_matrix(adjacency, "uniform"), self.active)
             self.experiment.averager(theta, weights)
             sent += message_count(weights)
         return sent
@@ -275,7 +372,6 @@ class Runner:
         federation, population = experiment.federation, experiment.population
         total = config.train.steps
         started = time.perf_counter() - self.wall_time
-        loss_sum, loss_count = 0.0, 0
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -291,22 +387,29 @@ class Runner:
             task = progress.add_task(config.name, total=total, completed=self.step, status="")
             if self.step == 0:
                 row = self._evaluate_and_log(None)
+                self._save_checkpoint()
                 progress.update(task, status=self._status(row))
             while self.step < total:
                 self.step += 1
                 x, y = federation.sample_batch(config.train.batch_size, self.generator)
                 losses = population.compute_gradients(x, y)
-                if not torch.isfinite(losses).all():
-                    self._diverged(losses)
+                finite = torch.isfinite(losses)
+                if (self.active & ~finite).any():
+                    self._handle_divergence(self.active & ~finite, "non-finite loss")
+                self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
+                if not self.active.all():
+                    population.grad[~self.active] = 0.0
                 experiment.optimizer.step(population.theta, population.grad)
+                if not self.active.all():
+                    population.theta[~self.active] = 0.0
                 self._communicate(self.step)
-                loss_sum += float(losses.mean())
-                loss_count += 1
+                self.loss_sum += float(losses[self.active].mean())
+                self.loss_count += 1
                 progress.update(task, completed=self.step)
                 if self.step % config.eval.every == 0 or self.step == total:
                     self.wall_time = time.perf_counter() - started
-                    row = self._evaluate_and_log(loss_sum / loss_count)
-                    loss_sum, loss_count = 0.0, 0
+                    row = self._evaluate_and_log(self.loss_sum / self.loss_count)
+                    self.loss_sum, self.loss_count = 0.0, 0
                     self._save_checkpoint()
                     progress.update(task, status=self._status(row))
                     if on_evaluation is not None:
@@ -324,16 +427,22 @@ class Runner:
     def _status(row: dict[str, Any]) -> str:
         return f"ALA {row['ala']:.3f}  AGA {row['aga']:.3f}  MMGA {row['mmga']:.3f}"
 
-    def _diverged(self, losses: torch.Tensor) -> None:
-        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
-        rows = self._read_rows()
-        last = rows[-1]["train_loss"] if rows else None
-        message = (
-            f"training diverged at step {self.step}: non-finite loss on sites {bad} (last logged mean loss {last})"
-        )
-        summary = {"status": "diverged", "message": message, "step": self.step, "sites": bad}
+    def _handle_divergence(self, bad: torch.Tensor, what: str) -> None:
+        """Stop the run (train.on_divergence = 'stop'), or drop the sites from gossip, merging and
+        the metrics and go on ('drop'), as long as one site is left."""
+        sites = torch.nonzero(bad).flatten().tolist()
+        last = {i: round(float(self.last_finite_loss[i]), 6) for i in sites}
+        message = f"{what} at step {self.step} on sites {sites} (last finite loss per site: {last})"
+        if self.config.train.on_divergence == "drop" and bool((self.active & ~bad).any()):
+            self.active &= ~bad
+            population = self.experiment.population
+            population.theta[bad] = 0.0
+            self.experiment.optimizer.reset_rows(bad)
+            self.console.print(f"[yellow]warning:[/] {message}; dropped them, {int(self.active.sum())} sites remain")
+            return
+        summary = {"status": "diverged", "message": message, "step": self.step, "sites": sites}
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        raise DivergenceError(message)
+        raise DivergenceError(f"training diverged: {message}")
 
     def _read_premerge(self) -> dict[str, Any] | None:
         path = self.run_dir / "premerge.json"
@@ -363,7 +472,7 @@ class Runner:
         rows = self._read_rows()
         final = rows[-1]
         steps = [r["step"] for r in rows]
-        matrix = self._last_matrix if self._last_matrix is not None else evaluate(self.experiment)[1]
+        matrix = self._last_matrix if self._last_matrix is not None else evaluate(self.experiment, self.active)[1]
         summary = {
             "status": "finished",
             "name": self.config.name,
@@ -379,6 +488,7 @@ class Runner:
             "accuracy_matrix": matrix.tolist(),
             "communication_steps": self.experiment.schedule.communication_steps(),
             "communication": self._communication_cost(),
+            "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),
             "before_final_merge": self._read_premerge(),
         }
         plot_run(self.run_dir, rows, summary)
