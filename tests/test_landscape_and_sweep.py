@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
+from gossiplab.compare import table_rows
 from gossiplab.config import ConfigError
 from gossiplab.landscape import inside, polygon, wachspress
-from gossiplab.sweep import Sweep, load_sweep, run_sweep, table_rows, variant_configs
+from gossiplab.sweep import Sweep, load_sweep, run_sweep, variant_configs
 
 
 @pytest.mark.parametrize("n", [3, 5, 8, 16])

@@ -15,6 +15,7 @@ from rich.table import Table
 from gossiplab.config import ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
+from gossiplab.report import summary_values
 from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
 
 USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError)
@@ -23,26 +24,13 @@ app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
-SUMMARY_ROWS = (
-    ("ALA", "ala", "{:.4f}"),
-    ("AGA", "aga", "{:.4f}"),
-    ("MMGA", "mmga", "{:.4f}"),
-    ("(ALA+AGA)/2", "ala_aga_mean", "{:.4f}"),
-    ("Gossip Gain", "gossip_gain", "{:+.2f}%"),
-    ("Consensus distance", "consensus_distance", "{:.4g}"),
-    ("Worst-10% local acc.", "worst10_local", "{:.4f}"),
-    ("Communication (MB, all sites)", "bytes_sent", "{:.1f}"),
-    ("Wall time (s)", "wall_time_s", "{:.1f}"),
-)
-
 
 def summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"{summary['name']}: final metrics at step {summary['step']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for label, key, fmt in SUMMARY_ROWS:
-        value = summary[key] / 1e6 if key == "bytes_sent" else summary[key]
-        table.add_row(label, fmt.format(value))
+    for label, value in summary_values(summary):
+        table.add_row(label, value)
     return table
 
 
@@ -103,6 +91,31 @@ def run(
 
 
 @app.command()
+def compare(
+    paths: Annotated[list[Path], typer.Argument(help="finished run directories and/or sweep directories")],
+    out: Annotated[Path, typer.Option(help="folder for compare_curves.png and compare_cost.png")] = Path("."),
+) -> None:
+    """One table of final metrics across runs (grouped by the config keys that differ), overlay plots."""
+    from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves, table_rows
+
+    try:
+        groups = group_runs(find_runs(paths))
+    except (FileNotFoundError, ConfigError) as error:
+        _fail(str(error))
+    table = Table(title=f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups")
+    table.add_column("metric")
+    for label in groups:
+        table.add_column(label, justify="right")
+    for label, cells in table_rows(groups):
+        table.add_row(label, *cells)
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),
+                 plot_cost("accuracy vs communication", groups, out / "compare_cost.png")):  # fmt: skip
+        console.print(f"wrote {path}")
+
+
+@app.command()
 def presets() -> None:
     """List the named experiments."""
     table = Table(title="presets (gossiplab run --preset NAME)")
@@ -115,7 +128,7 @@ def presets() -> None:
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
-    """Redraw a finished run's plots and print its final metrics."""
+    """Redraw a finished run's plots, write its self-contained report.html, print its final metrics."""
     from gossiplab.report import replot
 
     if not (run_dir / "summary.json").is_file():
@@ -203,7 +216,8 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run a sweep's variants side by side: a table in the paper's layout and comparison plots."""
-    from gossiplab.sweep import load_sweep, run_sweep, sweep_names, table_rows, variant_configs
+    from gossiplab.compare import table_rows
+    from gossiplab.sweep import load_sweep, run_sweep, sweep_names, variant_configs
 
     if name is None:
         table = Table(title="sweeps (gossiplab sweep NAME)")

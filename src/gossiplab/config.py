@@ -8,6 +8,7 @@ which are themselves the embedded default experiment.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class GossipConfig:
 @dataclass
 class EvalConfig:
     every: int = 100
+    tensorboard: bool = False
 
 
 @dataclass
@@ -327,6 +329,11 @@ def validate(config: Config) -> None:
     one_of("gossip.final_merge", FINAL_MERGES)
     need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
+    need(
+        not config.eval.tensorboard or importlib.util.find_spec("tensorboardX") is not None,
+        "eval.tensorboard",
+        "needs the tensorboard extra: pip install 'gossiplab[tensorboard]'",
+    )
     from gossiplab.data.sources import SOURCES, is_local
 
     unknown = [s for s in data.sources if s not in SOURCES and not is_local(s)]

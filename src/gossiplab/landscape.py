@@ -89,9 +89,13 @@ def plot_landscape(
     """The polygon coloured by `values` (log scale for loss), vertices labelled, centre = merged model."""
     vertices = polygon(len(labels))
     fig, ax = plt.subplots(figsize=(6.4, 5.6))
-    shown = values.log10() if metric == "loss" else values
+    shown = (values.log10() if metric == "loss" else values).numpy()
     contour = ax.tricontourf(
-        points[:, 0], points[:, 1], shown, levels=30, cmap="viridis_r" if metric == "loss" else "viridis"
+        points[:, 0].numpy(),
+        points[:, 1].numpy(),
+        shown,
+        levels=30,
+        cmap="viridis_r" if metric == "loss" else "viridis",
     )
     fig.colorbar(contour, ax=ax, label="log10 test loss" if metric == "loss" else "test accuracy")
     closed = torch.cat([vertices, vertices[:1]])

@@ -1,8 +1,15 @@
-"""Plots of a run directory: accuracy curves, consensus distance and the accuracy matrix (PNG)."""
+"""What a run directory shows: plots (PNG) and one self-contained HTML report.
+
+Plots: accuracy curves with the communication rounds marked, consensus distance, the accuracy
+matrix, the communication graph of the first gossip round and its mixing matrix.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +17,64 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
+
+from gossiplab.config import Config, build_config
+from gossiplab.mixing import mixing_matrix, spectral_gap
+from gossiplab.topology import build_adjacency, is_time_varying
+
+SUMMARY_ROWS = (  # label, summary key, format
+    ("ALA", "ala", "{:.4f}"),
+    ("AGA", "aga", "{:.4f}"),
+    ("MMGA", "mmga", "{:.4f}"),
+    ("(ALA+AGA)/2", "ala_aga_mean", "{:.4f}"),
+    ("Gossip Gain", "gossip_gain", "{:+.2f}%"),
+    ("Consensus distance", "consensus_distance", "{:.4g}"),
+    ("Worst-10% local acc.", "worst10_local", "{:.4f}"),
+    ("Communication (MB, all sites)", "bytes_sent", "{:.1f}"),
+    ("Wall time (s)", "wall_time_s", "{:.1f}"),
+)
+MAX_DRAWN_SITES = 64
+
+
+def summary_values(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The final metrics as (label, formatted value) pairs, for the terminal and the HTML report."""
+    return [
+        (label, fmt.format(summary[key] / 1e6 if key == "bytes_sent" else summary[key]))
+        for label, key, fmt in SUMMARY_ROWS
+    ]
+
+
+def plot_graph(config: Config, run_dir: Path) -> list[Path]:
+    """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W)."""
+    gossip, n = config.gossip, config.num_sites
+    adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
+    weights = mixing_matrix(adjacency, gossip.mixing)
+    when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
+    written = []
+    if n <= MAX_DRAWN_SITES:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        angles = torch.arange(n) * 2 * math.pi / n
+        xs, ys = angles.cos().numpy(), angles.sin().numpy()
+        for i, j in torch.nonzero(adjacency).tolist():
+            ax.annotate("", (xs[i], ys[i]), (xs[j], ys[j]), arrowprops={"arrowstyle": "->", "alpha": 0.5, "lw": 0.8})
+        ax.scatter(xs, ys, s=120, zorder=3)
+        for i in range(n):
+            ax.annotate(str(i), (xs[i], ys[i]), ha="center", va="center", fontsize=7, color="white", zorder=4)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        ax.set_title(f"{gossip.topology} ({when}): j -> i when i receives from j", fontsize=9)
+        written.append(_save(fig, run_dir / "topology.png"))
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(weights.numpy(), cmap="Blues", vmin=0)
+    fig.colorbar(image, ax=ax, label="W[i, j]")
+    ax.set(
+        xlabel="sender j",
+        ylabel="receiver i",
+        title=f"{gossip.mixing} mixing matrix, spectral gap {spectral_gap(weights):.3f}",
+    )
+    written.append(_save(fig, run_dir / "mixing.png"))
+    return written
 
 
 def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
@@ -80,8 +145,65 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
+def write_outputs(run_dir: Path, config: Config, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
+    """Every plot and the HTML report of a run."""
+    paths = plot_run(run_dir, rows, summary) + plot_graph(config, run_dir)
+    return [*paths, write_html(run_dir, config, rows, summary)]
+
+
 def replot(run_dir: Path) -> list[Path]:
-    """Redraw the plots of a finished run from its metrics.jsonl and summary.json."""
+    """Redraw the plots and the HTML report of a finished run from its files."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((run_dir / "summary.json").read_text())
-    return plot_run(run_dir, rows, summary)
+    return write_outputs(run_dir, build_config(path=run_dir / "config.toml"), rows, summary)
+
+
+def _image(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
+    )
+
+
+def write_html(run_dir: Path, config: Config, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    """report.html: one file, no external resources (images inlined), opens offline in any browser."""
+    final = "".join(f"<tr><th>{label}</th><td>{value}</td></tr>" for label, value in summary_values(summary))
+    columns = ("step", "ala", "aga", "mmga", "gossip_gain", "consensus_distance", "train_loss", "bytes_sent")
+    header = "".join(f"<th>{c}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{'' if r.get(c) is None else format(r[c], '.4g')}</td>" for c in columns) + "</tr>"
+        for r in rows
+    )
+    figures = [
+        ("accuracy.png", "ALA, AGA and MMGA (counterfactual merged model) vs step; ticks: communication rounds"),
+        ("consensus.png", "consensus distance vs step"),
+        ("accuracy_matrix.png", "accuracy matrix: site i's model on site j's test set"),
+        ("topology.png", "communication graph"),
+        ("mixing.png", "mixing matrix W"),
+        ("landscape_loss.png", "loss landscape of the sites' models"),
+        ("landscape_accuracy.png", "accuracy landscape of the sites' models"),
+    ]
+    images = "".join(_image(run_dir / name, caption) for name, caption in figures if (run_dir / name).is_file())
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gossiplab: {html.escape(config.name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; }}
+th {{ background: #f3f3f3; text-align: left; }} td {{ text-align: right; font-variant-numeric: tabular-nums; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 640px; }}
+pre {{ background: #f7f7f7; padding: 1em; }}
+</style></head><body>
+<h1>{html.escape(config.name)}</h1>
+<p>{html.escape(config.description)}</p>
+<p>{summary["status"]} at step {summary["step"]}, {config.num_sites} sites,
+{summary["num_parameters"]:,} parameters each, engine strategy {summary["strategy"]};
+run directory <code>{html.escape(str(run_dir))}</code></p>
+<h2>Final metrics</h2><table id="final">{final}</table>
+<h2>Plots</h2>{images}
+<h2>Every evaluation</h2><table id="metrics"><tr>{header}</tr>{body}</table>
+<h2>Configuration (config.toml)</h2><pre>{html.escape(config.to_toml())}</pre>
+</body></html>
+"""
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -13,6 +13,7 @@ checkpoint with the same batches, graphs and updates, so it ends at the uninterr
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -77,14 +78,20 @@ def message_count(weights: torch.Tensor) -> int:
 
 @dataclass
 class Experiment:
-    """Everything one run is made of, built from a config."""
+    """Everything one run is made of, built from a config; every part can be swapped before a run.
+
+    topology(round) -> adjacency [N, N]; mixing_rule(adjacency) -> W [N, N]; merge(theta, W)
+    mixes the population in place (GossipAverager: theta <- W theta).
+    """
 
     config: Config
     federation: Federation
     population: Population
     optimizer: Any
-    averager: merge.GossipAverager
     schedule: GossipSchedule
+    topology: Callable[[int], torch.Tensor]
+    mixing_rule: Callable[[torch.Tensor], torch.Tensor]
+    merge: Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class ResourceError(MemoryError):
@@ -157,8 +164,12 @@ def build_experiment(config: Config) -> Experiment:
         federation=federation,
         population=population,
         optimizer=build_optimizer(config.train, population.theta.shape),
-        averager=merge.GossipAverager(population.theta.shape),
         schedule=GossipSchedule.from_config(config.gossip, config.train.steps),
+        topology=functools.partial(
+            build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
+        ),
+        mixing_rule=functools.partial(mixing_matrix, rule=config.gossip.mixing),
+        merge=merge.GossipAverager(population.theta.shape),
     )
 
 
@@ -206,6 +217,7 @@ class Runner:
         resume: bool = False,
         console: Console | None = None,
         show_progress: bool = True,
+        experiment: Experiment | None = None,
     ):
         prepare_run_dir(run_dir, resume)
         self.config = config
@@ -214,7 +226,7 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
         self._stop_requested = False
-        self.experiment = build_experiment(config)
+        self.experiment = experiment or build_experiment(config)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.gossip_messages = 0  # parameter vectors sent by gossip rounds
@@ -224,6 +236,7 @@ class Runner:
         self.active = torch.ones(config.num_sites, dtype=torch.bool)  # sites not dropped for divergence
         self.last_finite_loss = torch.full((config.num_sites,), float("nan"))
         self._last_matrix: torch.Tensor | None = None
+        self._tensorboard: Any = None
 
     def request_stop(self) -> None:
         """Finish the current step, save a checkpoint and raise RunInterrupted (Ctrl-C does this)."""
@@ -317,6 +330,11 @@ class Runner:
             **row,
         }
         self._append_row(row)
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and key != "step":
+                    self._tensorboard.add_scalar(f"gossiplab/{key}", value, self.step)
+            self._tensorboard.flush()
         self._last_matrix = matrix
         return row
 
@@ -330,11 +348,9 @@ class Runner:
         experiment = self.experiment
         theta = experiment.population.theta
         if experiment.schedule.gossips_at(step):
-            gossip = self.config.gossip
-            round_index = experiment.schedule.rounds_until(step) - 1
-            adjacency = build_adjacency(gossip.topology, self.config.num_sites, round_index, self.config.seed, gossip.p)
-            weights = merge.without_sites(mixing_matrix(adjacency, gossip.mixing), self.active)
-            experiment.averager(theta, weights)
+            adjacency = experiment.topology(experiment.schedule.rounds_until(step) - 1)
+            weights = merge.without_sites(experiment.mixing_rule(adjacency), self.active)
+            experiment.merge(theta, weights)
             self.gossip_messages += message_count(weights)
         if experiment.schedule.merges_globally_at(step):
             atomic_save(theta, self.run_dir / "premerge.pt")
@@ -358,17 +374,30 @@ class Runner:
         for round_index in range(rounds):
             adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed)
             weights = merge.without_sites(mixing_matrix(adjacency, "uniform"), self.active)
-            self.experiment.averager(theta, weights)
+            self.experiment.merge(theta, weights)
             sent += message_count(weights)
         return sent
 
     def run(self, on_evaluation: Callable[[Runner, dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Train to `train.steps`, then write summary.json and the plots; return the summary."""
-        config, experiment = self.config, self.experiment
+        config = self.config
         if self.resume:
             self._load_checkpoint()
         else:
             atomic_write(self.run_dir / "config.toml", config.to_toml().encode())
+        if config.eval.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step drops events logged after the checkpoint by a run that was killed
+            self._tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
+        try:
+            return self._train(on_evaluation)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+
+    def _train(self, on_evaluation: Callable[[Runner, dict[str, Any]], None] | None) -> dict[str, Any]:
+        config, experiment = self.config, self.experiment
         federation, population = experiment.federation, experiment.population
         total = config.train.steps
         started = time.perf_counter() - self.wall_time
@@ -467,7 +496,7 @@ class Runner:
         }
 
     def _finish(self) -> dict[str, Any]:
-        from gossiplab.report import plot_run
+        from gossiplab.report import write_outputs
 
         rows = self._read_rows()
         final = rows[-1]
@@ -491,6 +520,6 @@ class Runner:
             "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),
             "before_final_merge": self._read_premerge(),
         }
-        plot_run(self.run_dir, rows, summary)
+        write_outputs(self.run_dir, self.config, rows, summary)
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -1,0 +1,130 @@
+"""Comparing runs: one table in the paper's layout (a column per run or group) and overlay plots.
+
+Used by `gossiplab compare` (any run or sweep directories) and `gossiplab sweep`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from gossiplab.config import build_config, flatten
+
+TABLE_ROWS = (  # label, summary key, scale, format
+    ("ALA", "ala", 1.0, ".4f"),
+    ("AGA", "aga", 1.0, ".4f"),
+    ("MMGA", "mmga", 1.0, ".4f"),
+    ("(ALA+AGA)/2", "ala_aga_mean", 1.0, ".4f"),
+    ("Gossip Gain (%)", "gossip_gain", 1.0, "+.2f"),
+    ("AGA before final merge", ("before_final_merge", "aga"), 1.0, ".4f"),
+    ("MMGA before final merge", ("before_final_merge", "mmga"), 1.0, ".4f"),
+    ("MB sent (all sites)", "bytes_sent", 1e-6, ".1f"),
+    ("peers per round R", ("communication", "peers_per_round_R"), 1.0, ".3f"),
+    ("steps to 95% of best ALA", ("convergence_step", "ala"), 1.0, ".0f"),
+    ("steps to 95% of best AGA", ("convergence_step", "aga"), 1.0, ".0f"),
+    ("steps to 95% of best MMGA", ("convergence_step", "mmga"), 1.0, ".0f"),
+)
+
+
+def _value(summary: dict[str, Any], key: str | tuple[str, str]) -> float | None:
+    if isinstance(key, tuple):
+        inner = summary.get(key[0])
+        return None if inner is None else inner.get(key[1])
+    return summary.get(key)
+
+
+def table_rows(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[str]]]:
+    """One row per metric, one column per group; mean +- std over a group's runs (seeds)."""
+    rows = []
+    for label, key, scale, spec in TABLE_ROWS:
+        cells = []
+        for summaries in groups.values():
+            values = [v * scale for s in summaries if (v := _value(s, key)) is not None]
+            if not values:
+                cells.append("-")
+            elif len(values) == 1:
+                cells.append(format(values[0], spec))
+            else:
+                cells.append(f"{format(statistics.mean(values), spec)} +- {statistics.stdev(values):.2g}")
+        if any(c != "-" for c in cells):
+            rows.append((label, cells))
+    return rows
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Finished run directories: the paths themselves, or every run inside a sweep directory."""
+    runs = []
+    for path in paths:
+        if (path / "summary.json").is_file():
+            runs.append(path)
+        elif (path / "sweep.json").is_file():
+            runs += sorted(p.parent for p in path.glob("*/seed-*/summary.json"))
+        else:
+            raise FileNotFoundError(f"{path} is neither a finished run (summary.json) nor a sweep (sweep.json)")
+    return runs
+
+
+def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """Group finished runs by the config keys that differ between them (seeds pooled within a group)."""
+    configs = {run: flatten(build_config(path=run / "config.toml").to_dict()) for run in runs}
+    ignored = {"name", "description", "seed"}
+    keys = sorted(
+        {
+            k
+            for c in configs.values()
+            for k in c
+            if k not in ignored and len({str(d.get(k)) for d in configs.values()}) > 1
+        }
+    )
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run, config in configs.items():
+        label = ", ".join(f"{k.split('.')[-1]}={config[k]}" for k in keys) or config["name"]
+        summary = json.loads((run / "summary.json").read_text())
+        summary["run_dir"] = str(run)
+        groups.setdefault(label, []).append(summary)
+    return groups
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """The counterfactual merged model (MMGA, solid) and the average local model (AGA, dashed) vs step,
+    one colour per group (its first run)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for index, (label, summaries) in enumerate(groups.items()):
+        rows = _rows(Path(summaries[0]["run_dir"]))
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["mmga"] for r in rows], color=f"C{index}", label=f"{label}: merged (MMGA)")
+        ax.plot(steps, [r["aga"] for r in rows], color=f"C{index}", linestyle="--", label=f"{label}: local (AGA)")
+    ax.set(xlabel="step", ylabel="global test accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Final merged-model accuracy against the bytes every site sent, one point per run."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for index, (label, summaries) in enumerate(groups.items()):
+        sent = [max(s["bytes_sent"], 1) / 1e6 for s in summaries]
+        merged = [s["mmga"] for s in summaries]
+        ax.scatter(sent, merged, color=f"C{index}", label=label, s=40)
+        ax.annotate(label, (sent[0], merged[0]), xytext=(5, 5), textcoords="offset points", fontsize=8)
+    ax.set(xscale="log", xlabel="MB sent by all sites (log)", ylabel="final merged-model global accuracy", title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
