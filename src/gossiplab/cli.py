@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from gossiplab.config import ConfigError, build_config, load_preset, preset_names
+from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
 from gossiplab.report import summary_values
@@ -34,6 +34,24 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _print_dry_run(config: Config) -> None:
+    """The resolved config, the sites and the memory estimate: everything checked, nothing run."""
+    from gossiplab.data.federation import build_federation
+    from gossiplab.models import build_model
+    from gossiplab.runner import available_memory, check_memory, memory_estimate
+
+    federation = build_federation(config)
+    module = build_model(config.model, federation.image_shape, federation.num_classes)
+    estimate = memory_estimate(config, federation, module)
+    check_memory(estimate, available_memory())
+    console.print(config.to_toml(), highlight=False, markup=False)
+    parameters = sum(p.numel() for p in module.parameters())
+    console.print(
+        f"ok: {federation.num_sites} sites, {federation.num_classes} classes, {int(federation.train_sizes.sum())} "
+        f"training samples, {parameters:,} parameters per site, about {sum(estimate.values()) / 2**30:.2f} GiB"
+    )
+
+
 def _fail(message: str, code: int = 2) -> None:
     errors.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
@@ -53,9 +71,18 @@ def run(
     run_dir: Annotated[Path | None, typer.Option(help="where to write results (default runs/NAME-TIME)")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the interrupted run in this directory")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    dry_run: Annotated[
+        bool, typer.Option(help="check the config and data, print it with a memory estimate, run nothing")
+    ] = False,
 ) -> None:
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
     try:
+        if dry_run:
+            if resume is not None:
+                _fail("--dry-run checks a new run; it takes no --resume")
+            config = build_config(preset, overrides, config_file)
+            _print_dry_run(config)
+            return
         if resume is not None:
             if overrides or preset != "default" or run_dir is not None or config_file is not None:
                 _fail("--resume takes no preset, --config, overrides or --run-dir: the run's own config.toml is used")
@@ -214,6 +241,7 @@ def sweep(
     ] = None,
     seeds: Annotated[int, typer.Option(help="seeds per variant: seed, seed+1, ...")] = 1,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    dry_run: Annotated[bool, typer.Option(help="check every variant's config, run nothing")] = False,
 ) -> None:
     """Run a sweep's variants side by side: a table in the paper's layout and comparison plots."""
     from gossiplab.compare import table_rows
@@ -231,9 +259,14 @@ def sweep(
         if seeds < 1:
             raise ConfigError(f"--seeds {seeds}: must be >= 1")
         chosen = load_sweep(name)
-        variant_configs(chosen, overrides or [], seeds)
+        configs = variant_configs(chosen, overrides or [], seeds)
     except ConfigError as error:
         _fail(str(error))
+    if dry_run:
+        for (variant, seed), config in configs.items():
+            console.print(f"ok: {variant} (seed {seed}): {config.gossip.topology}, schedule {config.gossip.schedule}, "
+                          f"final merge {config.gossip.final_merge}")  # fmt: skip
+        return
     target = sweep_dir or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
         target.mkdir(parents=True, exist_ok=True)

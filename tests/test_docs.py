@@ -1,0 +1,60 @@
+"""Every example in the README runs: Python blocks as they are, the command-line walk through in
+order (with `train.steps=20 eval.every=10` appended to each `gossiplab run`, and `--dry-run` added
+to `gossiplab sweep NAME`), so the docs cannot rot."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+SHORTEN = ["train.steps=20", "eval.every=10"]
+
+
+def cli_lines() -> list[list[str]]:
+    lines = []
+    for language, code in BLOCKS:
+        for line in code.splitlines() if language == "bash" else []:
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["gossiplab"]:
+                lines.append(words)
+    return lines
+
+
+def test_the_readme_has_examples():
+    assert len(cli_lines()) >= 10
+    assert sum(1 for language, _ in BLOCKS if language == "python") >= 3
+
+
+def test_command_line_walk_through(tmp_path):
+    for words in cli_lines():
+        args = words[1:]
+        if args[:1] == ["run"] and "--dry-run" not in args:
+            args += SHORTEN
+        if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
+            args += ["--dry-run"]
+        result = subprocess.run([sys.executable, "-m", "gossiplab", *args, *(["--quiet"] if args[0] == "run" else [])],
+                                cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+    assert (tmp_path / "runs" / "demo" / "report.html").is_file()
+    assert (tmp_path / "runs" / "merge" / "landscape_loss.png").is_file()
+    assert (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes() == (
+        tmp_path / "runs" / "demo-again" / "metrics.jsonl"
+    ).read_bytes()
+
+
+@pytest.mark.parametrize("index", [i for i, (language, _) in enumerate(BLOCKS) if language == "python"])
+def test_python_example(index, tmp_path):
+    code = (
+        BLOCKS[index][1]
+        .replace('"train.steps=300"', '"train.steps=20"')
+        .replace('"train.steps=200"', '"train.steps=20"')
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
