@@ -58,6 +58,17 @@ def test_same_seed_gives_identical_metrics_whatever_the_thread_count(reference, 
     assert (tmp_path / "one-thread" / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
 
 
+def test_convolutional_runs_are_identical_across_thread_counts_once_threads_are_pinned(tmp_path):
+    """oneDNN convolutions reduce in a thread-count dependent order; train.threads pins it."""
+    args = ["model.name=cnn", "num_sites=4", "train.steps=30", "eval.every=15", "train.threads=2", "--quiet"]
+    for threads in ("1", "2"):
+        process = cli(
+            "run", *args, "--run-dir", str(tmp_path / threads), env={**os.environ, "OMP_NUM_THREADS": threads}
+        )
+        assert process.wait() == 0, process.stderr.read()
+    assert (tmp_path / "1" / "metrics.jsonl").read_bytes() == (tmp_path / "2" / "metrics.jsonl").read_bytes()
+
+
 def test_a_changed_seed_changes_partition_init_and_topology():
     a, b = build_config("default", ["num_sites=4"]), build_config("default", ["num_sites=4", "seed=1"])
     fa, fb = build_federation(a), build_federation(b)

@@ -71,6 +71,7 @@ class TrainConfig:
     eps: float = 1e-8
     engine: str = "auto"
     on_divergence: str = "stop"
+    threads: int = 0
 
 
 @dataclass
@@ -304,6 +305,7 @@ def validate(config: Config) -> None:
     need(config.train.eps > 0, "train.eps", "must be > 0")
     one_of("train.engine", ENGINES)
     one_of("train.on_divergence", ("stop", "drop"))
+    need(config.train.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)")
     one_of("gossip.topology", TOPOLOGIES)
     need(0 < config.gossip.p <= 1, "gossip.p", "must be in (0, 1]")
     one_of("gossip.mixing", MIXING_RULES)

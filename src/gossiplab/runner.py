@@ -220,6 +220,9 @@ class Runner:
         experiment: Experiment | None = None,
     ):
         prepare_run_dir(run_dir, resume)
+        if config.train.threads:
+            # convolution kernels reduce in a thread-count dependent order: pin it for identical results
+            torch.set_num_threads(config.train.threads)
         self.config = config
         self.run_dir = run_dir
         self.resume = resume
