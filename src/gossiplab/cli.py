@@ -34,6 +34,19 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def paper_table(title: str, groups: dict[str, list[dict[str, Any]]]) -> Table:
+    """The papers' layout: one row per metric, one column per run group (mean +- std over seeds)."""
+    from gossiplab.compare import table_rows
+
+    table = Table(title=title)
+    table.add_column("metric")
+    for label in groups:
+        table.add_column(label, justify="right")
+    for label, cells in table_rows(groups):
+        table.add_row(label, *cells)
+    return table
+
+
 def _print_dry_run(config: Config) -> None:
     """The resolved config, the sites and the memory estimate: everything checked, nothing run."""
     from gossiplab.data.federation import build_federation
@@ -123,19 +136,13 @@ def compare(
     out: Annotated[Path, typer.Option(help="folder for compare_curves.png and compare_cost.png")] = Path("."),
 ) -> None:
     """One table of final metrics across runs (grouped by the config keys that differ), overlay plots."""
-    from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves, table_rows
+    from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves
 
     try:
         groups = group_runs(find_runs(paths))
     except (FileNotFoundError, ConfigError) as error:
         _fail(str(error))
-    table = Table(title=f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups")
-    table.add_column("metric")
-    for label in groups:
-        table.add_column(label, justify="right")
-    for label, cells in table_rows(groups):
-        table.add_row(label, *cells)
-    console.print(table)
+    console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),
                  plot_cost("accuracy vs communication", groups, out / "compare_cost.png")):  # fmt: skip
@@ -244,7 +251,6 @@ def sweep(
     dry_run: Annotated[bool, typer.Option(help="check every variant's config, run nothing")] = False,
 ) -> None:
     """Run a sweep's variants side by side: a table in the paper's layout and comparison plots."""
-    from gossiplab.compare import table_rows
     from gossiplab.sweep import load_sweep, run_sweep, sweep_names, variant_configs
 
     if name is None:
@@ -275,13 +281,7 @@ def sweep(
         _fail(str(error))
     except OSError as error:
         _fail(f"sweep directory {target}: {error}")
-    table = Table(title=f"{name}: {chosen.description}")
-    table.add_column("metric")
-    for variant in results:
-        table.add_column(variant, justify="right")
-    for label, cells in table_rows(results):
-        table.add_row(label, *cells)
-    console.print(table)
+    console.print(paper_table(f"{name}: {chosen.description}", results))
     console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
 
 
