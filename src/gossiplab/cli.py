@@ -34,6 +34,15 @@ def summary_table(summary: dict[str, Any]) -> Table:
     return table
 
 
+def _listing(title: str, descriptions: dict[str, str]) -> Table:
+    table = Table(title=title)
+    table.add_column("name")
+    table.add_column("description")
+    for name, description in descriptions.items():
+        table.add_row(name, description)
+    return table
+
+
 def paper_table(title: str, groups: dict[str, list[dict[str, Any]]]) -> Table:
     """The papers' layout: one row per metric, one column per run group (mean +- std over seeds)."""
     from gossiplab.compare import table_rows
@@ -152,12 +161,9 @@ def compare(
 @app.command()
 def presets() -> None:
     """List the named experiments."""
-    table = Table(title="presets (gossiplab run --preset NAME)")
-    table.add_column("name")
-    table.add_column("description")
-    for name in preset_names():
-        table.add_row(name, load_preset(name).description)
-    console.print(table)
+    console.print(
+        _listing("presets (gossiplab run --preset NAME)", {n: load_preset(n).description for n in preset_names()})
+    )
 
 
 @app.command()
@@ -254,12 +260,7 @@ def sweep(
     from gossiplab.sweep import load_sweep, run_sweep, sweep_names, variant_configs
 
     if name is None:
-        table = Table(title="sweeps (gossiplab sweep NAME)")
-        table.add_column("name")
-        table.add_column("description")
-        for sweep_name in sweep_names():
-            table.add_row(sweep_name, load_sweep(sweep_name).description)
-        console.print(table)
+        console.print(_listing("sweeps (gossiplab sweep NAME)", {n: load_sweep(n).description for n in sweep_names()}))
         return
     try:
         if seeds < 1:
