@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from gossiplab.config import Config, apply_values, build_config, parse_override, validate
-from gossiplab.runner import Experiment, Runner
+from gossiplab.runner import Experiment, Runner, read_metrics
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Result:
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
         run_dir = Path(run_dir)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_metrics(run_dir / "metrics.jsonl")
         summary = json.loads((run_dir / "summary.json").read_text())
         return cls(run_dir, build_config(path=run_dir / "config.toml"), summary, rows)
 

@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gossiplab.config import build_config, flatten
+from gossiplab.runner import read_metrics
 
 TABLE_ROWS = (  # label, summary key, scale, format
     ("ALA", "ala", 1.0, ".4f"),
@@ -92,16 +93,12 @@ def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """The counterfactual merged model (MMGA, solid) and the average local model (AGA, dashed) vs step,
     one colour per group (its first run)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for index, (label, summaries) in enumerate(groups.items()):
-        rows = _rows(Path(summaries[0]["run_dir"]))
+        rows = read_metrics(Path(summaries[0]["run_dir"]) / "metrics.jsonl")
         steps = [r["step"] for r in rows]
         ax.plot(steps, [r["mmga"] for r in rows], color=f"C{index}", label=f"{label}: merged (MMGA)")
         ax.plot(steps, [r["aga"] for r in rows], color=f"C{index}", linestyle="--", label=f"{label}: local (AGA)")

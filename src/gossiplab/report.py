@@ -21,6 +21,7 @@ import torch
 
 from gossiplab.config import Config, build_config
 from gossiplab.mixing import mixing_matrix, spectral_gap
+from gossiplab.runner import read_metrics
 from gossiplab.topology import build_adjacency, is_time_varying
 
 SUMMARY_ROWS = (  # label, summary key, format
@@ -153,7 +154,7 @@ def write_outputs(run_dir: Path, config: Config, rows: list[dict[str, Any]], sum
 
 def replot(run_dir: Path) -> list[Path]:
     """Redraw the plots and the HTML report of a finished run from its files."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir / "metrics.jsonl")
     summary = json.loads((run_dir / "summary.json").read_text())
     return write_outputs(run_dir, build_config(path=run_dir / "config.toml"), rows, summary)
 

@@ -14,6 +14,7 @@ checkpoint with the same batches, graphs and updates, so it ends at the uninterr
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import os
@@ -63,12 +64,25 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save through a temporary file, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """torch.save, written atomically."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a last line cut short by a crash mid-append is dropped."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for index, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if index < len(lines) - 1:
+                raise RunDirError(f"{path} line {index + 1} is corrupt") from None
+    return rows
 
 
 def message_count(weights: torch.Tensor) -> int:
@@ -131,8 +145,8 @@ def memory_estimate(config: Config, federation: Federation, module: torch.nn.Mod
     buffers), training activations (forward and backward), and the data."""
     n = config.num_sites
     p = sum(t.numel() for t in module.parameters())
-    optimizer_rows = 1 if config.train.optimizer == "sgd" and config.train.momentum > 0 else 0
-    optimizer_rows = 3 if config.train.optimizer != "sgd" else optimizer_rows
+    # SGD: a momentum buffer if any; Adam(W): exp_avg, exp_avg_sq and the denominator buffer
+    optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 3
     activations = activation_count(module, federation.image_shape)
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
@@ -276,10 +290,10 @@ class Runner:
             state = torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
         except Exception as error:  # a truncated or foreign file: torch raises several kinds
             raise RunDirError(f"{self.run_dir}/checkpoint.pt cannot be read ({error})") from error
-        written = flatten(state["config"])
-        differing = sorted(k for k in set(written) | set(self.config_flat) if written.get(k) != self.config_flat.get(k))
+        written, current = flatten(state["config"]), flatten(self.config.to_dict())
+        differing = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
         if differing:
-            details = ", ".join(f"{k}: {written.get(k)!r} vs {self.config_flat.get(k)!r}" for k in differing)
+            details = ", ".join(f"{k}: {written.get(k)!r} vs {current.get(k)!r}" for k in differing)
             raise RunDirError(
                 f"{self.run_dir}/checkpoint.pt was written by another config (checkpoint vs now: {details})"
             )
@@ -293,26 +307,8 @@ class Runner:
         self.experiment.population.theta.copy_(state["theta"])
         self.experiment.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
-        kept = [line for line in self._read_rows() if line["step"] <= self.step]
+        kept = [line for line in read_metrics(self.metrics_path) if line["step"] <= self.step]
         atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
-
-    @property
-    def config_flat(self) -> dict[str, Any]:
-        return flatten(self.config.to_dict())
-
-    def _read_rows(self) -> list[dict[str, Any]]:
-        """metrics.jsonl's rows; a last line cut short by a crash mid-append is dropped."""
-        if not self.metrics_path.is_file():
-            return []
-        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
-        rows = []
-        for index, line in enumerate(lines):
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                if index < len(lines) - 1:
-                    raise RunDirError(f"{self.metrics_path} line {index + 1} is corrupt") from None
-        return rows
 
     def _append_row(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -501,7 +497,7 @@ class Runner:
     def _finish(self) -> dict[str, Any]:
         from gossiplab.report import write_outputs
 
-        rows = self._read_rows()
+        rows = read_metrics(self.metrics_path)
         final = rows[-1]
         steps = [r["step"] for r in rows]
         matrix = self._last_matrix if self._last_matrix is not None else evaluate(self.experiment, self.active)[1]
