@@ -15,10 +15,11 @@ from rich.table import Table
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
+from gossiplab.encoders import EncoderError
 from gossiplab.report import summary_values
 from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
 
-USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError)
+USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError, EncoderError)
 
 app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
 console = Console()
@@ -58,12 +59,9 @@ def paper_table(title: str, groups: dict[str, list[dict[str, Any]]]) -> Table:
 
 def _print_dry_run(config: Config) -> None:
     """The resolved config, the sites and the memory estimate: everything checked, nothing run."""
-    from gossiplab.data.federation import build_federation
-    from gossiplab.models import build_model
-    from gossiplab.runner import available_memory, check_memory, memory_estimate
+    from gossiplab.runner import available_memory, build_data_and_model, check_memory, memory_estimate
 
-    federation = build_federation(config)
-    module = build_model(config.model, federation.image_shape, federation.num_classes)
+    federation, module = build_data_and_model(config, errors)
     estimate = memory_estimate(config, federation, module)
     check_memory(estimate, available_memory())
     console.print(config.to_toml(), highlight=False, markup=False)

@@ -19,11 +19,16 @@ from typing import Any
 import tomli_w
 
 TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
-MIXING_RULES = ("uniform", "metropolis")
-SCHEDULES = ("every", "steps", "window", "none")
+MIXING_RULES = ("uniform", "metropolis", "influence")
+SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
+ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 MODELS = ("mlp", "cnn")
+BACKBONES = ("pixels", "efficientnet-lite0", "clip")
+HEADS = ("linear", "text")
+TEXT_ENCODERS = ("minilm-l6", "clip")
+LR_SCHEDULES = ("constant", "cosine", "warmup-constant", "warmup-cosine")
 PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
 ENGINES = ("auto", "vmap", "loop")
@@ -48,6 +53,8 @@ class DataConfig:
     val_fraction: float = 0.1
     image_size: int = 28
     channels: int = 1
+    train_per_source: int = 0
+    test_per_source: int = 0
 
 
 @dataclass
@@ -56,6 +63,14 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     channels: list[int] = field(default_factory=lambda: [16, 32])
     init: str = "shared"
+    backbone: str = "pixels"
+    feature_size: int = 64
+    clip_path: str = ""
+    head: str = "linear"
+    text_encoder: str = "minilm-l6"
+    prompt: str = "a photo of a {}."
+    logit_scale: float = 20.0
+    zero_shot_init: bool = False
 
 
 @dataclass
@@ -72,6 +87,8 @@ class TrainConfig:
     engine: str = "auto"
     on_divergence: str = "stop"
     threads: int = 0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -86,6 +103,10 @@ class GossipConfig:
     window_end: int = 0
     final_merge: str = "none"
     final_merge_rounds: int = 0
+    rounds: int = 0
+    stage_split: float = 0.5
+    early_share: float = 0.67
+    warmup_fraction: float = 0.1
 
 
 @dataclass
@@ -270,6 +291,8 @@ def validate(config: Config) -> None:
     need(0 <= data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
     need(data.image_size >= 4, "data.image_size", "must be >= 4")
     need(data.channels in (1, 3), "data.channels", "must be 1 or 3")
+    need(data.train_per_source >= 0, "data.train_per_source", "must be >= 0 (0: all training images)")
+    need(data.test_per_source >= 0, "data.test_per_source", "must be >= 0 (0: all test images)")
     if data.partition == "by_domain":
         per_source = data.sites_per_source or [1] * len(data.sources)
         need(
@@ -284,10 +307,28 @@ def validate(config: Config) -> None:
         )
     one_of("model.name", MODELS)
     one_of("model.init", INITS)
+    need(all(h >= 1 for h in config.model.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)")
+    model = config.model
+    one_of("model.backbone", BACKBONES)
+    one_of("model.head", HEADS)
+    one_of("model.text_encoder", TEXT_ENCODERS)
+    need(model.feature_size >= 32, "model.feature_size", "must be >= 32 (pixels fed to the frozen image encoder)")
+    need(model.logit_scale > 0, "model.logit_scale", "must be > 0")
+    need(model.prompt.count("{}") == 1, "model.prompt", "must contain '{}' exactly once, where the class name goes")
     need(
-        len(config.model.hidden) >= 1 and all(h >= 1 for h in config.model.hidden),
-        "model.hidden",
-        "must be a non-empty list of sizes >= 1",
+        model.backbone == "pixels" or model.name == "mlp",
+        "model.name",
+        f"must be 'mlp' with model.backbone = '{model.backbone}' (the trainable part sits on feature vectors)",
+    )
+    need(
+        "clip" not in (model.backbone, model.text_encoder if model.head == "text" else "") or bool(model.clip_path),
+        "model.clip_path",
+        "must name a local folder holding a CLIP saved with save_pretrained when a CLIP encoder is used",
+    )
+    need(
+        not model.zero_shot_init or (model.head == "text" and model.backbone != "pixels"),
+        "model.zero_shot_init",
+        "needs model.head = 'text' and a pretrained model.backbone (efficientnet-lite0 or clip)",
     )
     need(
         len(config.model.channels) >= 1 and all(c >= 1 for c in config.model.channels),
@@ -304,6 +345,12 @@ def validate(config: Config) -> None:
     need(0 <= config.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(config.train.eps > 0, "train.eps", "must be > 0")
     one_of("train.engine", ENGINES)
+    one_of("train.lr_schedule", LR_SCHEDULES)
+    need(
+        0 <= config.train.warmup_steps < config.train.steps,
+        "train.warmup_steps",
+        f"must be in [0, train.steps={config.train.steps})",
+    )
     one_of("train.on_divergence", ("stop", "drop"))
     need(config.train.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)")
     one_of("gossip.topology", TOPOLOGIES)
@@ -328,6 +375,16 @@ def validate(config: Config) -> None:
             f"with gossip.window_end={config.gossip.window_end} must satisfy 1 <= window_start <= window_end <= "
             f"train.steps={config.train.steps} when gossip.schedule = 'window'",
         )
+    if config.gossip.schedule in ROUND_SCHEDULES:
+        need(
+            1 <= config.gossip.rounds <= config.train.steps // 2,
+            "gossip.rounds",
+            f"must be in [1, train.steps/2 = {config.train.steps // 2}] for gossip.schedule = "
+            f"'{config.gossip.schedule}' (the total number of gossip rounds, spread over the steps)",
+        )
+    need(0 < config.gossip.stage_split < 1, "gossip.stage_split", "must be in (0, 1) (end of the early stage)")
+    need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
+    need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
     one_of("gossip.final_merge", FINAL_MERGES)
     need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")

@@ -29,6 +29,33 @@ def metropolis(adjacency: torch.Tensor) -> torch.Tensor:
     return weights
 
 
+def influence(weights: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """Influence-weighted mixing after DICE (Zhu et al., ICLR 2025), the rule MAZEL's
+    "Random (influence-weighted)" rows use.
+
+    DICE's one-hop influence of neighbour j on receiver i, to first order, is the decrease of i's
+    loss caused by j's latest local update reaching i through W_ij:
+        I_ij = lr * W_ij * <g_i, g_j>,
+    g_i, g_j the sites' gradients of their own losses at the latest step (`grad` [N, P]). Each row
+    keeps its self-weight W_ii and shares the rest, 1 - W_ii, among its neighbours in proportion to
+    their positive influence, max(I_ij, 0); a site whose neighbours all have I_ij <= 0 keeps its
+    own model (W_ii = 1). Rows sum to 1; W is not symmetric, so the mean is not preserved.
+    """
+    off_diagonal = weights.clone()
+    off_diagonal.diagonal().zero_()
+    rows, cols = off_diagonal.nonzero(as_tuple=True)
+    scores = torch.zeros_like(weights)
+    # dense graphs: one Gram matrix instead of |E| row products
+    dense = len(rows) > len(weights)
+    dots = (grad @ grad.T)[rows, cols] if dense else torch.linalg.vecdot(grad[rows], grad[cols])
+    scores[rows, cols] = (lr * off_diagonal[rows, cols] * dots).clamp(min=0)
+    total = scores.sum(1, keepdim=True)
+    share = torch.where(total > 0, scores / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+    mixed = share * (1 - weights.diagonal())[:, None]
+    mixed.diagonal().copy_(1 - mixed.sum(1))
+    return mixed
+
+
 def mixing_matrix(adjacency: torch.Tensor, rule: str) -> torch.Tensor:
     if rule == "uniform":
         return uniform(adjacency)

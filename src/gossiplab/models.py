@@ -1,7 +1,14 @@
-"""Backbones, built as plain `nn.Module`s and called functionally on rows of the population.
+"""Backbones and heads, built as plain `nn.Module`s and called functionally on rows of the population.
 
 No BatchNorm: it neither vmaps cleanly nor averages well across sites (DESIGN section 2), so
 the CNN normalises with GroupNorm, like the L2C paper's CNN.
+
+Two heads (MAZEL section 3.3-3.5): `model.head = "linear"` is MDSL's classifier over the label
+space all sites must share; `model.head = "text"` is MAZEL's `TextEmbeddingHead`, scoring the
+trainable image embedding against frozen text embeddings of class names. On frozen features
+(`model.backbone` not "pixels") the trainable part is an MLP on the cached features; with
+`model.zero_shot_init` it is a residual on the encoder's zero-shot embedding, with its last layer
+starting at zero, so that step 0 is exactly the zero-shot classifier.
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 import itertools
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gossiplab.config import ModelConfig
@@ -41,10 +50,65 @@ def cnn(input_shape: tuple[int, ...], channels: list[int], num_classes: int) -> 
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_channels * height * width, num_classes))
 
 
-def build_model(config: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    if config.name == "mlp":
-        return mlp(input_shape, config.hidden, num_classes)
-    return cnn(input_shape, config.channels, num_classes)
+class ZeroInitLinear(nn.Linear):
+    """A linear layer whose (re)initialisation is all zeros: the last layer of a zero-shot residual."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class ZeroShotResidual(nn.Module):
+    """Inputs are [zero-shot embedding (zero_shot_dim) | frozen features]; output = zero-shot
+    embedding + body(features). The body's last layer starts at zero (ZeroInitLinear)."""
+
+    def __init__(self, zero_shot_dim: int, body: nn.Sequential):
+        super().__init__()
+        self.zero_shot_dim = zero_shot_dim
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., : self.zero_shot_dim] + self.body(x[..., self.zero_shot_dim :])
+
+
+class TextEmbeddingHead(nn.Module):
+    """MAZEL's classifier: logits_k = s * <v / |v|, t_k / |t_k|> (MAZEL section 3.5), v the image
+    embedding from `encoder`, t_k the frozen text embedding of class k ([C, d] buffer, never
+    trained nor gossiped). Which classes a site may predict is decided outside, by a mask."""
+
+    def __init__(self, encoder: nn.Module, class_embeddings: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        self.logit_scale = logit_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = F.normalize(self.encoder(x), dim=-1)
+        return self.logit_scale * image @ self.class_embeddings.T
+
+
+def build_model(
+    config: ModelConfig,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    class_embeddings: torch.Tensor | None = None,
+    zero_shot_dim: int = 0,
+) -> nn.Module:
+    """The trainable model of one site. With a text head, the body's output is the text dimension
+    and `class_embeddings` [C, d] are required; `zero_shot_dim` > 0 marks that many leading input
+    numbers as the zero-shot embedding the body is a residual on."""
+    out = num_classes if config.head == "linear" else class_embeddings.shape[1]
+    if zero_shot_dim:
+        body = mlp((input_shape[0] - zero_shot_dim,), config.hidden, out)
+        body[-1] = ZeroInitLinear(body[-1].in_features, out)
+        encoder: nn.Module = ZeroShotResidual(zero_shot_dim, body)
+    elif config.name == "mlp":
+        encoder = mlp(input_shape, config.hidden, out)
+    else:
+        encoder = cnn(input_shape, config.channels, out)
+    if config.head == "linear":
+        return encoder
+    return TextEmbeddingHead(encoder, class_embeddings, config.logit_scale)
 
 
 def has_convolutions(module: nn.Module) -> bool:

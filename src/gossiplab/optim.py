@@ -99,6 +99,22 @@ class StackedAdam:
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
 
 
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of step t (1-indexed) under `train.lr_schedule` (MAZEL Table 2, C and D).
+
+    constant: lr. warmup-constant (MAZEL's "uniform with warmup"): lr t / W for t <= W, then lr.
+    cosine: lr (1 + cos(pi (t - 1) / T)) / 2. warmup-cosine: the warmup, then the cosine over the
+    remaining T - W steps.
+    """
+    warmup = config.warmup_steps if config.lr_schedule.startswith("warmup") else 0
+    if step <= warmup:
+        return config.lr * step / warmup
+    if config.lr_schedule.endswith("cosine"):
+        progress = (step - 1 - warmup) / (config.steps - warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return config.lr
+
+
 def build_optimizer(config: TrainConfig, shape: torch.Size) -> StackedSGD | StackedAdam:
     if config.optimizer == "sgd":
         return StackedSGD(shape, config.lr, config.momentum, config.weight_decay)

@@ -52,8 +52,19 @@ def initial_parameters(module: nn.Module, seed: int) -> torch.Tensor:
 class Population:
     """N copies of one architecture with parameters in `theta: [N, P]` and gradients in `grad: [N, P]`."""
 
-    def __init__(self, module: nn.Module, num_sites: int, *, seed: int, init: str = "shared", strategy: str = "auto"):
+    def __init__(
+        self,
+        module: nn.Module,
+        num_sites: int,
+        *,
+        seed: int,
+        init: str = "shared",
+        strategy: str = "auto",
+        class_mask: torch.Tensor | None = None,
+    ):
         self.module = module
+        # [N, C] bool: the classes each site may predict (its own label space, MAZEL); None: all.
+        self.class_mask = class_mask
         self.num_sites = num_sites
         self.names = [name for name, _ in module.named_parameters()]
         self.shapes = [p.shape for _, p in module.named_parameters()]
@@ -99,12 +110,17 @@ class Population:
         self.grad.zero_()
         if self.strategy == "vmap":
             logits = vmap(self._forward)(self._leaves, x)
+            if self.class_mask is not None:
+                logits = logits.masked_fill(~self.class_mask[:, None, :], -torch.inf)
             losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
             losses.sum().backward()
             return losses.detach()
         losses = torch.empty(self.num_sites)
         for i, leaves in enumerate(self._site_leaves):
-            loss = F.cross_entropy(self._forward(leaves, x[i]), y[i])
+            logits = self._forward(leaves, x[i])
+            if self.class_mask is not None:
+                logits = logits.masked_fill(~self.class_mask[i], -torch.inf)
+            loss = F.cross_entropy(logits, y[i])
             loss.backward()
             losses[i] = loss.detach()
         return losses
@@ -122,6 +138,10 @@ class Population:
                 outputs.append(torch.stack([self._forward(self.views(row), batch) for row in rows]))
         return torch.cat(outputs, dim=1)
 
-    def predict(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]."""
-        return self.logits(rows, x).argmax(-1)
+    def predict(self, rows: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]; with
+        `allowed` [n, C] bool, each input is classified among its allowed classes only."""
+        logits = self.logits(rows, x)
+        if allowed is not None:
+            logits.masked_fill_(~allowed, -torch.inf)
+        return logits.argmax(-1)

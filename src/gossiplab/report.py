@@ -50,7 +50,9 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W)."""
     gossip, n = config.gossip, config.num_sites
     adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
-    weights = mixing_matrix(adjacency, gossip.mixing)
+    # influence weights depend on the sites' gradients during training: show their uniform base
+    rule = "uniform" if gossip.mixing == "influence" else gossip.mixing
+    weights = mixing_matrix(adjacency, rule)
     when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
     written = []
     if n <= MAX_DRAWN_SITES:
@@ -72,7 +74,8 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     ax.set(
         xlabel="sender j",
         ylabel="receiver i",
-        title=f"{gossip.mixing} mixing matrix, spectral gap {spectral_gap(weights):.3f}",
+        title=f"{rule} mixing matrix{' (influence reweights it)' if rule != gossip.mixing else ''}, "
+        f"spectral gap {spectral_gap(weights):.3f}",
     )
     written.append(_save(fig, run_dir / "mixing.png"))
     return written

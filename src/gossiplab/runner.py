@@ -31,9 +31,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from gossiplab import merge, metrics
 from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation
-from gossiplab.mixing import mixing_matrix
+from gossiplab.encoders import frozen_parts
+from gossiplab.mixing import influence, mixing_matrix, uniform
 from gossiplab.models import build_model
-from gossiplab.optim import build_optimizer
+from gossiplab.optim import build_optimizer, learning_rate
 from gossiplab.population import Population
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
@@ -166,23 +167,46 @@ def check_memory(estimate: dict[str, int], available: int) -> None:
         )
 
 
-def build_experiment(config: Config) -> Experiment:
-    federation = build_federation(config)
-    module = build_model(config.model, federation.image_shape, federation.num_classes)
+def build_data_and_model(config: Config, console: Console | None = None) -> tuple[Federation, torch.nn.Module]:
+    """The sites' data (frozen features in place of images when the model has a pretrained
+    backbone) and one site's model (with the text head over the prompted class names)."""
+    frozen = frozen_parts(config.model, console)
+    federation = build_federation(config, frozen.inputs if frozen and frozen.image else None)
+    class_embeddings = frozen.class_embeddings(federation.class_names) if config.model.head == "text" else None
+    zero_shot_dim = frozen.zero_shot_dim if frozen else 0
+    module = build_model(config.model, federation.image_shape, federation.num_classes, class_embeddings, zero_shot_dim)
+    return federation, module
+
+
+def build_experiment(config: Config, console: Console | None = None) -> Experiment:
+    federation, module = build_data_and_model(config, console)
     check_memory(memory_estimate(config, federation, module), available_memory())
     population = Population(
-        module, config.num_sites, seed=config.seed, init=config.model.init, strategy=config.train.engine
+        module,
+        config.num_sites,
+        seed=config.seed,
+        init=config.model.init,
+        strategy=config.train.engine,
+        class_mask=federation.class_mask() if config.model.head == "text" else None,
     )
+    optimizer = build_optimizer(config.train, population.theta.shape)
+    if config.gossip.mixing == "influence":
+
+        def mixing_rule(adjacency: torch.Tensor) -> torch.Tensor:
+            return influence(uniform(adjacency), population.grad, optimizer.lr)
+
+    else:
+        mixing_rule = functools.partial(mixing_matrix, rule=config.gossip.mixing)
     return Experiment(
         config=config,
         federation=federation,
         population=population,
-        optimizer=build_optimizer(config.train, population.theta.shape),
+        optimizer=optimizer,
         schedule=GossipSchedule.from_config(config.gossip, config.train.steps),
         topology=functools.partial(
             build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
         ),
-        mixing_rule=functools.partial(mixing_matrix, rule=config.gossip.mixing),
+        mixing_rule=mixing_rule,
         merge=merge.GossipAverager(population.theta.shape),
     )
 
@@ -192,9 +216,11 @@ def evaluate(experiment: Experiment, active: torch.Tensor | None = None) -> tupl
     set, scored per site; sites dropped for divergence (`active` False) are left out."""
     federation, population = experiment.federation, experiment.population
     theta = population.theta
-    correct = population.predict(theta, federation.test_x) == federation.test_y
+    # each test sample is classified in its own site's label space (MAZEL: by that site's names)
+    allowed = None if population.class_mask is None else population.class_mask[federation.test_site]
+    correct = population.predict(theta, federation.test_x, allowed) == federation.test_y
     merged = merge.merged_model(theta, active)
-    merged_correct = population.predict(merged, federation.test_x) == federation.test_y
+    merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, theta, active)
 
 
@@ -243,7 +269,7 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
         self._stop_requested = False
-        self.experiment = experiment or build_experiment(config)
+        self.experiment = experiment or build_experiment(config, self.console)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.gossip_messages = 0  # parameter vectors sent by gossip rounds
@@ -427,6 +453,7 @@ class Runner:
                 self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
                 if not self.active.all():
                     population.grad[~self.active] = 0.0
+                experiment.optimizer.lr = learning_rate(config.train, self.step)
                 experiment.optimizer.step(population.theta, population.grad)
                 if not self.active.all():
                     population.theta[~self.active] = 0.0

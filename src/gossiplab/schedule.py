@@ -6,9 +6,47 @@ optional final global merge (`gossip.final_merge`) comes after the last step's g
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from gossiplab.config import GossipConfig
+
+
+def uniform_steps(total_steps: int, rounds: int) -> list[int]:
+    """`rounds` rounds at equal intervals, none at the very end: t_k = round(k T / (R + 1))."""
+    return [round(k * total_steps / (rounds + 1)) for k in range(1, rounds + 1)]
+
+
+def two_stage_steps(total_steps: int, rounds: int, stage_split: float, early_share: float) -> list[int]:
+    """MAZEL's two-stage gossip scheduler (section D): a share of the rounds at short intervals in
+    the early stage (steps up to stage_split * T, the last round at its end), the rest at longer
+    intervals in the convergence stage, spaced so that none falls in the final interval."""
+    early = min(rounds, max(1, round(early_share * rounds))) if rounds > 1 else rounds
+    late = rounds - early
+    boundary = stage_split * total_steps
+    steps = [round(k * boundary / early) for k in range(1, early + 1)]
+    interval = (total_steps - boundary) / (late + 1)
+    return steps + [round(boundary + k * interval) for k in range(1, late + 1)]
+
+
+def cosine_steps(total_steps: int, rounds: int, warmup_fraction: float) -> list[int]:
+    """MAZEL's cosine gossip scheduler (section D, Fig. D.1), with the total number of rounds fixed:
+    the gossip density rho(t) ramps up linearly over the warmup, then decays as
+    (1 + cos(pi (t - t_w) / (T - t_w))) / 2; round k falls at the first step where the cumulative
+    density reaches (k - 1/2) / R of its total. Deterministic: every site and rerun agrees."""
+    warmup = warmup_fraction * total_steps
+    density = [
+        t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total_steps - warmup)))
+        for t in range(1, total_steps + 1)
+    ]
+    total = sum(density)
+    steps, cumulative, k = [], 0.0, 1
+    for t, rho in enumerate(density, start=1):
+        cumulative += rho
+        while k <= rounds and cumulative >= (k - 0.5) / rounds * total:
+            steps.append(max(t, steps[-1] + 1 if steps else 1))
+            k += 1
+    return steps
 
 
 @dataclass(frozen=True)
@@ -26,6 +64,15 @@ class GossipSchedule:
 
     @classmethod
     def from_config(cls, config: GossipConfig, total_steps: int) -> GossipSchedule:
+        """The round-count schedules (uniform, two-stage, cosine) become explicit step lists."""
+        fixed = {
+            "uniform": lambda: uniform_steps(total_steps, config.rounds),
+            "two-stage": lambda: two_stage_steps(total_steps, config.rounds, config.stage_split, config.early_share),
+            "cosine": lambda: cosine_steps(total_steps, config.rounds, config.warmup_fraction),
+        }
+        if config.schedule in fixed:
+            steps = frozenset(fixed[config.schedule]())
+            return cls("steps", total_steps, steps=steps, final_merge=config.final_merge != "none")
         return cls(
             config.schedule,
             total_steps,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gossiplab.config import Config
+from gossiplab.config import Config, ConfigError
 from gossiplab.data import partition
 from gossiplab.data.sources import Dataset, load_source
 
@@ -30,7 +30,7 @@ class Federation:
     class_names: tuple[str, ...]  # the global label space
     site_classes: list[list[int]]  # each site's own label space (global ids)
     site_sources: list[str]
-    pool_x: torch.Tensor  # [n_pool, C, H, W] uint8, every source's training images
+    pool_x: torch.Tensor  # [n_pool, C, H, W] uint8 images, or [n_pool, D] float frozen features
     pool_y: torch.Tensor  # [n_pool] global labels
     train_index: torch.Tensor  # [n_train] pool indices, site 0's first
     train_offsets: torch.Tensor  # [N]
@@ -38,7 +38,7 @@ class Federation:
     val_x: torch.Tensor
     val_y: torch.Tensor
     val_site: torch.Tensor
-    test_x: torch.Tensor  # [n_test, C, H, W] float, normalised, sorted by site
+    test_x: torch.Tensor  # [n_test, ...] float, normalised images or features, sorted by site
     test_y: torch.Tensor
     test_site: torch.Tensor  # owning site of each test sample
     mean: float
@@ -57,7 +57,17 @@ class Federation:
         return tuple(self.pool_x.shape[1:])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> normalised floats; frozen features are already floats and pass through."""
+        if images.is_floating_point():
+            return images
         return (images.float() / 255.0 - self.mean) / self.std
+
+    def class_mask(self) -> torch.Tensor:
+        """[N, C] bool: the classes in each site's own label space."""
+        mask = torch.zeros(self.num_sites, self.num_classes, dtype=torch.bool)
+        for site, classes in enumerate(self.site_classes):
+            mask[site, classes] = True
+        return mask
 
     def train_label_counts(self) -> torch.Tensor:
         """[N, C] number of training samples of each (global) class on each site."""
@@ -104,10 +114,56 @@ def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: n
     return partition.dirichlet(labels, num_sites, data.alpha, data.min_site_samples, rng)
 
 
-def build_federation(config: Config) -> Federation:
-    """Partition the sources over `config.num_sites` sites, deterministically from `config.seed`."""
+def subsample(dataset: Dataset, train: int, test: int) -> Dataset:
+    """At most `train` / `test` images of a source (0: all), a random subset fixed per source and
+    independent of the experiment's seed, so that cached features serve every seed."""
+
+    def keep(labels: torch.Tensor, count: int, salt: int) -> torch.Tensor:
+        if not count or count >= len(labels):
+            return torch.arange(len(labels))
+        rng = np.random.default_rng([salt, *dataset.name.encode()])
+        return torch.from_numpy(np.sort(rng.permutation(len(labels))[:count]))
+
+    tr, te = keep(dataset.train_y, train, 0), keep(dataset.test_y, test, 1)
+    return Dataset(
+        dataset.name,
+        dataset.train_x[tr],
+        dataset.train_y[tr],
+        dataset.test_x[te],
+        dataset.test_y[te],
+        dataset.class_names,
+    )
+
+
+def check_class_names(dataset: Dataset) -> None:
+    """A site's label space must be non-empty and name each class once (case and spaces ignored):
+    a text head could not tell two classes with one name apart."""
+    if not dataset.class_names:
+        raise ConfigError(f"field 'data.sources': source '{dataset.name}' has no class names")
+    seen: dict[str, str] = {}
+    for name in dataset.class_names:
+        key = " ".join(name.lower().split())
+        if not key:
+            raise ConfigError(f"field 'data.sources': source '{dataset.name}' has an empty class name")
+        if key in seen:
+            raise ConfigError(
+                f"field 'data.sources': source '{dataset.name}' names two classes alike: {seen[key]!r} and {name!r}"
+            )
+        seen[key] = name
+
+
+def build_federation(config: Config, frozen_inputs=None) -> Federation:
+    """Partition the sources over `config.num_sites` sites, deterministically from `config.seed`.
+
+    `frozen_inputs(images uint8 [n, C, H, W]) -> float [n, D]` replaces images by the features of
+    a frozen pretrained encoder (cached), when the config asks for one.
+    """
     data = config.data
-    datasets: list[Dataset] = [load_source(name) for name in data.sources]
+    datasets: list[Dataset] = [
+        subsample(load_source(name), data.train_per_source, data.test_per_source) for name in data.sources
+    ]
+    for dataset in datasets:
+        check_class_names(dataset)
     class_names: list[str] = []
     for dataset in datasets:
         class_names += [c for c in dataset.class_names if c not in class_names]
@@ -146,13 +202,18 @@ def build_federation(config: Config) -> Federation:
     pool_x = torch.cat([to_shape(d.train_x, *shape[:2]) for d in datasets])
     test_pool_x = torch.cat([to_shape(d.test_x, *shape[:2]) for d in datasets])
     used = torch.from_numpy(np.concatenate(train_sites))
-    pixels = pool_x[used].float() / 255.0
-    mean, std = float(pixels.mean()), float(pixels.std())
+    if frozen_inputs is not None:
+        pool_x, test_pool_x = frozen_inputs(pool_x), frozen_inputs(test_pool_x)
+        mean, std = 0.0, 1.0
+    else:
+        pixels = pool_x[used].float() / 255.0
+        mean, std = float(pixels.mean()), float(pixels.std())
 
     def gather(index_lists: list[np.ndarray], images: torch.Tensor, labels: torch.Tensor):
         index = torch.from_numpy(np.concatenate(index_lists)).long()
         owner = torch.repeat_interleave(torch.arange(len(index_lists)), torch.tensor([len(i) for i in index_lists]))
-        return (images[index].float() / 255.0 - mean) / std, labels[index], owner
+        chosen = images[index]
+        return (chosen if chosen.is_floating_point() else (chosen.float() / 255.0 - mean) / std), labels[index], owner
 
     sizes = torch.tensor([len(s) for s in train_sites])
     return Federation(
