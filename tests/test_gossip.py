@@ -40,8 +40,11 @@ def test_uniform_weights_on_an_irregular_graph_are_row_but_not_column_stochastic
     assert torch.equal(metropolis(star), metropolis(star).T)
 
 
+@pytest.mark.parametrize("blocks", ["one block", "blocks of 64 columns"])
 @pytest.mark.parametrize("topology", GRAPHS)
-def test_sparse_gather_equals_dense_product(topology):
+def test_blocked_sparse_and_dense_gossip_equal_the_matrix_product(topology, blocks, monkeypatch):
+    if blocks != "one block":  # 257 columns: 4 full blocks and a partial one
+        monkeypatch.setattr(GossipAverager, "CACHE_FLOATS", 32 * 64)
     weights = mixing_matrix(build_adjacency(topology, 32, 1, seed=0), "metropolis")
     theta = torch.randn(32, 257)
     expected = weights @ theta

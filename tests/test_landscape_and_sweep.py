@@ -52,6 +52,7 @@ def test_a_small_sweep_runs_resumes_and_tabulates(tmp_path):
         "tiny", "two budgets", "default",
         ["num_sites=4", "train.steps=40", "eval.every=20", "gossip.final_merge=exact"],
         {"R 1": [], "local-only": ["gossip.schedule=none"]},
+        plot_against="gossip_rounds",
     )  # fmt: skip
     results = run_sweep(sweep, tmp_path, [], seeds=2, show_progress=False)
     assert [len(v) for v in results.values()] == [2, 2]
@@ -63,6 +64,7 @@ def test_a_small_sweep_runs_resumes_and_tabulates(tmp_path):
         "sweep.json",
         "curves.png",
         "merged_vs_bytes.png",
+        "metrics_vs_gossip_rounds.png",
         "r-1/seed-0/summary.json",
         "r-1/seed-1/summary.json",
     ):

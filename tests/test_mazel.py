@@ -297,3 +297,12 @@ def test_influence_weighted_gossip_learns_and_weighs_neighbours_unequally(tmp_pa
     weights = experiment.mixing_rule(adjacency)
     torch.testing.assert_close(weights.sum(1), torch.ones(8))
     assert not torch.allclose(weights, uniform(adjacency))
+
+
+def test_full_finetuning_of_a_small_model_on_pixels_with_the_text_head(tmp_path):
+    """MAZEL's "full FT" mode: the whole image model trains (here the MLP on pixels, no frozen
+    backbone, no zero-shot start), scored against each site's own class-name embeddings."""
+    overrides = [*SMALL_MAZEL, "model.backbone=pixels", "model.zero_shot_init=false", "model.hidden=[128]"]
+    summary = finish(build_config("mazel-8site", overrides), tmp_path / "full-ft")
+    assert summary["num_parameters"] == 784 * 128 + 128 + 128 * 384 + 384  # output: the text dimension
+    assert summary["ala"] > 0.5

@@ -340,5 +340,75 @@ def landscape(
     console.print(f"wrote {path}")
 
 
+@app.command("bench")
+def bench_command(
+    models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head")] = "mlp,cnn,head",
+    sites: Annotated[str, typer.Option(help="comma-separated numbers of sites")] = "4,16,64,256",
+    repeats: Annotated[int, typer.Option(help="interleaved repeats per measurement (median)")] = 3,
+    seconds: Annotated[float, typer.Option(help="minimum seconds per timing")] = 0.2,
+    json_path: Annotated[Path | None, typer.Option("--json", help="also write the table as JSON here")] = None,
+) -> None:
+    """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
+    from rich.live import Live
+
+    from gossiplab.bench import MODELS, as_json, bench
+
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in MODELS]
+    try:
+        counts = [int(n) for n in sites.split(",")]
+    except ValueError:
+        counts = []
+    if unknown or not chosen:
+        _fail(f"--models {models}: allowed values are {', '.join(MODELS)}")
+    if not counts or min(counts) < 1:
+        _fail(f"--sites {sites}: must be comma-separated integers >= 1")
+    if repeats < 1 or seconds <= 0:
+        _fail("--repeats must be >= 1 and --seconds > 0")
+    table = Table(title="one training step, B = 32 per site (ratios measured side by side)")
+    for column in (
+        "model",
+        "N",
+        "strategy",
+        "loop steps/s",
+        "engine steps/s",
+        "engine/loop",
+        "other strategy",
+        "GFLOP/s",
+        "of kernel limit",
+        "of GEMM peak",
+        "gossip ring / copy",
+        "gossip complete / copy",
+    ):
+        table.add_column(column, justify="right")
+
+    def add(row) -> None:
+        limit = "-" if row.fraction_of_kernel_limit is None else f"{row.fraction_of_kernel_limit:.0%}"
+        table.add_row(
+            row.model,
+            str(row.sites),
+            row.strategy,
+            f"{row.loop_steps_per_s:.1f}",
+            f"{row.engine_steps_per_s:.1f}",
+            f"{row.speedup:.2f}x",
+            f"{row.other_strategy_steps_per_s / row.engine_steps_per_s:.2f}x",
+            f"{row.gflops:.1f}",
+            limit,
+            f"{row.fraction_of_peak:.0%}",
+            f"{row.gossip_ring_vs_copy:.2f}x",
+            f"{row.gossip_complete_vs_copy:.2f}x",
+        )
+
+    with Live(table, console=console, refresh_per_second=2):
+        rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
+    console.print(
+        f"square-GEMM peak (2048x2048) {peak:.1f} GFLOP/s with {__import__('torch').get_num_threads()} threads; "
+        "'other strategy' is its speed relative to the one 'auto' picked"
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(as_json(rows, peak), indent=1))
+        console.print(f"wrote {json_path}")
+
+
 def main() -> None:
     app()

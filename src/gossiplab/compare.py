@@ -125,3 +125,25 @@ def plot_cost(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_against(title: str, groups: dict[str, list[dict[str, Any]]], key: str, path: Path) -> Path:
+    """ALA, AGA and MMGA against a summary value (e.g. gossip_rounds, MAZEL Fig. 2), one line per
+    series; a variant's series is its name without the last word ("MAZEL 10" -> "MAZEL")."""
+    series: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for label, summaries in groups.items():
+        series.setdefault(label.rsplit(" ", 1)[0], []).append((summaries[0][key], summaries[0]))
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8), sharey=True)
+    for ax, (metric, name) in zip(axes, (("ala", "ALA"), ("aga", "AGA"), ("mmga", "MMGA")), strict=True):
+        for index, (label, points) in enumerate(series.items()):
+            points.sort(key=lambda p: p[0])
+            ax.plot([p[0] for p in points], [p[1][metric] for p in points], "o-", color=f"C{index}", label=label)
+        ax.set(xscale="log", xlabel=key.replace("_", " "), title=name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -22,9 +22,11 @@ TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random
 MIXING_RULES = ("uniform", "metropolis", "influence")
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
+MERGES = ("average", "activation-matching", "weight-matching", "push-sum")
+ORDERS = ("after-update", "before-update")
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "resnet20")
 BACKBONES = ("pixels", "efficientnet-lite0", "clip")
 HEADS = ("linear", "text")
 TEXT_ENCODERS = ("minilm-l6", "clip")
@@ -63,6 +65,7 @@ class ModelConfig:
     hidden: list[int] = field(default_factory=lambda: [200, 200])
     channels: list[int] = field(default_factory=lambda: [16, 32])
     init: str = "shared"
+    width: int = 1
     backbone: str = "pixels"
     feature_size: int = 64
     clip_path: str = ""
@@ -104,6 +107,9 @@ class GossipConfig:
     final_merge: str = "none"
     final_merge_rounds: int = 0
     rounds: int = 0
+    merge: str = "average"
+    match_samples: int = 256
+    order: str = "after-update"
     stage_split: float = 0.5
     early_share: float = 0.67
     warmup_fraction: float = 0.1
@@ -309,6 +315,7 @@ def validate(config: Config) -> None:
     one_of("model.init", INITS)
     need(all(h >= 1 for h in config.model.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)")
     model = config.model
+    need(model.width >= 1, "model.width", "must be >= 1 (ResNet-20 width multiplier)")
     one_of("model.backbone", BACKBONES)
     one_of("model.head", HEADS)
     one_of("model.text_encoder", TEXT_ENCODERS)
@@ -385,6 +392,9 @@ def validate(config: Config) -> None:
     need(0 < config.gossip.stage_split < 1, "gossip.stage_split", "must be in (0, 1) (end of the early stage)")
     need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
     need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
+    one_of("gossip.merge", MERGES)
+    one_of("gossip.order", ORDERS)
+    need(config.gossip.match_samples >= 2, "gossip.match_samples", "must be >= 2 (samples per site to match on)")
     one_of("gossip.final_merge", FINAL_MERGES)
     need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")

@@ -50,6 +50,55 @@ def cnn(input_shape: tuple[int, ...], channels: list[int], num_classes: int) -> 
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_channels * height * width, num_classes))
 
 
+class BasicBlock(nn.Module):
+    """conv3x3 -> GN -> ReLU -> conv3x3 -> GN, plus the shortcut (1x1 conv + GN when the shape
+    changes, "option B"), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(groups, out_channels)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.relu2 = nn.ReLU()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.GroupNorm(groups, out_channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.norm1(self.conv1(x)))
+        return self.relu2(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet20(nn.Module):
+    """ResNet-20 for small images (He et al. 2016, section 4.2): a 3x3 stem, 3 stages of 3 basic
+    blocks at widths (16, 32, 64) x `width`, global average pooling, one linear layer. GroupNorm
+    replaces BatchNorm, as in the DIMAT paper's decentralized runs."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 1, groups: int = 4):
+        super().__init__()
+        widths = [16 * width, 32 * width, 64 * width]
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.stem_norm = nn.GroupNorm(groups, widths[0])
+        self.stem_relu = nn.ReLU()
+        blocks, channels = [], widths[0]
+        for stage, out_channels in enumerate(widths):
+            for index in range(3):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(BasicBlock(channels, out_channels, stride, groups))
+                channels = out_channels
+        self.blocks = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem_relu(self.stem_norm(self.stem(x)))
+        return self.fc(self.pool(self.blocks(x)).flatten(1))
+
+
 class ZeroInitLinear(nn.Linear):
     """A linear layer whose (re)initialisation is all zeros: the last layer of a zero-shot residual."""
 
@@ -104,6 +153,8 @@ def build_model(
         encoder: nn.Module = ZeroShotResidual(zero_shot_dim, body)
     elif config.name == "mlp":
         encoder = mlp(input_shape, config.hidden, out)
+    elif config.name == "resnet20":
+        encoder = ResNet20(input_shape[0], out, config.width)
     else:
         encoder = cnn(input_shape, config.channels, out)
     if config.head == "linear":

@@ -27,12 +27,21 @@ class StackedSGD:
 
     @torch.no_grad()
     def step(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
-        if self.weight_decay:
-            grad.add_(theta, alpha=self.weight_decay)
-        direction = grad
-        if self.momentum_buffer is not None:
-            direction = self.momentum_buffer.mul_(self.momentum).add_(grad)
-        theta.add_(direction, alpha=-self.lr)
+        """One fused pass over [N, P] (torch's fused CPU/GPU SGD kernel): three separate in-place
+        ops would each stream all of theta, grad and the buffer through memory again."""
+        buffers = [] if self.momentum_buffer is None else [self.momentum_buffer]
+        torch._fused_sgd_(
+            [theta],
+            [grad],
+            buffers,
+            weight_decay=self.weight_decay,
+            momentum=self.momentum,
+            lr=self.lr,
+            dampening=0.0,
+            nesterov=False,
+            maximize=False,
+            is_first_step=False,  # the buffer starts at 0, so b = g after the first step either way
+        )
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Forget the state of some sites (a site dropped for divergence)."""
@@ -68,22 +77,27 @@ class StackedAdam:
         self.steps = 0
         self.exp_avg = torch.zeros(shape)
         self.exp_avg_sq = torch.zeros(shape)
-        self._denominator = torch.empty(shape)
 
     @torch.no_grad()
     def step(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
+        """One fused pass over [N, P] (torch's fused Adam / AdamW kernel, the update above)."""
         self.steps += 1
-        beta1, beta2 = self.betas
-        if self.weight_decay and self.decoupled:
-            theta.mul_(1 - self.lr * self.weight_decay)
-        elif self.weight_decay:
-            grad.add_(theta, alpha=self.weight_decay)
-        self.exp_avg.lerp_(grad, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1**self.steps)
-        torch.sqrt(self.exp_avg_sq, out=self._denominator)
-        self._denominator.div_(math.sqrt(1 - beta2**self.steps)).add_(self.eps)
-        theta.addcdiv_(self.exp_avg, self._denominator, value=-step_size)
+        fused = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
+        fused(
+            [theta],
+            [grad],
+            [self.exp_avg],
+            [self.exp_avg_sq],
+            [],
+            [torch.tensor(float(self.steps))],
+            lr=self.lr,
+            beta1=self.betas[0],
+            beta2=self.betas[1],
+            weight_decay=self.weight_decay,
+            eps=self.eps,
+            amsgrad=False,
+            maximize=False,
+        )
 
     def reset_rows(self, rows: torch.Tensor) -> None:
         """Forget the state of some sites (a site dropped for divergence)."""

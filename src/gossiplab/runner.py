@@ -35,6 +35,7 @@ from gossiplab.encoders import frozen_parts
 from gossiplab.mixing import influence, mixing_matrix, uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
+from gossiplab.permutation import permutation_spec
 from gossiplab.population import Population
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
@@ -142,8 +143,8 @@ def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> i
 
 
 def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
-    """Bytes the run will hold: [N, P] buffers (parameters, gradients, optimizer state, gossip
-    buffers), training activations (forward and backward), and the data."""
+    """Bytes the run will hold: [N, P] buffers (parameters, gradients, optimizer state; gossip
+    works in cache-sized blocks), training activations (forward and backward), and the data."""
     n = config.num_sites
     p = sum(t.numel() for t in module.parameters())
     # SGD: a momentum buffer if any; Adam(W): exp_avg, exp_avg_sq and the denominator buffer
@@ -151,7 +152,7 @@ def memory_estimate(config: Config, federation: Federation, module: torch.nn.Mod
     activations = activation_count(module, federation.image_shape)
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
-        "population buffers": (2 + optimizer_rows + 2) * n * p * 4,
+        "population buffers": (2 + optimizer_rows) * n * p * 4,
         "activations": 3 * n * config.train.batch_size * activations * 4 + 2**16 * activations * 4,
         "data": data,
     }
@@ -207,8 +208,24 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
             build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
         ),
         mixing_rule=mixing_rule,
-        merge=merge.GossipAverager(population.theta.shape),
+        merge=build_merge(config, federation, population),
     )
+
+
+def build_merge(config: Config, federation: Federation, population: Population) -> Callable:
+    """gossip.merge: plain averaging, DIMAT's matched merges, or SGP's push-sum."""
+    kind = config.gossip.merge
+    if kind == "average":
+        return merge.GossipAverager(population.theta.shape)
+    if kind == "push-sum":
+        return merge.PushSum(config.num_sites)
+    spec = permutation_spec(population.module, federation.image_shape)
+    match_inputs = None
+    if kind == "activation-matching":
+        # a fixed sample of each site's own training data (DIMAT matches on local data)
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        match_inputs, _ = federation.sample_batch(config.gossip.match_samples, generator)
+    return merge.MatchedMerge(population, spec, kind, match_inputs)
 
 
 def evaluate(experiment: Experiment, active: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
@@ -219,7 +236,8 @@ def evaluate(experiment: Experiment, active: torch.Tensor | None = None) -> tupl
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
     allowed = None if population.class_mask is None else population.class_mask[federation.test_site]
     correct = population.predict(theta, federation.test_x, allowed) == federation.test_y
-    merged = merge.merged_model(theta, active)
+    # the counterfactual merged model, by the run's own merge operator when it aligns units (DIMAT)
+    merged = getattr(experiment.merge, "merged_model", merge.merged_model)(theta, active)
     merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, theta, active)
 
@@ -304,6 +322,8 @@ class Runner:
             "generator": self.generator.get_state(),
             "config": self.config.to_dict(),
         }
+        if hasattr(self.experiment.merge, "state_dict"):
+            state["merge"] = self.experiment.merge.state_dict()
         atomic_save(state, self.run_dir / "checkpoint.pt")
 
     def _load_checkpoint(self) -> None:
@@ -333,6 +353,8 @@ class Runner:
         self.experiment.population.theta.copy_(state["theta"])
         self.experiment.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if "merge" in state:
+            self.experiment.merge.load_state_dict(state["merge"])
         kept = [line for line in read_metrics(self.metrics_path) if line["step"] <= self.step]
         atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
@@ -453,11 +475,16 @@ class Runner:
                 self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
                 if not self.active.all():
                     population.grad[~self.active] = 0.0
+                if config.gossip.order == "before-update":  # CDSGD: mix, then the step at the old point
+                    self._communicate(self.step)
+                if isinstance(experiment.merge, merge.PushSum):  # SGP: x = w z takes the SGD step
+                    population.grad.div_(experiment.merge.push_sum_weights[:, None])
                 experiment.optimizer.lr = learning_rate(config.train, self.step)
                 experiment.optimizer.step(population.theta, population.grad)
                 if not self.active.all():
                     population.theta[~self.active] = 0.0
-                self._communicate(self.step)
+                if config.gossip.order == "after-update":
+                    self._communicate(self.step)
                 self.loss_sum += float(losses[self.active].mean())
                 self.loss_count += 1
                 progress.update(task, completed=self.step)

@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from gossiplab.compare import plot_cost, plot_curves
+from gossiplab.compare import plot_against, plot_cost, plot_curves
 from gossiplab.config import Config, ConfigError, apply_values, build_config
 from gossiplab.runner import Runner, atomic_write
 
@@ -32,6 +32,7 @@ class Sweep:
     preset: str
     overrides: list[str]
     variants: dict[str, list[str]]
+    plot_against: str = ""  # a summary key to plot ALA/AGA/MMGA against (e.g. gossip_rounds)
 
 
 def sweep_names() -> list[str]:
@@ -43,7 +44,14 @@ def load_sweep(name: str) -> Sweep:
     if name not in sweep_names():
         raise ConfigError(f"unknown sweep '{name}'; available sweeps: {', '.join(sweep_names())}")
     table = tomllib.loads((resources.files("gossiplab") / "sweeps" / f"{name}.toml").read_text())
-    return Sweep(table["name"], table["description"], table["preset"], table.get("overrides", []), table["variants"])
+    return Sweep(
+        table["name"],
+        table["description"],
+        table["preset"],
+        table.get("overrides", []),
+        table["variants"],
+        table.get("plot_against", ""),
+    )
 
 
 def slug(text: str) -> str:
@@ -88,8 +96,13 @@ def run_sweep(
 
 
 def plot_sweep(sweep: Sweep, sweep_dir: Path, results: dict[str, list[dict[str, Any]]]) -> list[Path]:
-    """curves.png (merged vs local accuracy per variant) and merged_vs_bytes.png."""
-    return [
+    """curves.png (merged vs local accuracy per variant), merged_vs_bytes.png, and with
+    `plot_against` metrics_vs_KEY.png."""
+    paths = [
         plot_curves(f"{sweep.name}: merged vs local models (first seed)", results, sweep_dir / "curves.png"),
         plot_cost(f"{sweep.name}: accuracy vs communication", results, sweep_dir / "merged_vs_bytes.png"),
     ]
+    if sweep.plot_against:
+        key = sweep.plot_against
+        paths.append(plot_against(f"{sweep.name} (first seed)", results, key, sweep_dir / f"metrics_vs_{key}.png"))
+    return paths

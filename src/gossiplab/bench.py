@@ -1,0 +1,236 @@
+"""`gossiplab bench`: the engine against the per-site loop on the same work, in one process.
+
+For each model and number of sites N, one training step (B samples per site, forward, backward,
+optimizer update) is timed three ways, interleaved so that machine noise hits all alike:
+- loop: what the papers' code does: N nn.Module copies, a torch.optim optimizer each, a Python
+  loop over sites;
+- engine: gossiplab's Population + stacked optimizer with the strategy `auto` picks;
+- the other engine strategy (vmap or loop over views), to show that `auto` picked the faster.
+Reported: steps/s, engine / loop, achieved GFLOP/s against the shape-matched kernel limit (the bare
+batched forward, dX and dW matmuls of the same layer shapes, timed in the same run) and against
+square-GEMM peak; and gossip time per round against one `copy_` of Theta (a memory-bandwidth
+bound), for a sparse (ring) and a dense (complete) graph. Nothing here is asserted by tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gossiplab.config import ModelConfig, TrainConfig
+from gossiplab.merge import GossipAverager
+from gossiplab.mixing import uniform
+from gossiplab.models import build_model
+from gossiplab.optim import build_optimizer
+from gossiplab.population import Population
+from gossiplab.topology import build_adjacency
+
+BATCH = 32
+# model -> (input shape, model config, optimizer): the issue's three families
+MODELS: dict[str, tuple[tuple[int, ...], ModelConfig, TrainConfig]] = {
+    "mlp": ((1, 28, 28), ModelConfig(name="mlp", hidden=[200, 200]), TrainConfig(optimizer="sgd", lr=0.05)),
+    "cnn": ((1, 28, 28), ModelConfig(name="cnn", channels=[16, 32]), TrainConfig(optimizer="sgd", lr=0.05)),
+    "head": ((384,), ModelConfig(name="mlp", hidden=[256]), TrainConfig(optimizer="adam", lr=1e-3)),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    sites: int
+    parameters: int
+    strategy: str
+    loop_steps_per_s: float
+    engine_steps_per_s: float
+    other_strategy_steps_per_s: float
+    speedup: float
+    gflops: float
+    kernel_limit_gflops: float | None
+    fraction_of_kernel_limit: float | None
+    fraction_of_peak: float
+    gossip_ring_vs_copy: float
+    gossip_complete_vs_copy: float
+
+
+def timed(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
+    """Seconds per call: calls repeated until min_seconds have passed."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < min_seconds or calls < 2:
+        fn()
+        calls += 1
+    return elapsed / calls
+
+
+def interleaved(functions: dict[str, Callable[[], object]], repeats: int, min_seconds: float) -> dict[str, float]:
+    """Median seconds per call of each function, measured in alternation."""
+    samples: dict[str, list[float]] = {k: [] for k in functions}
+    for _ in range(repeats):
+        for name, fn in functions.items():
+            samples[name].append(timed(fn, min_seconds))
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def training_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-adds x 2 of one forward pass of one sample through Linear and Conv2d layers, x 3
+    for a training step (forward, dX, dW)."""
+    total = 0
+
+    def count(layer, _inputs, output):
+        nonlocal total
+        if isinstance(layer, nn.Linear):
+            total += 2 * layer.in_features * layer.out_features
+        else:
+            total += 2 * output[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+
+    hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    with torch.no_grad():
+        module(torch.zeros(1, *input_shape))
+    for hook in hooks:
+        hook.remove()
+    return 3 * total
+
+
+def kernel_limit(module: nn.Module, sites: int, repeats: int, min_seconds: float) -> float | None:
+    """GFLOP/s of the bare batched matmuls a linear stack's training step needs, at its own shapes
+    and memory layouts (nn.Linear's weight is [out, in]): forward x @ W^T, dX = g @ W,
+    dW = g^T @ x, for [N, B, in] inputs x and [N, B, out] output gradients g."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        return None
+    flops, seconds = 0, 0.0
+    for layer in linears:
+        i, o = layer.in_features, layer.out_features
+        x, w, g = torch.randn(sites, BATCH, i), torch.randn(sites, o, i), torch.randn(sites, BATCH, o)
+        outs = (torch.empty(sites, BATCH, o), torch.empty(sites, BATCH, i), torch.empty(sites, o, i))
+        kernels = {
+            "forward": lambda x=x, w=w, out=outs[0]: torch.bmm(x, w.transpose(1, 2), out=out),
+            "dx": lambda g=g, w=w, out=outs[1]: torch.bmm(g, w, out=out),
+            "dw": lambda x=x, g=g, out=outs[2]: torch.bmm(g.transpose(1, 2), x, out=out),
+        }
+        seconds += sum(interleaved(kernels, repeats, min_seconds).values())
+        flops += 3 * 2 * sites * BATCH * i * o
+    return flops / seconds / 1e9
+
+
+def square_gemm_peak(size: int = 2048) -> float:
+    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
+    return 2 * size**3 / timed(lambda: torch.mm(a, b, out=out), 0.5) / 1e9
+
+
+def per_site_loop(module: nn.Module, theta: torch.Tensor, train: TrainConfig) -> Callable:
+    """The papers' code: one nn.Module and one torch.optim optimizer per site, a loop over sites."""
+    models = []
+    for row in theta:
+        model = copy.deepcopy(module)
+        torch.nn.utils.vector_to_parameters(row, model.parameters())
+        models.append(model)
+    if train.optimizer == "sgd":
+        optimizers = [torch.optim.SGD(m.parameters(), lr=train.lr, momentum=train.momentum) for m in models]
+    else:
+        optimizers = [torch.optim.Adam(m.parameters(), lr=train.lr) for m in models]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        for i, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[i]), y[i]).backward()
+            optimizer.step()
+
+    return step
+
+
+def engine(module: nn.Module, sites: int, train: TrainConfig, strategy: str) -> tuple[Population, Callable]:
+    population = Population(module, sites, seed=0, strategy=strategy)
+    optimizer = build_optimizer(train, population.theta.shape)
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        population.compute_gradients(x, y)
+        optimizer.step(population.theta, population.grad)
+
+    return population, step
+
+
+def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tuple[float, float]:
+    """Seconds of one gossip round / seconds of one copy_ of theta into an existing tensor."""
+    sites = len(theta)
+    averager, target = GossipAverager(theta.shape), torch.empty_like(theta)
+    ring, complete = (uniform(build_adjacency(t, sites, 0, seed=0)) for t in ("ring", "complete"))
+    work = theta.clone()
+    times = interleaved(
+        {
+            "copy": lambda: target.copy_(theta),
+            "ring": lambda: averager(work, ring),
+            "complete": lambda: averager(work, complete),
+        },
+        repeats,
+        min_seconds,
+    )
+    return times["ring"] / times["copy"], times["complete"] / times["copy"]
+
+
+def bench(
+    models: list[str], sites: list[int], repeats: int = 3, min_seconds: float = 0.2, on_row: Callable | None = None
+) -> tuple[list[Row], float]:
+    """Every (model, N) row, and the square-GEMM peak in GFLOP/s measured in the same run."""
+    peak = square_gemm_peak()
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for name in models:
+        shape, model_config, train = MODELS[name]
+        module = build_model(model_config, shape, 10)
+        flops_per_sample = training_flops(module, shape)
+        for n in sites:
+            x = torch.randn(n, BATCH, *shape, generator=generator)
+            y = torch.randint(0, 10, (n, BATCH), generator=generator)
+            population, engine_step = engine(module, n, train, "auto")
+            other = "loop" if population.strategy == "vmap" else "vmap"
+            _, other_step = engine(module, n, train, other)
+            loop_step = per_site_loop(module, population.theta, train)
+            times = interleaved(
+                {
+                    "loop": lambda s=loop_step, x=x, y=y: s(x, y),
+                    "engine": lambda s=engine_step, x=x, y=y: s(x, y),
+                    "other": lambda s=other_step, x=x, y=y: s(x, y),
+                },
+                repeats,
+                min_seconds,
+            )
+            gflops = flops_per_sample * n * BATCH / times["engine"] / 1e9
+            limit = kernel_limit(module, n, repeats, min_seconds / 4)
+            ring, complete = gossip_vs_copy(population.theta, repeats, min_seconds / 4)
+            row = Row(
+                model=name,
+                sites=n,
+                parameters=population.num_parameters,
+                strategy=population.strategy,
+                loop_steps_per_s=1 / times["loop"],
+                engine_steps_per_s=1 / times["engine"],
+                other_strategy_steps_per_s=1 / times["other"],
+                speedup=times["loop"] / times["engine"],
+                gflops=gflops,
+                kernel_limit_gflops=limit,
+                fraction_of_kernel_limit=None if limit is None else gflops / limit,
+                fraction_of_peak=gflops / peak,
+                gossip_ring_vs_copy=ring,
+                gossip_complete_vs_copy=complete,
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows, peak
+
+
+def as_json(rows: list[Row], peak: float) -> dict:
+    return {
+        "batch_per_site": BATCH,
+        "threads": torch.get_num_threads(),
+        "square_gemm_peak_gflops": peak,
+        "rows": [asdict(r) for r in rows],
+    }

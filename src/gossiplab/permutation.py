@@ -1,0 +1,225 @@
+"""Permutation symmetry of hidden units, described declaratively per architecture.
+
+Permuting the hidden units of a layer (rows of its weight and bias, the matching channels of its
+normalisation, columns of the next layer's weight) leaves the network's function unchanged. A
+`PermutationSpec` lists every permutable hidden dimension (a `PermutationGroup`) with each
+parameter axis it acts on and the module whose output holds its activations, so that the matched
+merges of DIMAT (activation matching) and Git Re-Basin (weight matching) are written once for
+every architecture. Adding an architecture means writing its spec, not merge code.
+
+GroupNorm normalises groups of consecutive channels: permuting channels across groups changes the
+statistics, so a group's units are permuted only within their GroupNorm blocks (`blocks`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gossiplab.models import ResNet20, TextEmbeddingHead, ZeroShotResidual
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Parameter `name`, dimension `axis`; `repeat` consecutive entries per unit (a linear layer
+    reading flattened [C, H, W] feature maps sees each channel as H * W inputs)."""
+
+    name: str
+    axis: int
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class PermutationGroup:
+    size: int
+    axes: tuple[Axis, ...]
+    activation: str  # the module whose output carries these units' activations
+    blocks: int = 1  # units are permuted within `blocks` equal consecutive blocks only
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    groups: tuple[PermutationGroup, ...]
+
+
+def _sequential_spec(sequential: nn.Sequential, prefix: str, input_shape: tuple[int, ...]) -> list[PermutationGroup]:
+    """Spec of a Linear/Conv2d (-> GroupNorm) -> ReLU (-> pool) stack: every hidden layer but the output."""
+    layers = list(sequential.named_children())
+    weighted = [k for k, (_, m) in enumerate(layers) if isinstance(m, nn.Linear | nn.Conv2d)]
+    shapes = {}
+    x = torch.zeros(1, *input_shape)
+    for name, module in layers:
+        x = module(x)
+        shapes[name] = x.shape[1:]
+    groups = []
+    for position, k in enumerate(weighted[:-1]):
+        name, layer = layers[k]
+        axes = [Axis(f"{prefix}{name}.weight", 0)]
+        if layer.bias is not None:
+            axes.append(Axis(f"{prefix}{name}.bias", 0))
+        blocks, activation = 1, name
+        for later_name, later in layers[k + 1 : weighted[position + 1]]:
+            if isinstance(later, nn.GroupNorm):
+                axes += [Axis(f"{prefix}{later_name}.weight", 0), Axis(f"{prefix}{later_name}.bias", 0)]
+                blocks = later.num_groups
+            if isinstance(later, nn.ReLU):
+                activation = later_name
+        next_name, next_layer = layers[weighted[position + 1]]
+        size = layer.weight.shape[0]
+        repeat = next_layer.weight.shape[1] // size if isinstance(next_layer, nn.Linear) else 1
+        axes.append(Axis(f"{prefix}{next_name}.weight", 1, repeat))
+        groups.append(PermutationGroup(size, tuple(axes), f"{prefix}{activation}", blocks))
+    return groups
+
+
+def _resnet_spec(model: ResNet20, prefix: str) -> list[PermutationGroup]:
+    """The residual stream of a stage shares one permutation (it is added across blocks); each
+    block's inner width has its own."""
+
+    def norm(name: str) -> list[Axis]:
+        return [Axis(f"{name}.weight", 0), Axis(f"{name}.bias", 0)]
+
+    groups = []
+    gn = model.stem_norm.num_groups
+    stream = [Axis(f"{prefix}stem.weight", 0), *norm(f"{prefix}stem_norm")]
+    stream_activation, stream_size = f"{prefix}stem_relu", model.stem.out_channels
+    for k, block in enumerate(model.blocks):
+        name = f"{prefix}blocks.{k}"
+        stream.append(Axis(f"{name}.conv1.weight", 1))
+        if len(block.shortcut):  # a new stage: the previous stream ends at this block's inputs
+            stream.append(Axis(f"{name}.shortcut.0.weight", 1))
+            groups.append(PermutationGroup(stream_size, tuple(stream), stream_activation, gn))
+            stream = [Axis(f"{name}.shortcut.0.weight", 0), *norm(f"{name}.shortcut.1")]
+            stream_size = block.conv2.out_channels
+        stream += [Axis(f"{name}.conv2.weight", 0), *norm(f"{name}.norm2")]
+        stream_activation = f"{name}.relu2"
+        inner = [Axis(f"{name}.conv1.weight", 0), *norm(f"{name}.norm1"), Axis(f"{name}.conv2.weight", 1)]
+        groups.append(PermutationGroup(block.conv1.out_channels, tuple(inner), f"{name}.relu1", gn))
+    stream.append(Axis(f"{prefix}fc.weight", 1))
+    groups.append(PermutationGroup(stream_size, tuple(stream), stream_activation, gn))
+    return groups
+
+
+def permutation_spec(module: nn.Module, input_shape: tuple[int, ...]) -> PermutationSpec:
+    """The spec of any gossiplab model: MLP, CNN, ResNet-20, under a text head or zero-shot residual."""
+    prefix = ""
+    if isinstance(module, TextEmbeddingHead):
+        module, prefix = module.encoder, "encoder."
+    if isinstance(module, ZeroShotResidual):
+        input_shape = (input_shape[0] - module.zero_shot_dim,)
+        module, prefix = module.body, f"{prefix}body."
+    if isinstance(module, ResNet20):
+        return PermutationSpec(tuple(_resnet_spec(module, prefix)))
+    if isinstance(module, nn.Sequential):
+        return PermutationSpec(tuple(_sequential_spec(module, prefix, input_shape)))
+    raise TypeError(f"no permutation spec for {type(module).__name__}")
+
+
+def permuted_index(
+    spec: PermutationSpec, names: list[str], shapes: list[torch.Size], perms: list[torch.Tensor]
+) -> torch.Tensor:
+    """[P] flat index such that theta[index] is theta with every group's units permuted: new unit
+    k of group g is old unit perms[g][k]. One gather then permutes a whole parameter vector."""
+    sizes = [s.numel() for s in shapes]
+    offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0).tolist()
+    views = {n: torch.arange(o, o + z).view(s) for n, o, z, s in zip(names, offsets, sizes, shapes, strict=True)}
+    for group, perm in zip(spec.groups, perms, strict=True):
+        for axis in group.axes:
+            expanded = (perm[:, None] * axis.repeat + torch.arange(axis.repeat)).flatten()
+            views[axis.name] = views[axis.name].index_select(axis.axis, expanded)
+    return torch.cat([views[n].flatten() for n in names])
+
+
+def random_permutations(spec: PermutationSpec, generator: torch.Generator) -> list[torch.Tensor]:
+    """A random permutation per group, within its GroupNorm blocks."""
+    perms = []
+    for group in spec.groups:
+        width = group.size // group.blocks
+        perms.append(torch.cat([b * width + torch.randperm(width, generator=generator) for b in range(group.blocks)]))
+    return perms
+
+
+def assignment(similarity: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The permutation p maximising sum_k similarity[k, p[k]] (scipy's linear_sum_assignment),
+    solved per GroupNorm block: block-diagonal matching."""
+    from scipy.optimize import linear_sum_assignment
+
+    width = len(similarity) // blocks
+    perm = torch.empty(len(similarity), dtype=torch.long)
+    for b in range(blocks):
+        part = slice(b * width, (b + 1) * width)
+        _, columns = linear_sum_assignment(similarity[part, part].double().numpy(), maximize=True)
+        perm[part] = torch.from_numpy(columns) + b * width
+    return perm
+
+
+def activations(module: nn.Module, spec: PermutationSpec, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each group's activations [samples, units] of the model with `params` on inputs x; a
+    convolutional unit contributes one sample per image and spatial position."""
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.get_submodule(g.activation).register_forward_hook(
+            lambda _m, _i, out, name=g.activation: captured.__setitem__(name, out)
+        )
+        for g in spec.groups
+    ]
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(module, params, (x,))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [captured[g.activation].movedim(1, -1).reshape(-1, g.size) for g in spec.groups]
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation [units_a, units_b] between the columns of a and b (DIMAT eq. 3)."""
+    a = (a - a.mean(0)) / (a.std(0) + 1e-8)
+    b = (b - b.mean(0)) / (b.std(0) + 1e-8)
+    return a.T @ b / len(a)
+
+
+def match_activations(
+    reference: list[torch.Tensor], other: list[torch.Tensor], spec: PermutationSpec
+) -> list[torch.Tensor]:
+    """Per group, the permutation of `other`'s units that best correlates them with `reference`'s
+    (DIMAT eq. 2-3). Activations of a unit do not depend on how other layers are permuted, so
+    every layer is matched independently."""
+    return [assignment(correlation(a, b), g.blocks) for a, b, g in zip(reference, other, spec.groups, strict=True)]
+
+
+def match_weights(
+    spec: PermutationSpec,
+    names: list[str],
+    shapes: list[torch.Size],
+    reference: torch.Tensor,
+    other: torch.Tensor,
+    max_iterations: int = 100,
+) -> list[torch.Tensor]:
+    """Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 1): coordinate ascent on
+    sum over parameters of <W_ref, P(W_other)>, one group's permutation at a time by linear
+    assignment with the others fixed, until no permutation changes. Data-free."""
+    perms = [torch.arange(g.size) for g in spec.groups]
+    shape_of = dict(zip(names, shapes, strict=True))
+    offset_of = dict(zip(names, torch.tensor([0, *[s.numel() for s in shapes[:-1]]]).cumsum(0).tolist(), strict=True))
+
+    def param(flat: torch.Tensor, axis: Axis, units: int) -> torch.Tensor:
+        shape = shape_of[axis.name]
+        value = flat[offset_of[axis.name] : offset_of[axis.name] + shape.numel()].view(shape)
+        return value.movedim(axis.axis, 0).reshape(units, -1)
+
+    for _ in range(max_iterations):
+        changed = False
+        for g, group in enumerate(spec.groups):
+            others = [p if k != g else torch.arange(group.size) for k, p in enumerate(perms)]
+            permuted = other[permuted_index(spec, names, shapes, others)]
+            similarity = sum(param(reference, a, group.size) @ param(permuted, a, group.size).T for a in group.axes)
+            new = assignment(similarity, group.blocks)
+            if not torch.equal(new, perms[g]):
+                changed = True
+                perms[g] = new
+        if not changed:
+            break
+    return perms
