@@ -141,6 +141,37 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
 
 
+def test_killed_after_logging_a_row_but_before_its_checkpoint_resumes_without_duplicate_rows(tmp_path, monkeypatch):
+    """The state a SIGKILL can leave (found by the random-kill test on a loaded machine): the
+    step-0 checkpoint, and metrics rows for steps 0 and 40. Resuming re-runs steps 1-40 and must
+    not log step 0 a second time."""
+    config = build_config("default", ["num_sites=4", "train.steps=80", "eval.every=40"])
+    for name in ("reference", "killed"):
+        (tmp_path / name).mkdir()
+    Runner(config, tmp_path / "reference", show_progress=False).run()
+    real_save = Runner._save_checkpoint
+
+    def save_unless_step_40(runner):
+        if runner.step != 40:
+            real_save(runner)
+
+    def kill_at_40(_runner, row):
+        if row["step"] == 40:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "_save_checkpoint", save_unless_step_40)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(config, tmp_path / "killed", show_progress=False).run(on_evaluation=kill_at_40)
+    monkeypatch.setattr(Runner, "_save_checkpoint", real_save)
+    Runner(config, tmp_path / "killed", resume=True, show_progress=False).run()
+    reference = (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+    resumed = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in resumed] == [0, 40, 80]
+    assert [{k: v for k, v in json.loads(r).items() if k != "wall_time_s"} for r in resumed] == [
+        {k: v for k, v in json.loads(r).items() if k != "wall_time_s"} for r in reference
+    ]
+
+
 def test_divergence_stops_naming_site_step_and_last_finite_loss(tmp_path):
     config = build_config("default", ["num_sites=4", "train.steps=60", "eval.every=20", "train.lr=1e6"])
     (tmp_path / "r").mkdir()

@@ -19,7 +19,7 @@ from typing import Any
 import tomli_w
 
 TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
-MIXING_RULES = ("uniform", "metropolis", "influence")
+MIXING_RULES = ("uniform", "metropolis", "influence", "l2c")
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
 MERGES = ("average", "activation-matching", "weight-matching", "push-sum")
@@ -110,6 +110,11 @@ class GossipConfig:
     merge: str = "average"
     match_samples: int = 256
     order: str = "after-update"
+    l2c_lr: float = 0.1
+    l2c_weight_decay: float = 0.01
+    l2c_val_batch: int = 32
+    prune_round: int = 0
+    keep_neighbours: int = 10
     stage_split: float = 0.5
     early_share: float = 0.67
     warmup_fraction: float = 0.1
@@ -393,6 +398,16 @@ def validate(config: Config) -> None:
     need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
     need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
     one_of("gossip.merge", MERGES)
+    if config.gossip.mixing == "l2c":
+        need(config.gossip.merge == "average", "gossip.merge", "must be 'average' with gossip.mixing = 'l2c' "
+             "(L2C aggregates neighbours' updates itself)")  # fmt: skip
+        need(config.data.val_fraction > 0, "data.val_fraction", "must be > 0 with gossip.mixing = 'l2c' "
+             "(the mixing weights minimise each site's validation loss)")  # fmt: skip
+    need(config.gossip.l2c_lr >= 0, "gossip.l2c_lr", "must be >= 0 (0: the weights stay uniform)")
+    need(config.gossip.l2c_weight_decay >= 0, "gossip.l2c_weight_decay", "must be >= 0")
+    need(config.gossip.l2c_val_batch >= 1, "gossip.l2c_val_batch", "must be >= 1")
+    need(config.gossip.prune_round >= 0, "gossip.prune_round", "must be >= 0 (0: never prune)")
+    need(config.gossip.keep_neighbours >= 1, "gossip.keep_neighbours", "must be >= 1")
     one_of("gossip.order", ORDERS)
     need(config.gossip.match_samples >= 2, "gossip.match_samples", "must be >= 2 (samples per site to match on)")
     one_of("gossip.final_merge", FINAL_MERGES)

@@ -70,6 +70,7 @@ def evaluation_row(
         "gossip_gain": gossip_gain(mmga, aga),
         "consensus_distance": consensus_distance(theta[active]),
         "worst10_local": worst_fraction_mean(local, 0.1),
+        "worst20_local": worst_fraction_mean(local, 0.2),
         "std_local": float(local.std()) if len(local) > 1 else 0.0,
         "merged_ala": float(merged_local[active].mean()),
         "local_accuracy": [float(a) if keep else None for a, keep in zip(matrix.diagonal(), active, strict=True)],

@@ -134,6 +134,14 @@ class Population:
             losses[i] = loss.detach()
         return losses
 
+    def site_losses(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy [N] of the models rows [N, P] (differentiable in them) on their own
+        batches x [N, B, ...]: what L2C differentiates through the aggregation."""
+        logits = vmap(self._forward)(self.views(rows), x)
+        if self.class_mask is not None:
+            logits = logits.masked_fill(~self.class_mask[:, None, :], -torch.inf)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
     @torch.no_grad()
     def logits(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Outputs [M, n, C] of the models rows [M, P] on shared inputs x [n, ...], in chunks of inputs."""

@@ -32,6 +32,7 @@ SUMMARY_ROWS = (  # label, summary key, format
     ("Gossip Gain", "gossip_gain", "{:+.2f}%"),
     ("Consensus distance", "consensus_distance", "{:.4g}"),
     ("Worst-10% local acc.", "worst10_local", "{:.4f}"),
+    ("Worst-20% local acc.", "worst20_local", "{:.4f}"),
     ("Communication (MB, all sites)", "bytes_sent", "{:.1f}"),
     ("Wall time (s)", "wall_time_s", "{:.1f}"),
 )
@@ -50,8 +51,8 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W)."""
     gossip, n = config.gossip, config.num_sites
     adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
-    # influence weights depend on the sites' gradients during training: show their uniform base
-    rule = "uniform" if gossip.mixing == "influence" else gossip.mixing
+    # influence and L2C weights depend on the training: show their uniform base (L2C: learned_weights.png)
+    rule = "uniform" if gossip.mixing in ("influence", "l2c") else gossip.mixing
     weights = mixing_matrix(adjacency, rule)
     when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
     written = []
@@ -74,7 +75,7 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     ax.set(
         xlabel="sender j",
         ylabel="receiver i",
-        title=f"{rule} mixing matrix{' (influence reweights it)' if rule != gossip.mixing else ''}, "
+        title=f"{rule} mixing matrix{f' ({gossip.mixing} reweights it)' if rule != gossip.mixing else ''}, "
         f"spectral gap {spectral_gap(weights):.3f}",
     )
     written.append(_save(fig, run_dir / "mixing.png"))

@@ -32,6 +32,7 @@ from gossiplab import merge, metrics
 from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation
 from gossiplab.encoders import frozen_parts
+from gossiplab.l2c import LearnedMixing
 from gossiplab.mixing import influence, mixing_matrix, uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
@@ -191,13 +192,29 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
         class_mask=federation.class_mask() if config.model.head == "text" else None,
     )
     optimizer = build_optimizer(config.train, population.theta.shape)
-    if config.gossip.mixing == "influence":
+    gossip = config.gossip
+    if gossip.mixing == "l2c":
+        learned = LearnedMixing(
+            population,
+            federation,
+            build_adjacency(gossip.topology, config.num_sites, 0, seed=config.seed, p=gossip.p),
+            lr=gossip.l2c_lr,
+            weight_decay=gossip.l2c_weight_decay,
+            prune_round=gossip.prune_round,
+            keep=gossip.keep_neighbours,
+            val_batch=gossip.l2c_val_batch,
+            seed=config.seed,
+        )
+        mixing_rule, merge_operator = learned.mixing_rule, learned
+    elif gossip.mixing == "influence":
 
         def mixing_rule(adjacency: torch.Tensor) -> torch.Tensor:
             return influence(uniform(adjacency), population.grad, optimizer.lr)
 
     else:
         mixing_rule = functools.partial(mixing_matrix, rule=config.gossip.mixing)
+    if gossip.mixing != "l2c":
+        merge_operator = build_merge(config, federation, population)
     return Experiment(
         config=config,
         federation=federation,
@@ -208,7 +225,7 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
             build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
         ),
         mixing_rule=mixing_rule,
-        merge=build_merge(config, federation, population),
+        merge=merge_operator,
     )
 
 
@@ -461,7 +478,8 @@ class Runner:
         )
         with progress:
             task = progress.add_task(config.name, total=total, completed=self.step, status="")
-            if self.step == 0:
+            # step 0 is evaluated once: a run resumed from its step-0 checkpoint already logged it
+            if self.step == 0 and not read_metrics(self.metrics_path):
                 row = self._evaluate_and_log(None)
                 self._save_checkpoint()
                 progress.update(task, status=self._status(row))
@@ -573,6 +591,8 @@ class Runner:
             "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),
             "before_final_merge": self._read_premerge(),
         }
+        if hasattr(self.experiment.merge, "summarize"):  # L2C: the learned weights and what they favour
+            summary.update(self.experiment.merge.summarize(self.run_dir))
         write_outputs(self.run_dir, self.config, rows, summary)
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

@@ -84,6 +84,21 @@ class Federation:
         return self.normalise(self.pool_x[index]), self.pool_y[index]
 
 
+def sample_held_out(
+    x: torch.Tensor, y: torch.Tensor, owner: torch.Tensor, num_sites: int, batch_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, B, ...] samples (with replacement) of each site's own rows of a site-sorted split (val/test)."""
+    sizes = torch.bincount(owner, minlength=num_sites)
+    if (sizes == 0).any():
+        raise partition.PartitionError(
+            f"sites {(sizes == 0).nonzero().flatten().tolist()} hold no validation samples; raise data.val_fraction"
+        )
+    offsets = torch.cumsum(sizes, 0) - sizes
+    local = (torch.rand(num_sites, batch_size, generator=generator) * sizes[:, None]).long()
+    index = offsets[:, None] + local
+    return x[index], y[index]
+
+
 def to_shape(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     """uint8 [n, C, H, W] -> uint8 [n, channels, size, size]: antialiased bilinear resize, grey <-> RGB."""
     if images.shape[1:] == (channels, size, size):

@@ -1,0 +1,115 @@
+"""L2C: learned mixing weights, their gradient, pruning, and a real run on the shard tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gossiplab.config import ConfigError, build_config
+from gossiplab.l2c import LearnedMixing
+from gossiplab.mixing import uniform
+from gossiplab.runner import RunInterrupted, Runner, build_experiment
+from gossiplab.topology import build_adjacency
+
+
+def learned(lr: float = 0.1, sites: int = 6, topology: str = "complete", **kwargs) -> LearnedMixing:
+    config = build_config("l2c", ["num_sites=20", "model.hidden=[16]"])
+    experiment = build_experiment(config)
+    candidates = build_adjacency(topology, 20, 0, seed=0)
+    options = {"weight_decay": 0.0, "prune_round": 0, "keep": 3, "val_batch": 16, "seed": 0, **kwargs}
+    return LearnedMixing(experiment.population, experiment.federation, candidates, lr=lr, **options)
+
+
+def drifted(mixing: LearnedMixing) -> torch.Tensor:
+    """theta^(t+1/2): every site moved away from its round start."""
+    generator = torch.Generator().manual_seed(1)
+    return mixing.round_start + 0.05 * torch.randn(mixing.round_start.shape, generator=generator)
+
+
+def test_weights_are_a_distribution_over_each_sites_candidates():
+    mixing = learned(topology="ring")
+    with torch.no_grad():
+        mixing.alpha.copy_(torch.randn(20, 20))
+    weights = mixing.weights()
+    torch.testing.assert_close(weights.sum(1), torch.ones(20))
+    assert (weights >= 0).all() and (weights[~mixing.mask] == 0).all()
+    assert mixing.mask.sum(1).tolist() == [3] * 20  # ring neighbours and itself
+
+
+def test_with_alpha_frozen_l2c_is_update_aggregation_with_the_initial_uniform_weights():
+    mixing = learned(lr=0.0)
+    start = mixing.round_start.clone()
+    for _ in range(2):
+        half = drifted(mixing)
+        theta = half.clone()
+        mixing(theta, torch.empty(0))
+        expected = start - uniform(build_adjacency("complete", 20, 0, seed=0)) @ (start - half)
+        torch.testing.assert_close(theta, expected)
+        start = expected
+    torch.testing.assert_close(mixing.alpha, torch.zeros(20, 20))
+
+
+def test_alpha_gradient_matches_finite_differences():
+    mixing = learned()
+    half = drifted(mixing)
+    x, y = mixing.validation_batch()
+    with torch.no_grad():
+        mixing.alpha.copy_(0.3 * torch.randn(20, 20, generator=torch.Generator().manual_seed(2)))
+    loss = mixing.validation_loss(half, x, y)
+    (gradient,) = torch.autograd.grad(loss, mixing.alpha)
+    for i, j in [(0, 0), (0, 5), (7, 3), (19, 12)]:
+        step = 1e-2
+        with torch.no_grad():
+            mixing.alpha[i, j] += step
+            up = float(mixing.validation_loss(half, x, y))
+            mixing.alpha[i, j] -= 2 * step
+            down = float(mixing.validation_loss(half, x, y))
+            mixing.alpha[i, j] += step
+        assert gradient[i, j] == pytest.approx((up - down) / (2 * step), rel=2e-2, abs=1e-4)
+
+
+def test_pruning_keeps_exactly_k0_neighbours_the_largest():
+    mixing = learned(prune_round=1, keep=3)
+    with torch.no_grad():
+        mixing.alpha.copy_(torch.randn(20, 20, generator=torch.Generator().manual_seed(3)))
+    before = mixing.weights().detach()
+    theta = drifted(mixing)
+    mixing.optimizer.param_groups[0]["lr"] = 0.0  # prune on the weights above
+    mixing(theta, torch.empty(0))
+    assert mixing.mask.sum(1).tolist() == [4] * 20  # 3 neighbours and itself
+    for i in range(20):
+        others = before[i].clone()
+        others[i] = -1
+        assert set(mixing.mask[i].nonzero().flatten().tolist()) == {i, *others.topk(3).indices.tolist()}
+    assert (mixing.mixing_rule(None) != 0).sum() == 80  # communication follows the pruned graph
+
+
+def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_path):
+    overrides = ["train.steps=400", "eval.every=200", "gossip.prune_round=2"]
+    config = build_config("l2c", overrides)
+    for name in ("full", "half"):
+        (tmp_path / name).mkdir()
+    summary = Runner(config, tmp_path / "full", show_progress=False).run()
+    assert summary["ala"] > 0.7  # chance: 0.1 (10-way prediction, each site holds 2 classes)
+    assert summary["learned_weight_same_task"] > 2 * summary["learned_weight_other_task"]
+    history = torch.load(tmp_path / "full" / "learned_weights.pt")
+    assert history.shape == (4, 20, 20) and (tmp_path / "full" / "learned_weights.png").is_file()
+
+    def stop_at_200(runner, row):
+        if row["step"] == 200:
+            runner.request_stop()
+
+    with pytest.raises(RunInterrupted):
+        Runner(config, tmp_path / "half", show_progress=False).run(on_evaluation=stop_at_200)
+    resumed = Runner(config, tmp_path / "half", resume=True, show_progress=False)
+    resumed.run()
+    final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(resumed.experiment.population.theta, final["theta"])
+    assert torch.equal(resumed.experiment.merge.alpha.detach(), final["merge"]["alpha"])
+
+
+def test_l2c_needs_validation_data_and_its_own_merge():
+    with pytest.raises(ConfigError) as error:
+        build_config("l2c", ["data.val_fraction=0", "gossip.merge=activation-matching"])
+    assert "field 'data.val_fraction' = 0.0: must be > 0 with gossip.mixing = 'l2c'" in str(error.value)
+    assert "field 'gossip.merge' = 'activation-matching': must be 'average'" in str(error.value)
