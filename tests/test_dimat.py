@@ -17,8 +17,9 @@ from gossiplab.permutation import (
     random_permutations,
 )
 from gossiplab.population import Population
-from gossiplab.runner import RunInterrupted, Runner, build_experiment
+from gossiplab.runner import Runner, build_experiment
 from gossiplab.topology import build_adjacency
+from resume import stopped_then_resumed
 
 ARCHITECTURES = [
     ("mlp", (1, 28, 28), {}),
@@ -147,18 +148,9 @@ def test_push_sum_is_column_stochastic_and_preserves_the_mass():
 def test_dimat_and_baselines_run_end_to_end_and_resume_exactly(tmp_path, overrides):
     common = ["num_sites=4", "data.partition=iid", "train.steps=40", "eval.every=20", "gossip.every=10"]
     config = build_config("default", [*common, *overrides])
-    for name in ("full", "half"):
-        (tmp_path / name).mkdir()
+    (tmp_path / "full").mkdir()
     full = Runner(config, tmp_path / "full", show_progress=False).run()
     assert full["ala"] > 0.4
-
-    def stop_at_20(runner, row):
-        if row["step"] == 20:
-            runner.request_stop()
-
-    with pytest.raises(RunInterrupted):
-        Runner(config, tmp_path / "half", show_progress=False).run(on_evaluation=stop_at_20)
-    resumed = Runner(config, tmp_path / "half", resume=True, show_progress=False)
-    resumed.run()
+    resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=20)
     final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["theta"]
     assert torch.equal(resumed.experiment.population.theta, final)

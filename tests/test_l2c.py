@@ -8,8 +8,9 @@ import torch
 from gossiplab.config import ConfigError, build_config
 from gossiplab.l2c import LearnedMixing
 from gossiplab.mixing import uniform
-from gossiplab.runner import RunInterrupted, Runner, build_experiment
+from gossiplab.runner import Runner, build_experiment
 from gossiplab.topology import build_adjacency
+from resume import stopped_then_resumed
 
 
 def learned(lr: float = 0.1, sites: int = 6, topology: str = "complete", **kwargs) -> LearnedMixing:
@@ -87,22 +88,13 @@ def test_pruning_keeps_exactly_k0_neighbours_the_largest():
 def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_path):
     overrides = ["train.steps=400", "eval.every=200", "gossip.prune_round=2"]
     config = build_config("l2c", overrides)
-    for name in ("full", "half"):
-        (tmp_path / name).mkdir()
+    (tmp_path / "full").mkdir()
     summary = Runner(config, tmp_path / "full", show_progress=False).run()
     assert summary["ala"] > 0.7  # chance: 0.1 (10-way prediction, each site holds 2 classes)
     assert summary["learned_weight_same_task"] > 2 * summary["learned_weight_other_task"]
     history = torch.load(tmp_path / "full" / "learned_weights.pt")
     assert history.shape == (4, 20, 20) and (tmp_path / "full" / "learned_weights.png").is_file()
-
-    def stop_at_200(runner, row):
-        if row["step"] == 200:
-            runner.request_stop()
-
-    with pytest.raises(RunInterrupted):
-        Runner(config, tmp_path / "half", show_progress=False).run(on_evaluation=stop_at_200)
-    resumed = Runner(config, tmp_path / "half", resume=True, show_progress=False)
-    resumed.run()
+    resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=200)
     final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     assert torch.equal(resumed.experiment.population.theta, final["theta"])
     assert torch.equal(resumed.experiment.merge.alpha.detach(), final["merge"]["alpha"])
