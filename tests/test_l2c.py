@@ -7,7 +7,7 @@ import torch
 
 from gossiplab.config import ConfigError, build_config
 from gossiplab.l2c import LearnedMixing
-from gossiplab.mixing import uniform
+from gossiplab.mixing import fomo, uniform
 from gossiplab.runner import Runner, build_experiment
 from gossiplab.topology import build_adjacency
 from resume import stopped_then_resumed
@@ -105,3 +105,16 @@ def test_l2c_needs_validation_data_and_its_own_merge():
         build_config("l2c", ["data.val_fraction=0", "gossip.merge=activation-matching"])
     assert "field 'data.val_fraction' = 0.0: must be > 0 with gossip.mixing = 'l2c'" in str(error.value)
     assert "field 'gossip.merge' = 'activation-matching': must be 'average'" in str(error.value)
+
+
+def test_fomo_weights_follow_the_first_order_gain_of_each_neighbour():
+    adjacency = build_adjacency("complete", 3, 0, seed=0)
+    # losses[i, j]: site i's validation loss of model j
+    losses = torch.tensor([[1.0, 0.5, 0.8], [0.2, 0.4, 0.9], [0.3, 0.3, 0.1]])
+    distances = torch.tensor([[0.0, 1.0, 0.5], [1.0, 0.0, 2.0], [0.5, 2.0, 0.0]])
+    weights = fomo(adjacency, losses, distances)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    # site 0: gains 0.5 / 1 from model 1 and 0.2 / 0.5 from model 2 -> 0.5 : 0.4, its own weight 0
+    torch.testing.assert_close(weights[0], torch.tensor([0.0, 0.5 / 0.9, 0.4 / 0.9]))
+    torch.testing.assert_close(weights[1], torch.tensor([1.0, 0.0, 0.0]))  # only model 0 helps site 1
+    torch.testing.assert_close(weights[2], torch.tensor([0.0, 0.0, 1.0]))  # nobody helps site 2: keep its own

@@ -19,7 +19,7 @@ from typing import Any
 import tomli_w
 
 TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
-MIXING_RULES = ("uniform", "metropolis", "influence", "l2c")
+MIXING_RULES = ("uniform", "metropolis", "influence", "l2c", "fomo")
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
 MERGES = ("average", "activation-matching", "weight-matching", "push-sum")
@@ -112,7 +112,7 @@ class GossipConfig:
     order: str = "after-update"
     l2c_lr: float = 0.1
     l2c_weight_decay: float = 0.01
-    l2c_val_batch: int = 32
+    val_batch: int = 32
     prune_round: int = 0
     keep_neighbours: int = 10
     stage_split: float = 0.5
@@ -398,6 +398,9 @@ def validate(config: Config) -> None:
     need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
     need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
     one_of("gossip.merge", MERGES)
+    if config.gossip.mixing == "fomo":
+        need(config.data.val_fraction > 0, "data.val_fraction", "must be > 0 with gossip.mixing = 'fomo' "
+             "(the weights come from each site's validation loss of its neighbours' models)")  # fmt: skip
     if config.gossip.mixing == "l2c":
         need(config.gossip.merge == "average", "gossip.merge", "must be 'average' with gossip.mixing = 'l2c' "
              "(L2C aggregates neighbours' updates itself)")  # fmt: skip
@@ -405,7 +408,7 @@ def validate(config: Config) -> None:
              "(the mixing weights minimise each site's validation loss)")  # fmt: skip
     need(config.gossip.l2c_lr >= 0, "gossip.l2c_lr", "must be >= 0 (0: the weights stay uniform)")
     need(config.gossip.l2c_weight_decay >= 0, "gossip.l2c_weight_decay", "must be >= 0")
-    need(config.gossip.l2c_val_batch >= 1, "gossip.l2c_val_batch", "must be >= 1")
+    need(config.gossip.val_batch >= 1, "gossip.val_batch", "must be >= 1")
     need(config.gossip.prune_round >= 0, "gossip.prune_round", "must be >= 0 (0: never prune)")
     need(config.gossip.keep_neighbours >= 1, "gossip.keep_neighbours", "must be >= 1")
     one_of("gossip.order", ORDERS)

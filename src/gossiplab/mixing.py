@@ -56,6 +56,22 @@ def influence(weights: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Ten
     return mixed
 
 
+def fomo(adjacency: torch.Tensor, losses: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """FOMO's first-order model-optimisation weights (Zhang et al., ICLR 2021, eq. 6-7).
+
+    losses[i, j] = site i's validation loss of site j's model; distances[i, j] = ||theta_j - theta_i||.
+    w_ij = max(L_ii - L_ij, 0) / ||theta_j - theta_i|| for the neighbours j of i, normalised to sum
+    to 1; theta_i <- theta_i + sum_j w_ij (theta_j - theta_i). A site no neighbour improves keeps its
+    own model. Rows sum to 1; not symmetric.
+    """
+    gain = (losses.diagonal()[:, None] - losses).clamp(min=0) / distances.clamp(min=torch.finfo(distances.dtype).tiny)
+    gain = torch.where(adjacency & ~torch.eye(len(adjacency), dtype=torch.bool), gain, 0.0)
+    total = gain.sum(1, keepdim=True)
+    weights = torch.where(total > 0, gain / total.clamp(min=torch.finfo(total.dtype).tiny), 0.0)
+    weights.diagonal().copy_(1 - weights.sum(1))
+    return weights
+
+
 def mixing_matrix(adjacency: torch.Tensor, rule: str) -> torch.Tensor:
     if rule == "uniform":
         return uniform(adjacency)

@@ -51,8 +51,8 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W)."""
     gossip, n = config.gossip, config.num_sites
     adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
-    # influence and L2C weights depend on the training: show their uniform base (L2C: learned_weights.png)
-    rule = "uniform" if gossip.mixing in ("influence", "l2c") else gossip.mixing
+    # influence, L2C and FOMO weights depend on the training: show their uniform base
+    rule = "uniform" if gossip.mixing in ("influence", "l2c", "fomo") else gossip.mixing
     weights = mixing_matrix(adjacency, rule)
     when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
     written = []

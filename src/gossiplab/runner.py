@@ -25,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab import merge, metrics
 from gossiplab.config import Config, build_config, flatten
-from gossiplab.data.federation import Federation, build_federation
+from gossiplab.data.federation import Federation, build_federation, sample_held_out
 from gossiplab.encoders import frozen_parts
 from gossiplab.l2c import LearnedMixing
-from gossiplab.mixing import influence, mixing_matrix, uniform
+from gossiplab.mixing import fomo, influence, mixing_matrix, uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
 from gossiplab.permutation import permutation_spec
@@ -202,10 +203,12 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
             weight_decay=gossip.l2c_weight_decay,
             prune_round=gossip.prune_round,
             keep=gossip.keep_neighbours,
-            val_batch=gossip.l2c_val_batch,
+            val_batch=gossip.val_batch,
             seed=config.seed,
         )
         mixing_rule, merge_operator = learned.mixing_rule, learned
+    elif gossip.mixing == "fomo":
+        mixing_rule = fomo_rule(config, federation, population)
     elif gossip.mixing == "influence":
 
         def mixing_rule(adjacency: torch.Tensor) -> torch.Tensor:
@@ -227,6 +230,27 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
         mixing_rule=mixing_rule,
         merge=merge_operator,
     )
+
+
+def fomo_rule(config: Config, federation: Federation, population: Population) -> Callable:
+    """FOMO's mixing rule: every model scored on every site's fixed validation sample
+    (`gossip.val_batch` images each, drawn once from the seed), then `mixing.fomo`."""
+    num_sites, batch = config.num_sites, config.gossip.val_batch
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    x, y = sample_held_out(federation.val_x, federation.val_y, federation.val_site, num_sites, batch, generator)
+    x, y = x.flatten(0, 1), y.flatten()
+    owner = torch.arange(num_sites).repeat_interleave(batch)
+
+    def rule(adjacency: torch.Tensor) -> torch.Tensor:
+        theta = population.theta
+        logits = population.logits(theta, x)  # [models, samples, classes]
+        if population.class_mask is not None:
+            logits.masked_fill_(~population.class_mask[owner], -torch.inf)
+        ce = F.cross_entropy(logits.transpose(1, 2), y.expand(len(theta), -1), reduction="none")
+        losses = ce.view(len(theta), num_sites, batch).mean(2).T  # [site i, model j]
+        return fomo(adjacency, losses, torch.cdist(theta, theta))
+
+    return rule
 
 
 def build_merge(config: Config, federation: Federation, population: Population) -> Callable:
