@@ -118,3 +118,21 @@ def test_fomo_weights_follow_the_first_order_gain_of_each_neighbour():
     torch.testing.assert_close(weights[0], torch.tensor([0.0, 0.5 / 0.9, 0.4 / 0.9]))
     torch.testing.assert_close(weights[1], torch.tensor([1.0, 0.0, 0.0]))  # only model 0 helps site 1
     torch.testing.assert_close(weights[2], torch.tensor([0.0, 0.0, 1.0]))  # nobody helps site 2: keep its own
+
+
+def test_a_final_gossip_merge_after_l2c_is_plain_averaging(tmp_path):
+    """log2(16) rounds of one-peer exponential gossip average exactly; the learned rule must not run there."""
+    overrides = [
+        "num_sites=16",
+        "data.partition=iid",
+        "train.steps=40",
+        "eval.every=40",
+        "gossip.every=20",
+        "gossip.final_merge=one-peer-exponential",
+    ]
+    config = build_config("l2c", overrides)
+    (tmp_path / "run").mkdir()
+    runner = Runner(config, tmp_path / "run", show_progress=False)
+    summary = runner.run()
+    assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-8)
+    assert runner.experiment.merge.rounds == 2  # the two training rounds only

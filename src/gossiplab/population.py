@@ -85,8 +85,8 @@ class Population:
         if self.strategy == "vmap":
             size = max(1, min(num_sites, self.VMAP_CHUNK_FLOATS // self.num_parameters))
             self._chunks = [
-                (self._make_leaves(self.theta[a : a + size]), list(self.views(self.grad[a : a + size]).values()))
-                for a in range(0, num_sites, size)
+                (sites, self._make_leaves(self.theta[sites]), list(self.views(self.grad[sites]).values()))
+                for sites in (slice(a, a + size) for a in range(0, num_sites, size))
             ]
         else:
             self._site_leaves = [self._make_leaves(self.theta[i]) for i in range(num_sites)]
@@ -110,15 +110,8 @@ class Population:
         """Write every site's gradient of its mean cross-entropy on its batch into `grad`; return the losses [N]."""
         losses = torch.empty(self.num_sites)
         if self.strategy == "vmap":
-            start = 0
-            for leaves, grad_views in self._chunks:
-                sites = slice(start, start + len(grad_views[0]))
-                start = sites.stop
-                logits = vmap(self._forward)(leaves, x[sites])
-                if self.class_mask is not None:
-                    logits = logits.masked_fill(~self.class_mask[sites, None, :], -torch.inf)
-                chunk_losses = F.cross_entropy(logits.flatten(0, 1), y[sites].flatten(), reduction="none")
-                chunk_losses = chunk_losses.view(y[sites].shape).mean(1)
+            for sites, leaves, grad_views in self._chunks:
+                chunk_losses = self._vmapped_losses(leaves, x[sites], y[sites], sites)
                 grads = torch.autograd.grad(chunk_losses.sum(), list(leaves.values()))
                 for view, g in zip(grad_views, grads, strict=True):
                     view.copy_(g)  # one strided pass; weight gradients come out transposed from bmm
@@ -134,13 +127,18 @@ class Population:
             losses[i] = loss.detach()
         return losses
 
+    def _vmapped_losses(self, params: dict, x: torch.Tensor, y: torch.Tensor, sites: slice) -> torch.Tensor:
+        """Mean cross-entropy of the stacked models `params` of `sites` on their own batches, each
+        over its site's own classes when a class mask is set."""
+        logits = vmap(self._forward)(params, x)
+        if self.class_mask is not None:
+            logits = logits.masked_fill(~self.class_mask[sites, None, :], -torch.inf)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+
     def site_losses(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy [N] of the models rows [N, P] (differentiable in them) on their own
         batches x [N, B, ...]: what L2C differentiates through the aggregation."""
-        logits = vmap(self._forward)(self.views(rows), x)
-        if self.class_mask is not None:
-            logits = logits.masked_fill(~self.class_mask[:, None, :], -torch.inf)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        return self._vmapped_losses(self.views(rows), x, y, slice(None))
 
     @torch.no_grad()
     def logits(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

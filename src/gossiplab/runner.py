@@ -149,8 +149,8 @@ def memory_estimate(config: Config, federation: Federation, module: torch.nn.Mod
     works in cache-sized blocks), training activations (forward and backward), and the data."""
     n = config.num_sites
     p = sum(t.numel() for t in module.parameters())
-    # SGD: a momentum buffer if any; Adam(W): exp_avg, exp_avg_sq and the denominator buffer
-    optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 3
+    # SGD: a momentum buffer if any; Adam(W): exp_avg and exp_avg_sq (the fused update needs no more)
+    optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 2
     activations = activation_count(module, federation.image_shape)
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
@@ -206,7 +206,7 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
             val_batch=gossip.val_batch,
             seed=config.seed,
         )
-        mixing_rule, merge_operator = learned.mixing_rule, learned
+        mixing_rule = learned.mixing_rule
     elif gossip.mixing == "fomo":
         mixing_rule = fomo_rule(config, federation, population)
     elif gossip.mixing == "influence":
@@ -216,8 +216,6 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
 
     else:
         mixing_rule = functools.partial(mixing_matrix, rule=config.gossip.mixing)
-    if gossip.mixing != "l2c":
-        merge_operator = build_merge(config, federation, population)
     return Experiment(
         config=config,
         federation=federation,
@@ -228,7 +226,7 @@ def build_experiment(config: Config, console: Console | None = None) -> Experime
             build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
         ),
         mixing_rule=mixing_rule,
-        merge=merge_operator,
+        merge=learned if gossip.mixing == "l2c" else build_merge(config, federation, population),
     )
 
 
@@ -458,11 +456,13 @@ class Runner:
             merge.global_merge(theta, self.active)
             return 2 * (int(self.active.sum()) - 1)
         rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
+        # plain averaging, whatever the run's merge operator (L2C or DIMAT would learn or match here)
+        averager = merge.GossipAverager(theta.shape)
         sent = 0
         for round_index in range(rounds):
             adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed)
             weights = merge.without_sites(mixing_matrix(adjacency, "uniform"), self.active)
-            self.experiment.merge(theta, weights)
+            averager(theta, weights)
             sent += message_count(weights)
         return sent
 
