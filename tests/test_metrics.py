@@ -27,7 +27,7 @@ def test_metrics_match_hand_computed_values():
     )
     merged = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)  # 5/6 global
     theta = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    row, matrix = evaluation_row(correct, merged, test_site, theta)
+    row, matrix = evaluation_row(correct, merged, test_site, consensus_distance(theta))
     torch.testing.assert_close(matrix, torch.tensor([[0.75, 0.0], [0.25, 1.0]]))
     assert row["ala"] == pytest.approx((0.75 + 1.0) / 2)
     assert row["aga"] == pytest.approx(0.5)
@@ -44,7 +44,7 @@ def test_global_accuracy_is_test_size_weighted_not_a_mean_of_site_accuracies():
     test_site = torch.tensor([0, 1, 1, 1])
     correct = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
     assert accuracy_matrix(correct, test_site, 2).tolist() == [[1.0, 0.0], [1.0, 0.0]]
-    row, _ = evaluation_row(correct, correct[:1], test_site, torch.zeros(2, 3))
+    row, _ = evaluation_row(correct, correct[:1], test_site, 0.0)
     assert row["aga"] == pytest.approx(0.25)
 
 

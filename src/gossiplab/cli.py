@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
+from gossiplab.distributed import PeerLost, ProcessGroup, launched_distributed, rank_of_process
 from gossiplab.encoders import EncoderError
 from gossiplab.report import summary_values
 from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
@@ -103,24 +105,30 @@ def run(
             config = build_config(preset, overrides, config_file)
             _print_dry_run(config)
             return
+        comm = None
         if resume is not None:
             if overrides or preset != "default" or run_dir is not None or config_file is not None:
                 _fail("--resume takes no preset, --config, overrides or --run-dir: the run's own config.toml is used")
-            config = load_run_config(resume)
+            config = load_run_config(resume, rank=rank_of_process())
             target = resume
+            if launched_distributed():
+                comm = ProcessGroup(config)
         else:
             if config_file is not None and preset != "default":
                 _fail("give either --preset or --config, not both")
             config = build_config(preset, overrides, config_file)
             target = run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if launched_distributed():
+                comm = ProcessGroup(config)
+                target = Path(comm.share("run-dir", str(target)))  # rank 0's clock names the run
             try:
                 target.mkdir(parents=True, exist_ok=True)
-                probe = target / ".gossiplab-write-test"
+                probe = target / f".gossiplab-write-test-{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as error:
                 _fail(f"run directory {target} cannot be written ({error.strerror or error})")
-        runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet)
+        runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet, comm=comm)
     except USER_ERRORS as error:
         _fail(str(error))
     previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
@@ -129,10 +137,12 @@ def run(
     except RunInterrupted as stop:
         errors.print(f"[yellow]interrupted:[/] {stop}")
         raise typer.Exit(130) from None
-    except DivergenceError as error:
+    except (DivergenceError, PeerLost) as error:
         _fail(str(error), code=1)
     finally:
         signal.signal(signal.SIGINT, previous)
+    if summary.get("rank"):  # another process of a distributed run: rank 0 prints the results
+        return
     console.print(summary_table(summary))
     console.print(f"run directory: {target}")
 

@@ -127,6 +127,14 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Used only when several processes run the experiment (torchrun); see gossiplab.distributed."""
+
+    timeout_s: float = 60.0
+    on_failure: str = "drop"
+
+
+@dataclass
 class Config:
     name: str = "default"
     description: str = "16 sites, Fashion-MNIST, Dirichlet(0.1) label skew, MLP, DSGD with random one-peer gossip"
@@ -137,6 +145,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -416,6 +425,8 @@ def validate(config: Config) -> None:
     one_of("gossip.final_merge", FINAL_MERGES)
     need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
+    need(config.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0 (seconds)")
+    one_of("distributed.on_failure", ("drop", "stop"))
     need(
         not config.eval.tensorboard or importlib.util.find_spec("tensorboardX") is not None,
         "eval.tensorboard",

@@ -44,17 +44,18 @@ def evaluation_row(
     correct: torch.Tensor,
     merged_correct: torch.Tensor,
     test_site: torch.Tensor,
-    theta: torch.Tensor,
+    consensus: float,
     active: torch.Tensor | None = None,
 ) -> tuple[dict[str, float | list[float | None]], torch.Tensor]:
     """All metrics of one evaluation, and the accuracy matrix they come from.
 
     correct: [N, n_test] hits of every site's model on the global test set;
     merged_correct: [1, n_test] hits of the counterfactual merged model (mean of the active rows);
+    consensus: the active sites' `consensus_distance` (computed where their parameters are);
     active: sites still in the run (all by default); dropped sites' models are left out of every
     metric, while their test data stays part of the global test set.
     """
-    num_sites = len(theta)
+    num_sites = len(correct)
     active = torch.ones(num_sites, dtype=torch.bool) if active is None else active
     matrix = accuracy_matrix(correct, test_site, num_sites)
     local = matrix.diagonal()[active]
@@ -68,7 +69,7 @@ def evaluation_row(
         "mmga": mmga,
         "ala_aga_mean": (ala + aga) / 2,
         "gossip_gain": gossip_gain(mmga, aga),
-        "consensus_distance": consensus_distance(theta[active]),
+        "consensus_distance": consensus,
         "worst10_local": worst_fraction_mean(local, 0.1),
         "worst20_local": worst_fraction_mean(local, 0.2),
         "std_local": float(local.std()) if len(local) > 1 else 0.0,

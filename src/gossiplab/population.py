@@ -63,6 +63,7 @@ class Population:
         init: str = "shared",
         strategy: str = "auto",
         class_mask: torch.Tensor | None = None,
+        first_site: int = 0,
     ):
         self.module = module
         # [N, C] bool: the classes each site may predict (its own label space, MAZEL); None: all.
@@ -78,8 +79,8 @@ class Population:
         if init == "shared":
             self.theta.copy_(initial_parameters(module, seed).expand(num_sites, -1))
         else:
-            for i in range(num_sites):
-                site_seed = int(np.random.SeedSequence([seed, 1, i]).generate_state(1)[0])
+            for i in range(num_sites):  # site first_site + i of the run, wherever it is held
+                site_seed = int(np.random.SeedSequence([seed, 1, first_site + i]).generate_state(1)[0])
                 self.theta[i] = initial_parameters(module, site_seed)
         self.strategy = choose_strategy(module, strategy)
         if self.strategy == "vmap":

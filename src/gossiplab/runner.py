@@ -32,6 +32,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from gossiplab import merge, metrics
 from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation, sample_held_out
+from gossiplab.distributed import PeerLost, SingleProcess
 from gossiplab.encoders import frozen_parts
 from gossiplab.l2c import LearnedMixing
 from gossiplab.mixing import fomo, influence, mixing_matrix, uniform
@@ -181,16 +182,20 @@ def build_data_and_model(config: Config, console: Console | None = None) -> tupl
     return federation, module
 
 
-def build_experiment(config: Config, console: Console | None = None) -> Experiment:
+def build_experiment(config: Config, console: Console | None = None, sites: slice | None = None) -> Experiment:
+    """The experiment of `config`; with `sites`, this process's population holds only that block
+    of the sites (one process of a distributed run), each initialised as in the whole population."""
+    sites = sites or slice(0, config.num_sites)
     federation, module = build_data_and_model(config, console)
     check_memory(memory_estimate(config, federation, module), available_memory())
     population = Population(
         module,
-        config.num_sites,
+        sites.stop - sites.start,
         seed=config.seed,
         init=config.model.init,
         strategy=config.train.engine,
-        class_mask=federation.class_mask() if config.model.head == "text" else None,
+        class_mask=federation.class_mask()[sites] if config.model.head == "text" else None,
+        first_site=sites.start,
     )
     optimizer = build_optimizer(config.train, population.theta.shape)
     gossip = config.gossip
@@ -267,18 +272,28 @@ def build_merge(config: Config, federation: Federation, population: Population) 
     return merge.MatchedMerge(population, spec, kind, match_inputs)
 
 
-def evaluate(experiment: Experiment, active: torch.Tensor | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate(
+    experiment: Experiment, active: torch.Tensor | None = None, comm: Any = None
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Every model and the counterfactual merged model (mean of the active rows) on the global test
-    set, scored per site; sites dropped for divergence (`active` False) are left out."""
+    set, scored per site; sites dropped for divergence (`active` False) are left out.
+
+    Across processes (`comm`), each scores its own models, the merged model is a sum over
+    processes, and the [N, n_test] hits are gathered so every process computes the same metrics."""
     federation, population = experiment.federation, experiment.population
+    comm = comm or SingleProcess(len(population.theta))
     theta = population.theta
+    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
+    mine = active[comm.sites]
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
-    allowed = None if population.class_mask is None else population.class_mask[federation.test_site]
-    correct = population.predict(theta, federation.test_x, allowed) == federation.test_y
+    allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
+    correct = comm.gather(population.predict(theta, federation.test_x, allowed) == federation.test_y)
+    mean = comm.sum(theta[mine].sum(0, keepdim=True)) / int(active.sum())
     # the counterfactual merged model, by the run's own merge operator when it aligns units (DIMAT)
-    merged = getattr(experiment.merge, "merged_model", merge.merged_model)(theta, active)
+    merged = experiment.merge.merged_model(theta, active) if hasattr(experiment.merge, "merged_model") else mean
     merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
-    return metrics.evaluation_row(correct, merged_correct, federation.test_site, theta, active)
+    consensus = float(comm.sum((theta[mine] - mean).square().sum()[None])) / int(active.sum())
+    return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)
 
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -294,8 +309,14 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         )
 
 
-def load_run_config(run_dir: Path, finished_ok: bool = False) -> Config:
-    """The config.toml of a run directory; unless `finished_ok`, the run must be resumable."""
+def load_run_config(run_dir: Path, finished_ok: bool = False, rank: int = 0) -> Config:
+    """The config.toml of a run directory; unless `finished_ok`, the run must be resumable.
+    Process `rank` > 0 of a distributed run reads its own copy (rank 0 checks the directory)."""
+    if rank > 0:
+        path = run_dir / f"rank{rank}" / "config.toml"
+        if not path.is_file():
+            raise RunDirError(f"--resume {run_dir}: no {path} (the copy of the config this process keeps)")
+        return build_config(path=path)
     if not finished_ok:
         prepare_run_dir(run_dir, resume=True)
     elif not (run_dir / "config.toml").is_file():
@@ -315,8 +336,19 @@ class Runner:
         console: Console | None = None,
         show_progress: bool = True,
         experiment: Experiment | None = None,
+        comm: Any = None,
     ):
-        prepare_run_dir(run_dir, resume)
+        # where the sites live: all here (simulation), or a block per process (gossiplab.distributed)
+        self.comm = comm or SingleProcess(config.num_sites)
+        refusal = None
+        if self.comm.writes:
+            try:
+                prepare_run_dir(run_dir, resume)
+            except RunDirError as error:
+                refusal = str(error)
+        refusal = self.comm.share("run-dir-check", refusal or "")  # every process refuses together
+        if refusal:
+            raise RunDirError(refusal)
         if config.train.threads:
             # convolution kernels reduce in a thread-count dependent order: pin it for identical results
             torch.set_num_threads(config.train.threads)
@@ -326,7 +358,7 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
         self._stop_requested = False
-        self.experiment = experiment or build_experiment(config, self.console)
+        self.experiment = experiment or build_experiment(config, self.console, self.comm.sites)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.gossip_messages = 0  # parameter vectors sent by gossip rounds
@@ -347,6 +379,8 @@ class Runner:
         return self.run_dir / "metrics.jsonl"
 
     def _save_checkpoint(self) -> None:
+        """This process's checkpoint; across processes each keeps its previous one too, since a
+        process killed between two processes' writes leaves them one checkpoint apart."""
         state = {
             "step": self.step,
             "gossip_messages": self.gossip_messages,
@@ -363,18 +397,35 @@ class Runner:
         }
         if hasattr(self.experiment.merge, "state_dict"):
             state["merge"] = self.experiment.merge.state_dict()
-        atomic_save(state, self.run_dir / "checkpoint.pt")
+        path = self.comm.rank_file(self.run_dir, "checkpoint.pt")
+        if self.comm.world_size > 1 and path.is_file():
+            os.replace(path, path.with_name("checkpoint.previous.pt"))
+        atomic_save(state, path)
+
+    def _read_checkpoints(self) -> list[dict[str, Any]]:
+        """This process's checkpoints, newest first."""
+        newest = self.comm.rank_file(self.run_dir, "checkpoint.pt")
+        states = []
+        for path in (newest, newest.with_name("checkpoint.previous.pt")):
+            if path.is_file():
+                try:
+                    states.append(torch.load(path, weights_only=True))
+                except Exception as error:  # a truncated or foreign file: torch raises several kinds
+                    raise RunDirError(f"{path} cannot be read ({error})") from error
+        return states
 
     def _load_checkpoint(self) -> None:
-        """Continue from the last complete checkpoint; without one (killed before the first was
-        written) start over, dropping the rows logged so far."""
-        if not (self.run_dir / "checkpoint.pt").is_file():
-            atomic_write(self.metrics_path, b"")
+        """Continue from the last complete checkpoint (across processes: the newest one all of
+        them hold); without one (killed before the first was written) start over, dropping the
+        rows logged so far."""
+        states = self._read_checkpoints()
+        steps = [state["step"] for state in states] + [-1] * (2 - len(states))
+        agreed = self.comm.agree_on_step(steps[:2])
+        if agreed < 0:
+            if self.comm.writes:
+                atomic_write(self.metrics_path, b"")
             return
-        try:
-            state = torch.load(self.run_dir / "checkpoint.pt", weights_only=True)
-        except Exception as error:  # a truncated or foreign file: torch raises several kinds
-            raise RunDirError(f"{self.run_dir}/checkpoint.pt cannot be read ({error})") from error
+        state = next(state for state in states if state["step"] == agreed)
         written, current = flatten(state["config"]), flatten(self.config.to_dict())
         differing = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
         if differing:
@@ -394,8 +445,9 @@ class Runner:
         self.generator.set_state(state["generator"])
         if "merge" in state:
             self.experiment.merge.load_state_dict(state["merge"])
-        kept = [line for line in read_metrics(self.metrics_path) if line["step"] <= self.step]
-        atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+        if self.comm.writes:
+            kept = [line for line in read_metrics(self.metrics_path) if line["step"] <= self.step]
+            atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
 
     def _append_row(self, row: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as handle:
@@ -404,10 +456,10 @@ class Runner:
             os.fsync(handle.fileno())
 
     def _evaluate_and_log(self, train_loss: float | None) -> dict[str, Any]:
-        finite = torch.isfinite(self.experiment.population.theta).all(1)
+        finite = self.comm.gather(torch.isfinite(self.experiment.population.theta).all(1))
         if (self.active & ~finite).any():
             self._handle_divergence(self.active & ~finite, "non-finite parameters")
-        row, matrix = evaluate(self.experiment, self.active)
+        row, matrix = evaluate(self.experiment, self.active, self.comm)
         row = {
             "step": self.step,
             "gossip_rounds": self.experiment.schedule.rounds_until(self.step),
@@ -415,7 +467,8 @@ class Runner:
             "train_loss": train_loss,
             **row,
         }
-        self._append_row(row)
+        if self.comm.writes:
+            self._append_row(row)
         if self._tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, int | float) and key != "step":
@@ -436,12 +489,14 @@ class Runner:
         if experiment.schedule.gossips_at(step):
             adjacency = experiment.topology(experiment.schedule.rounds_until(step) - 1)
             weights = merge.without_sites(experiment.mixing_rule(adjacency), self.active)
-            experiment.merge(theta, weights)
+            self.comm.mix(theta, weights, experiment.merge)
             self.gossip_messages += message_count(weights)
         if experiment.schedule.merges_globally_at(step):
-            atomic_save(theta, self.run_dir / "premerge.pt")
-            before = {k: v for k, v in evaluate(experiment, self.active)[0].items() if k != "local_accuracy"}
-            atomic_write(self.run_dir / "premerge.json", json.dumps(before).encode())
+            atomic_save(theta, self.comm.rank_file(self.run_dir, "premerge.pt"))
+            before = evaluate(experiment, self.active, self.comm)[0]
+            if self.comm.writes:
+                before = {k: v for k, v in before.items() if k != "local_accuracy"}
+                atomic_write(self.run_dir / "premerge.json", json.dumps(before).encode())
             self.merge_messages += self._final_merge(theta)
 
     def _final_merge(self, theta: torch.Tensor) -> int:
@@ -453,7 +508,8 @@ class Runner:
         """
         gossip, num_sites = self.config.gossip, self.config.num_sites
         if gossip.final_merge == "exact":
-            merge.global_merge(theta, self.active)
+            mine = self.active[self.comm.sites]
+            theta[mine] = self.comm.sum(theta[mine].sum(0, keepdim=True)) / int(self.active.sum())
             return 2 * (int(self.active.sum()) - 1)
         rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
         # plain averaging, whatever the run's merge operator (L2C or DIMAT would learn or match here)
@@ -462,7 +518,7 @@ class Runner:
         for round_index in range(rounds):
             adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, self.config.seed)
             weights = merge.without_sites(mixing_matrix(adjacency, "uniform"), self.active)
-            averager(theta, weights)
+            self.comm.mix(theta, weights, averager)
             sent += message_count(weights)
         return sent
 
@@ -471,9 +527,11 @@ class Runner:
         config = self.config
         if self.resume:
             self._load_checkpoint()
-        else:
+        elif self.comm.writes:
             atomic_write(self.run_dir / "config.toml", config.to_toml().encode())
-        if config.eval.tensorboard:
+        if self.comm.world_size > 1:  # each process's copy, for resuming where rank 0's files are not
+            atomic_write(self.comm.rank_file(self.run_dir, "config.toml"), config.to_toml().encode())
+        if config.eval.tensorboard and self.comm.writes:
             from tensorboardX import SummaryWriter
 
             # purge_step drops events logged after the checkpoint by a run that was killed
@@ -485,10 +543,8 @@ class Runner:
                 self._tensorboard.close()
 
     def _train(self, on_evaluation: Callable[[Runner, dict[str, Any]], None] | None) -> dict[str, Any]:
-        config, experiment = self.config, self.experiment
-        federation, population = experiment.federation, experiment.population
+        config = self.config
         total = config.train.steps
-        started = time.perf_counter() - self.wall_time
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -497,55 +553,81 @@ class Runner:
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
             console=self.console,
-            disable=not self.show_progress,
+            disable=not (self.show_progress and self.comm.writes),
             transient=False,
         )
         with progress:
             task = progress.add_task(config.name, total=total, completed=self.step, status="")
-            # step 0 is evaluated once: a run resumed from its step-0 checkpoint already logged it
-            if self.step == 0 and not read_metrics(self.metrics_path):
-                row = self._evaluate_and_log(None)
+            while True:
+                try:
+                    self._steps(progress, task, on_evaluation)
+                    break
+                except self.comm.failures as error:
+                    self._continue_without_lost(self.comm.recover(error))
+                    progress.update(task, completed=self.step)
+        return self._finish()
+
+    def _steps(self, progress: Progress, task: Any, on_evaluation: Callable | None) -> None:
+        """Train from self.step to train.steps (one process's block of the sites across processes)."""
+        config, experiment, sites = self.config, self.experiment, self.comm.sites
+        federation, population = experiment.federation, experiment.population
+        total = config.train.steps
+        started = time.perf_counter() - self.wall_time
+        # step 0 is evaluated once: a run resumed from its step-0 checkpoint already logged it
+        unlogged = self.comm.writes and not read_metrics(self.metrics_path)
+        if self.step == 0 and self.comm.share("step-0-unlogged", "yes" if unlogged else "") == "yes":
+            row = self._evaluate_and_log(None)
+            self._save_checkpoint()
+            progress.update(task, status=self._status(row))
+        while self.step < total:
+            self.step += 1
+            x, y = federation.sample_batch(config.train.batch_size, self.generator, sites)
+            losses = self.comm.gather(population.compute_gradients(x, y))  # [N], every site's
+            finite = torch.isfinite(losses)
+            if (self.active & ~finite).any():
+                self._handle_divergence(self.active & ~finite, "non-finite loss")
+            self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
+            mine = self.active[sites]
+            if not mine.all():
+                population.grad[~mine] = 0.0
+            if config.gossip.order == "before-update":  # CDSGD: mix, then the step at the old point
+                self._communicate(self.step)
+            if isinstance(experiment.merge, merge.PushSum):  # SGP: x = w z takes the SGD step
+                population.grad.div_(experiment.merge.push_sum_weights[:, None])
+            experiment.optimizer.lr = learning_rate(config.train, self.step)
+            experiment.optimizer.step(population.theta, population.grad)
+            if not mine.all():
+                population.theta[~mine] = 0.0
+            if config.gossip.order == "after-update":
+                self._communicate(self.step)
+            self.loss_sum += float(losses[self.active].mean())
+            self.loss_count += 1
+            progress.update(task, completed=self.step)
+            if self.step % config.eval.every == 0 or self.step == total:
+                self.wall_time = time.perf_counter() - started
+                row = self._evaluate_and_log(self.loss_sum / self.loss_count)
+                self.loss_sum, self.loss_count = 0.0, 0
                 self._save_checkpoint()
                 progress.update(task, status=self._status(row))
-            while self.step < total:
-                self.step += 1
-                x, y = federation.sample_batch(config.train.batch_size, self.generator)
-                losses = population.compute_gradients(x, y)
-                finite = torch.isfinite(losses)
-                if (self.active & ~finite).any():
-                    self._handle_divergence(self.active & ~finite, "non-finite loss")
-                self.last_finite_loss = torch.where(finite, losses, self.last_finite_loss)
-                if not self.active.all():
-                    population.grad[~self.active] = 0.0
-                if config.gossip.order == "before-update":  # CDSGD: mix, then the step at the old point
-                    self._communicate(self.step)
-                if isinstance(experiment.merge, merge.PushSum):  # SGP: x = w z takes the SGD step
-                    population.grad.div_(experiment.merge.push_sum_weights[:, None])
-                experiment.optimizer.lr = learning_rate(config.train, self.step)
-                experiment.optimizer.step(population.theta, population.grad)
-                if not self.active.all():
-                    population.theta[~self.active] = 0.0
-                if config.gossip.order == "after-update":
-                    self._communicate(self.step)
-                self.loss_sum += float(losses[self.active].mean())
-                self.loss_count += 1
-                progress.update(task, completed=self.step)
-                if self.step % config.eval.every == 0 or self.step == total:
-                    self.wall_time = time.perf_counter() - started
-                    row = self._evaluate_and_log(self.loss_sum / self.loss_count)
-                    self.loss_sum, self.loss_count = 0.0, 0
-                    self._save_checkpoint()
-                    progress.update(task, status=self._status(row))
-                    if on_evaluation is not None:
-                        on_evaluation(self, row)
-                if self._stop_requested:
-                    self.wall_time = time.perf_counter() - started
-                    self._save_checkpoint()
-                    raise RunInterrupted(
-                        f"stopped at step {self.step}/{total}; continue with: gossiplab run --resume {self.run_dir}"
-                    )
+                if on_evaluation is not None:
+                    on_evaluation(self, row)
+            if self._stop_requested:
+                self.wall_time = time.perf_counter() - started
+                self._save_checkpoint()
+                raise RunInterrupted(
+                    f"stopped at step {self.step}/{total}; continue with: gossiplab run --resume {self.run_dir}"
+                )
         self.wall_time = time.perf_counter() - started
-        return self._finish()
+
+    def _continue_without_lost(self, lost: PeerLost) -> None:
+        """A process of the run died: roll every survivor back to the last checkpoint they all hold,
+        cut the lost sites out of W (rows renormalised) and the metrics, and go on."""
+        self._load_checkpoint()
+        self.active[lost.lost_sites] = False
+        self.console.print(
+            f"[yellow]warning:[/] {lost}; dropped those sites from the mixing matrix and continue from "
+            f"step {self.step} with {int(self.active.sum())} sites"
+        )
 
     @staticmethod
     def _status(row: dict[str, Any]) -> str:
@@ -559,13 +641,14 @@ class Runner:
         message = f"{what} at step {self.step} on sites {sites} (last finite loss per site: {last})"
         if self.config.train.on_divergence == "drop" and bool((self.active & ~bad).any()):
             self.active &= ~bad
-            population = self.experiment.population
-            population.theta[bad] = 0.0
-            self.experiment.optimizer.reset_rows(bad)
+            mine = bad[self.comm.sites]
+            self.experiment.population.theta[mine] = 0.0
+            self.experiment.optimizer.reset_rows(mine)
             self.console.print(f"[yellow]warning:[/] {message}; dropped them, {int(self.active.sum())} sites remain")
             return
         summary = {"status": "diverged", "message": message, "step": self.step, "sites": sites}
-        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        if self.comm.writes:
+            atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         raise DivergenceError(f"training diverged: {message}")
 
     def _read_premerge(self) -> dict[str, Any] | None:
@@ -593,10 +676,17 @@ class Runner:
     def _finish(self) -> dict[str, Any]:
         from gossiplab.report import write_outputs
 
+        matrix = self._last_matrix
+        if matrix is None:
+            matrix = evaluate(self.experiment, self.active, self.comm)[1]
+        processes = self.comm.world_size
+        network = int(self.comm.sum(torch.tensor([self.comm.bytes_sent], dtype=torch.float64)))
+        self.comm.close()
+        if not self.comm.writes:
+            return {"status": "finished", "rank": self.comm.rank, "run_dir": str(self.run_dir)}
         rows = read_metrics(self.metrics_path)
         final = rows[-1]
         steps = [r["step"] for r in rows]
-        matrix = self._last_matrix if self._last_matrix is not None else evaluate(self.experiment, self.active)[1]
         summary = {
             "status": "finished",
             "name": self.config.name,
@@ -615,6 +705,8 @@ class Runner:
             "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),
             "before_final_merge": self._read_premerge(),
         }
+        if processes > 1:  # parameter bytes the processes actually sent each other since they started
+            summary["distributed"] = {"processes": processes, "payload_bytes_sent": network}
         if hasattr(self.experiment.merge, "summarize"):  # L2C: the learned weights and what they favour
             summary.update(self.experiment.merge.summarize(self.run_dir))
         write_outputs(self.run_dir, self.config, rows, summary)

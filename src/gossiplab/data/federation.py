@@ -76,11 +76,17 @@ class Federation:
         counts.index_put_((site, self.pool_y[self.train_index]), torch.tensor(1), accumulate=True)
         return counts
 
-    def sample_batch(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch per site, drawn uniformly with replacement from the site's own data: [N, B, ...]."""
-        u = torch.rand(self.num_sites, batch_size, generator=generator)
-        local = (u * self.train_sizes[:, None]).long()
-        index = self.train_index[self.train_offsets[:, None] + local]
+    def sample_batch(
+        self, batch_size: int, generator: torch.Generator, sites: slice = slice(None)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch per site, drawn uniformly with replacement from the site's own data: [N, B, ...].
+
+        With `sites`, only that block's batches are built; the generator advances as for all N sites,
+        so a process holding a block draws the same batches as the whole simulation.
+        """
+        u = torch.rand(self.num_sites, batch_size, generator=generator)[sites]
+        local = (u * self.train_sizes[sites, None]).long()
+        index = self.train_index[self.train_offsets[sites, None] + local]
         return self.normalise(self.pool_x[index]), self.pool_y[index]
 
 
