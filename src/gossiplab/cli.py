@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
@@ -75,7 +76,7 @@ def _print_dry_run(config: Config) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {message}", highlight=False)
+    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -130,6 +131,8 @@ def run(
                 _fail(f"run directory {target} cannot be written ({error.strerror or error})")
         runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet, comm=comm)
     except USER_ERRORS as error:
+        if comm is not None:
+            comm.close(together=False)
         _fail(str(error))
     previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
     try:
@@ -141,6 +144,8 @@ def run(
         _fail(str(error), code=1)
     finally:
         signal.signal(signal.SIGINT, previous)
+        if comm is not None:
+            comm.close(together=False)
     if summary.get("rank"):  # another process of a distributed run: rank 0 prints the results
         return
     console.print(summary_table(summary))

@@ -21,6 +21,7 @@ checkpoint and drops the lost sites from W (rows renormalised), or stops (`distr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import json
@@ -105,13 +106,35 @@ class SingleProcess:
     def recover(self, error: Exception) -> PeerLost:
         raise error
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
         pass
 
 
 def launched_distributed() -> bool:
     """True when a launcher (torchrun, srun wrappers) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def everyone_needs_everything(needs: torch.Tensor, blocks: list[tuple[int, int]], members: list[int]) -> bool:
+    """True when every process reads every row of every process (a dense W): then one all_gather."""
+    return all(
+        bool(needs[a:b, c:d].all()) for a, b in (blocks[r] for r in members) for c, d in (blocks[r] for r in members)
+    )
+
+
+def payload_rows(weights: torch.Tensor, blocks: list[tuple[int, int]], members: list[int]) -> list[int]:
+    """Parameter rows each process sends in one gossip round with W = `weights`: to each peer, the
+    rows of its own block that some site of the peer's block reads (W_ij != 0), each row once; for a
+    dense W, its whole block (padded to the largest block) to every peer."""
+    needs = weights != 0
+    if everyone_needs_everything(needs, blocks, members):
+        padded = max(b - a for a, b in (blocks[r] for r in members))
+        return [padded * (len(members) - 1) for _ in members]
+    rows = []
+    for sender in members:
+        lo, hi = blocks[sender]
+        rows.append(sum(int(needs[slice(*blocks[peer]), lo:hi].any(0).sum()) for peer in members if peer != sender))
+    return rows
 
 
 def rank_of_process() -> int:
@@ -170,8 +193,13 @@ class ProcessGroup:
         self._averagers: dict[int, Callable] = {}  # the merge operator per extended-block size
         self._stopped = threading.Event()
         self._beat()
-        threading.Thread(target=self._heartbeat, daemon=True).start()
-        self._check_same_config(config)
+        self._heart = threading.Thread(target=self._heartbeat, daemon=True)
+        self._heart.start()
+        try:
+            self._check_same_config(config)
+        except ConfigError:
+            self.close(together=False)
+            raise
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -209,8 +237,17 @@ class ProcessGroup:
             return value
         return self.store.get(key).decode()
 
-    def close(self) -> None:
+    def close(self, together: bool = True) -> None:
+        """Stop the heartbeat and leave the group; `together` (a finished run) waits for every
+        process first, since rank 0 hosts the store the others still use."""
+        if self._stopped.is_set():
+            return
         self._stopped.set()
+        self._heart.join()
+        if together:
+            with contextlib.suppress(RuntimeError):  # a peer already gone: nothing left to wait for
+                self.sum(torch.zeros(1))
+        dist.destroy_process_group()
 
     # --- communication -----------------------------------------------------------------------
 
@@ -224,8 +261,7 @@ class ProcessGroup:
         lo, hi = self.sites.start, self.sites.stop
         needs = weights != 0  # [i, j]: site i reads site j
         peers = [r for r in self.members if r != self.rank]
-        dense = all(bool(needs[slice(*self.blocks[a])][:, slice(*self.blocks[b])].all()) for a in self.members
-                    for b in self.members)  # fmt: skip
+        dense = everyone_needs_everything(needs, self.blocks, self.members)
         if dense:
             extended_sites = torch.cat([torch.arange(*self.blocks[r]) for r in self.members])
         else:
@@ -332,7 +368,13 @@ class ProcessGroup:
             if self.rank == 0:
                 before = {r: self.store.get(f"gossiplab/beat/{r}") for r in self.members}
                 time.sleep(4 * HEARTBEAT_S)
-                alive = [r for r in self.members if r == 0 or self.store.get(f"gossiplab/beat/{r}") != before[r]]
+                # alive: joined the regrouping already (its heartbeat may wait behind that store
+                # call), or still beating (it will join once its own exchange fails or times out)
+                alive = [
+                    r
+                    for r in self.members
+                    if self.store.check([f"{prefix}/joined/{r}"]) or self.store.get(f"gossiplab/beat/{r}") != before[r]
+                ]
                 self.store.wait([f"{prefix}/joined/{r}" for r in alive], deadline)
                 self.store.set(f"{prefix}/members", json.dumps(alive))
             else:
@@ -344,6 +386,8 @@ class ProcessGroup:
                 "Checkpoints written so far are intact.",
                 [],
             ) from error
+        if self.rank not in alive:
+            raise PeerLost("rank 0 saw no heartbeat from this process and dropped it; stopping", []) from error
         lost = [r for r in self.members if r not in alive]
         lost_sites = [s for r in lost for s in range(*self.blocks[r])]
         message = f"lost rank(s) {lost} holding sites {lost_sites} ({str(error).splitlines()[0][:160]})"

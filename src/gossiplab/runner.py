@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab import merge, metrics
@@ -625,7 +626,7 @@ class Runner:
         self._load_checkpoint()
         self.active[lost.lost_sites] = False
         self.console.print(
-            f"[yellow]warning:[/] {lost}; dropped those sites from the mixing matrix and continue from "
+            f"[yellow]warning:[/] {escape(str(lost))}; dropped those sites from the mixing matrix and continue from "
             f"step {self.step} with {int(self.active.sum())} sites"
         )
 

@@ -1,0 +1,225 @@
+"""The multi-process runtime: K gloo processes on 127.0.0.1 give the single-process result.
+
+Every test starts real processes (`python -m gossiplab run` with the variables torchrun sets, or
+torchrun itself), bounded in time; they stop by themselves or are killed by the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gossiplab.config import ConfigError, build_config
+from gossiplab.distributed import check_distributed, payload_rows
+from gossiplab.runner import Runner, read_metrics
+
+# a small real run: 8 sites of Fashion-MNIST, an MLP, gossip after every step
+SMALL = [
+    "num_sites=8",
+    "train.steps=6",
+    "eval.every=3",
+    "gossip.every=1",
+    "train.threads=1",
+    "data.train_per_source=4000",
+    "data.test_per_source=1000",
+]
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(processes: int, args: list[str], extra: list[list[str]] | None = None) -> list[subprocess.Popen]:
+    """K processes of `gossiplab run` wired as torchrun wires them (RANK, WORLD_SIZE, MASTER_*)."""
+    port = free_port()
+    started = []
+    for rank in range(processes):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes))
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "gossiplab", "run", "--quiet", *args, *(extra[rank] if extra else [])]
+        started.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return started
+
+
+def finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    """Wait for every process (killing all of them past the time limit); (exit code, output) each."""
+    deadline = time.monotonic() + TIMEOUT_S
+    results = []
+    for process in processes:
+        try:
+            output, _ = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            pytest.fail(f"distributed run did not finish within {TIMEOUT_S} s")
+        results.append((process.returncode, output))
+    return results
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in their own process groups)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def simulate(overrides: list[str], run_dir: Path) -> tuple[torch.Tensor, list[dict]]:
+    config = build_config("default", overrides)
+    run_dir.mkdir()
+    Runner(config, run_dir, show_progress=False).run()
+    theta = torch.load(run_dir / "checkpoint.pt", weights_only=True)["theta"]
+    return theta, read_metrics(run_dir / "metrics.jsonl")
+
+
+def gathered_theta(run_dir: Path, processes: int) -> torch.Tensor:
+    return torch.cat(
+        [torch.load(run_dir / f"rank{r}" / "checkpoint.pt", weights_only=True)["theta"] for r in range(processes)]
+    )
+
+
+def assert_same_run(theta: torch.Tensor, rows: list[dict], run_dir: Path, processes: int) -> None:
+    torch.testing.assert_close(gathered_theta(run_dir, processes), theta, rtol=1e-5, atol=1e-6)
+    distributed_rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in distributed_rows] == [r["step"] for r in rows]
+    for mine, reference in zip(distributed_rows, rows, strict=True):
+        for key in ("ala", "aga", "mmga", "consensus_distance", "worst10_local", "bytes_sent"):
+            assert mine[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize(
+    ("processes", "topology", "mixing"),
+    [
+        (2, "ring", "uniform"),
+        (4, "random-one-peer", "metropolis"),
+        (4, "complete", "uniform"),
+        (2, "exponential", "metropolis"),
+    ],
+)
+def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, topology, mixing):
+    overrides = [*SMALL, f"gossip.topology={topology}", f"gossip.mixing={mixing}", "gossip.final_merge=exact"]
+    theta, rows = simulate(overrides, tmp_path / "simulation")
+    results = finish(start(processes, [*overrides, "--run-dir", str(tmp_path / "distributed")]))
+    assert all(code == 0 for code, _ in results), results
+    assert_same_run(theta, rows, tmp_path / "distributed", processes)
+    summary = json.loads((tmp_path / "distributed" / "summary.json").read_text())
+    assert summary["distributed"]["processes"] == processes
+    assert "ALA" in results[0][1] and "ALA" not in results[1][1]  # rank 0 alone reports
+
+
+def test_bytes_sent_are_the_rows_neighbours_need():
+    """Two blocks of 4 sites on a ring: each block sends its two boundary rows, nothing else."""
+    weights = torch.zeros(8, 8)
+    for i in range(8):
+        weights[i, [i, (i + 1) % 8, (i - 1) % 8]] = 1 / 3
+    blocks = [(0, 4), (4, 8)]
+    assert payload_rows(weights, blocks, [0, 1]) == [2, 2]
+    assert payload_rows(torch.full((8, 8), 1 / 8), blocks, [0, 1]) == [4, 4]  # dense: whole blocks
+    assert payload_rows(torch.eye(8), blocks, [0, 1]) == [0, 0]
+
+
+def test_torchrun_launch_with_resume_across_ranks(tmp_path):
+    """The README's command; the processes are killed mid-run and `--resume` ends at the
+    uninterrupted result (ranks may stop one checkpoint apart: they agree on the older one)."""
+    overrides = [*SMALL, "train.steps=300", "eval.every=5", "gossip.topology=ring"]
+    theta, rows = simulate(overrides, tmp_path / "simulation")
+    run_dir = tmp_path / "distributed"
+    port = str(free_port())
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    torchrun = subprocess.Popen(
+        [*launch, "-m", "gossiplab", "run", "--quiet", *overrides, "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(read_metrics(run_dir / "metrics.jsonl")) < 4 and torchrun.poll() is None:
+        assert time.monotonic() < deadline, "no metrics written"
+        time.sleep(0.05)
+    for pid in [*descendants(torchrun.pid), torchrun.pid]:  # the workers, then torchrun: a power cut
+        os.kill(pid, signal.SIGKILL)
+    torchrun.wait()
+    assert not (run_dir / "summary.json").exists(), "the run ended before it was killed"
+    resumed = subprocess.run(
+        [*launch, "-m", "gossiplab", "run", "--quiet", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_run(theta, rows, run_dir, 2)
+
+
+@pytest.mark.parametrize("on_failure", ["drop", "stop"])
+def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failure):
+    run_dir = tmp_path / "run"
+    overrides = [
+        *SMALL,
+        "train.steps=400",
+        "eval.every=20",
+        "gossip.topology=ring",
+        "distributed.timeout_s=10",
+        f"distributed.on_failure={on_failure}",
+    ]
+    processes = start(3, [*overrides, "--run-dir", str(run_dir)])
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(read_metrics(run_dir / "metrics.jsonl")) < 3:
+        assert time.monotonic() < deadline and processes[2].poll() is None, "the run did not get going"
+        time.sleep(0.02)
+    processes[2].kill()  # rank 2 holds sites 6 and 7 (blocks 0-2, 3-5, 6-7)
+    written = read_metrics(run_dir / "metrics.jsonl")
+    results = finish(processes)
+    log = results[0][1]
+    assert "lost rank(s) [2] holding sites [6, 7]" in log
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    steps = [row["step"] for row in rows]
+    assert steps == sorted(set(steps))
+    assert rows[: len(written) - 1] == written[: len(written) - 1]  # nothing already written is lost
+    if on_failure == "drop":
+        assert [code for code, _ in results[:2]] == [0, 0], results
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["dropped_sites"] == [6, 7] and summary["step"] == 400
+        assert rows[-1]["local_accuracy"][6:] == [None, None]
+        assert rows[-1]["ala"] > 0.5
+    else:
+        assert [code for code, _ in results[:2]] == [1, 1], results
+        assert "stopping" in log and not (run_dir / "summary.json").exists()
+        for rank in range(3):  # every process keeps a loadable checkpoint at a logged step
+            newest = run_dir / f"rank{rank}" / "checkpoint.pt"  # (or only the previous one, if killed
+            path = newest if newest.is_file() else newest.with_name("checkpoint.previous.pt")  # mid-write)
+            assert torch.load(path, weights_only=True)["step"] in steps
+
+
+def test_processes_with_different_configs_refuse_to_start(tmp_path):
+    results = finish(start(2, [*SMALL, "--run-dir", str(tmp_path)], extra=[["train.lr=0.05"], ["train.lr=0.1"]]))
+    assert [code for code, _ in results] == [2, 2]
+    assert all("'train.lr'" in output for _, output in results)
+    assert not any(tmp_path.iterdir())
+
+
+def test_rules_that_need_the_whole_population_are_refused_by_field():
+    with pytest.raises(ConfigError, match=r"gossip\.mixing.*uniform, metropolis"):
+        check_distributed(build_config("l2c"))
+    with pytest.raises(ConfigError, match=r"gossip\.merge"):
+        check_distributed(build_config("dimat"))
