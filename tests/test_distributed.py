@@ -223,3 +223,20 @@ def test_rules_that_need_the_whole_population_are_refused_by_field():
         check_distributed(build_config("l2c"))
     with pytest.raises(ConfigError, match=r"gossip\.merge"):
         check_distributed(build_config("dimat"))
+
+
+def test_bench_distributed_sends_exactly_the_analytic_bytes(tmp_path):
+    """`gossiplab bench --distributed`: every K and topology reported; the payload handed to gloo
+    is the analytic count, and what crosses loopback is that plus headers and small messages."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--distributed", "--sites", "4", "--rounds", "2", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["topology"], r["processes"]) for r in rows] == [(t, k) for t in ("ring", "complete") for k in (1, 2, 4)]
+    for row in rows:
+        assert row["round_ms"] > 0
+        assert row["payload_bytes_per_round"] == row["analytic_bytes_per_round"]
+        if row["processes"] > 1 and row["loopback_bytes_per_round"] is not None:
+            assert 1.0 <= row["loopback_bytes_per_round"] / row["payload_bytes_per_round"] < 1.1
+    assert rows[0]["analytic_bytes_per_round"] == 0  # one process sends nothing

@@ -355,13 +355,60 @@ def landscape(
     console.print(f"wrote {path}")
 
 
+def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -> None:
+    from rich.live import Live
+
+    from gossiplab.bench_distributed import run as run_processes
+
+    table = Table(title="one gossip round (local step + exchange) with the sites in K processes on loopback")
+    for column in ("N", "topology", "K", "ms/round", "vs K=1", "local step ms", "exchange ms",
+                   "analytic MB", "payload MB", "loopback MB"):  # fmt: skip
+        table.add_column(column, justify="right")
+    results = []
+    with Live(table, console=console, refresh_per_second=2):
+        for count in counts:
+            for topology in ("ring", "complete"):
+                single = None
+                for processes in (1, 2, 4):
+                    row = run_processes(processes, topology, count, rounds)
+                    single = single or row["round_ms"]
+                    results.append(row)
+                    wire = row["loopback_bytes_per_round"]
+                    table.add_row(
+                        str(count),
+                        topology,
+                        str(processes),
+                        f"{row['round_ms']:.1f}",
+                        f"{single / row['round_ms']:.2f}x",
+                        f"{row['local_step_ms']:.1f}",
+                        f"{row['exchange_ms']:.1f}",
+                        f"{row['analytic_bytes_per_round'] / 1e6:.2f}",
+                        f"{row['payload_bytes_per_round'] / 1e6:.2f}",
+                        "-" if wire is None else f"{wire / 1e6:.2f}",
+                    )
+    console.print(
+        f"\n{os.cpu_count()} cores shared by the K processes (cores/K threads each); 'vs K=1' above 1 is faster "
+        "than one process. MB per round: analytic = rows neighbours need x P x 4 bytes; payload = what the "
+        "processes handed gloo; loopback = bytes that crossed lo (with headers, store and metric traffic)."
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(results, indent=2))
+        console.print(f"wrote {json_path}")
+
+
 @app.command("bench")
 def bench_command(
     models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head")] = "mlp,cnn,head",
-    sites: Annotated[str, typer.Option(help="comma-separated numbers of sites")] = "4,16,64,256",
+    sites: Annotated[
+        str | None, typer.Option(help="comma-separated numbers of sites (default 4,16,64,256; --distributed: 16)")
+    ] = None,
     repeats: Annotated[int, typer.Option(help="interleaved repeats per measurement (median)")] = 3,
     seconds: Annotated[float, typer.Option(help="minimum seconds per timing")] = 0.2,
     json_path: Annotated[Path | None, typer.Option("--json", help="also write the table as JSON here")] = None,
+    distributed: Annotated[
+        bool, typer.Option("--distributed", help="time a gossip round with the sites in 1, 2 and 4 processes")
+    ] = False,
+    rounds: Annotated[int, typer.Option(help="--distributed: timed rounds per measurement")] = 20,
 ) -> None:
     """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
     from rich.live import Live
@@ -370,6 +417,7 @@ def bench_command(
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]
+    sites = sites or ("16" if distributed else "4,16,64,256")
     try:
         counts = [int(n) for n in sites.split(",")]
     except ValueError:
@@ -378,8 +426,13 @@ def bench_command(
         _fail(f"--models {models}: allowed values are {', '.join(MODELS)}")
     if not counts or min(counts) < 1:
         _fail(f"--sites {sites}: must be comma-separated integers >= 1")
-    if repeats < 1 or seconds <= 0:
-        _fail("--repeats must be >= 1 and --seconds > 0")
+    if repeats < 1 or seconds <= 0 or rounds < 1:
+        _fail("--repeats and --rounds must be >= 1 and --seconds > 0")
+    if distributed:
+        if min(counts) < 4:
+            _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")
+        _bench_distributed(counts, rounds, json_path)
+        return
     table = Table(title="one training step, B = 32 per site (ratios measured side by side)")
     for column in (
         "model",
