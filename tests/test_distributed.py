@@ -171,6 +171,32 @@ def test_torchrun_launch_with_resume_across_ranks(tmp_path):
     assert_same_run(theta, rows, run_dir, 2)
 
 
+def test_torchrun_restarts_a_killed_worker_and_the_run_continues_to_the_same_result(tmp_path):
+    """On one machine torchrun ends every worker when one dies; with --max-restarts it relaunches
+    them with the same command, which continues from the checkpoints (no site is lost)."""
+    overrides = [*SMALL, "train.steps=300", "eval.every=5", "gossip.topology=random-one-peer"]
+    theta, rows = simulate(overrides, tmp_path / "simulation")
+    run_dir = tmp_path / "distributed"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1"]
+    torchrun = subprocess.Popen(
+        [*launch, "--master-port", str(free_port()), "-m", "gossiplab", "run", "--quiet", *overrides,
+         "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(read_metrics(run_dir / "metrics.jsonl")) < 4:
+        assert time.monotonic() < deadline and torchrun.poll() is None, "no metrics written"
+        time.sleep(0.05)
+    workers = descendants(torchrun.pid)
+    os.kill(workers[-1], signal.SIGKILL)
+    output, _ = torchrun.communicate(timeout=TIMEOUT_S)
+    assert torchrun.returncode == 0, output
+    assert "restart" in output.lower()
+    assert_same_run(theta, rows, run_dir, 2)
+
+
 @pytest.mark.parametrize("on_failure", ["drop", "stop"])
 def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failure):
     run_dir = tmp_path / "run"

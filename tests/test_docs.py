@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,12 @@ BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
 SHORTEN = ["train.steps=20", "eval.every=10"]
 
 
-def cli_lines() -> list[list[str]]:
+def cli_lines(program: str = "gossiplab") -> list[list[str]]:
     lines = []
     for language, code in BLOCKS:
-        for line in code.splitlines() if language == "bash" else []:
+        for line in code.replace("\\\n", " ").splitlines() if language == "bash" else []:
             words = shlex.split(line, comments=True)
-            if words[:1] == ["gossiplab"]:
+            if words[:1] == [program]:
                 lines.append(words)
     return lines
 
@@ -58,3 +59,16 @@ def test_python_example(index, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_one_machine_torchrun_example(tmp_path):
+    """The README's single-machine launch (a free port instead of torchrun's default 29500)."""
+    words = next(w for w in cli_lines("torchrun") if "--nnodes" not in w and "--resume" not in w)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", port, *words[1:], *SHORTEN, "--quiet"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+    run_dir = tmp_path / words[words.index("--run-dir") + 1]
+    assert (run_dir / "summary.json").is_file() and (run_dir / "rank3" / "checkpoint.pt").is_file()

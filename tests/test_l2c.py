@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gossiplab.config import ConfigError, build_config
-from gossiplab.l2c import LearnedMixing
+from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.mixing import fomo, uniform
 from gossiplab.runner import Runner, build_experiment
 from gossiplab.topology import build_adjacency
@@ -97,7 +97,7 @@ def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_pat
     resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=200)
     final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     assert torch.equal(resumed.experiment.population.theta, final["theta"])
-    assert torch.equal(resumed.experiment.merge.alpha.detach(), final["merge"]["alpha"])
+    assert torch.equal(resumed.experiment.merge.alpha.detach(), final["merge"]["learnable"][0])
 
 
 def test_l2c_needs_validation_data_and_its_own_merge():
@@ -136,3 +136,48 @@ def test_a_final_gossip_merge_after_l2c_is_plain_averaging(tmp_path):
     summary = runner.run()
     assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-8)
     assert runner.experiment.merge.rounds == 2  # the two training rounds only
+
+
+def meta(sites: int = 20, **kwargs) -> MetaLearnedMixing:
+    config = build_config("l2c", [f"num_sites={sites}", "model.hidden=[16]", "gossip.mixing=meta-l2c"])
+    experiment = build_experiment(config)
+    options = {"lr": 0.1, "weight_decay": 0.0, "prune_round": 0, "keep": 3, "val_batch": 16, "seed": 0, **kwargs}
+    return MetaLearnedMixing(experiment.population, experiment.federation, build_adjacency("ring", sites, 0, seed=0),
+                             **options)  # fmt: skip
+
+
+def test_meta_l2c_weights_are_attention_over_encoded_updates_shared_by_all_sites():
+    """The encoder has no per-site parameters: relabelling the sites relabels W (P W P^T), and it is
+    the per-channel (10, 5) network of L2C section 4, one per weight matrix."""
+    mixing = meta()
+    mixing.mask = torch.ones(20, 20, dtype=torch.bool)
+    half = drifted(mixing)
+    weights = mixing.weights(half)
+    torch.testing.assert_close(weights.sum(1), torch.ones(20))
+    order = torch.randperm(20, generator=torch.Generator().manual_seed(4))
+    mixing.initial = mixing.initial[order]
+    torch.testing.assert_close(mixing.weights(half[order]), weights[order][:, order])
+    assert [tuple(p.shape) for p in mixing.encoders[0].parameters()] == [(10, 784), (10,), (5, 10), (5,)]
+    assert len(mixing.encoders) == 2  # the MLP's two weight matrices (784-16-10)
+    ring = meta()
+    with torch.no_grad():
+        assert (ring.weights(half)[~ring.mask] == 0).all() and ring.mask.sum(1).tolist() == [3] * 20
+
+
+def test_meta_l2c_encoder_gradient_matches_finite_differences():
+    mixing = meta()
+    half = drifted(mixing)
+    x, y = mixing.validation_batch()
+    parameter = mixing.encoders[1][2].weight  # the second layer of the last weight matrix's encoder
+    (gradient,) = torch.autograd.grad(mixing.validation_loss(half, x, y), parameter)
+    # the three largest entries: float32 finite differences of a loss summed over 20 sites resolve ~1e-4
+    for flat in gradient.abs().flatten().topk(3).indices.tolist():
+        index = divmod(flat, gradient.shape[1])
+        step = 1e-2
+        with torch.no_grad():
+            parameter[index] += step
+            up = float(mixing.validation_loss(half, x, y))
+            parameter[index] -= 2 * step
+            down = float(mixing.validation_loss(half, x, y))
+            parameter[index] += step
+        assert gradient[index] == pytest.approx((up - down) / (2 * step), rel=5e-2, abs=1e-4)

@@ -17,7 +17,13 @@ from rich.table import Table
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
-from gossiplab.distributed import PeerLost, ProcessGroup, launched_distributed, rank_of_process
+from gossiplab.distributed import (
+    PeerLost,
+    ProcessGroup,
+    launched_distributed,
+    rank_of_process,
+    relaunched_by_torchrun,
+)
 from gossiplab.encoders import EncoderError
 from gossiplab.report import summary_values
 from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
@@ -107,6 +113,8 @@ def run(
             _print_dry_run(config)
             return
         comm = None
+        if relaunched_by_torchrun(run_dir):  # torchrun --max-restarts: the same command continues the run
+            resume, run_dir, overrides, preset, config_file = run_dir, None, None, "default", None
         if resume is not None:
             if overrides or preset != "default" or run_dir is not None or config_file is not None:
                 _fail("--resume takes no preset, --config, overrides or --run-dir: the run's own config.toml is used")

@@ -19,10 +19,10 @@ from typing import Any
 import tomli_w
 
 TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
-MIXING_RULES = ("uniform", "metropolis", "influence", "l2c", "fomo")
+MIXING_RULES = ("uniform", "metropolis", "influence", "l2c", "meta-l2c", "fomo")
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
-MERGES = ("average", "activation-matching", "weight-matching", "push-sum")
+MERGES = ("average", "activation-matching", "weight-matching", "push-sum", "ditto")
 ORDERS = ("after-update", "before-update")
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -112,6 +112,8 @@ class GossipConfig:
     order: str = "after-update"
     l2c_lr: float = 0.1
     l2c_weight_decay: float = 0.01
+    meta_encoder: str = ""
+    ditto_lambda: float = 0.1
     val_batch: int = 32
     prune_round: int = 0
     keep_neighbours: int = 10
@@ -407,14 +409,20 @@ def validate(config: Config) -> None:
     need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
     need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
     one_of("gossip.merge", MERGES)
+    need(config.gossip.ditto_lambda >= 0, "gossip.ditto_lambda", "must be >= 0 (Ditto's proximal strength)")
     if config.gossip.mixing == "fomo":
         need(config.data.val_fraction > 0, "data.val_fraction", "must be > 0 with gossip.mixing = 'fomo' "
              "(the weights come from each site's validation loss of its neighbours' models)")  # fmt: skip
-    if config.gossip.mixing == "l2c":
-        need(config.gossip.merge == "average", "gossip.merge", "must be 'average' with gossip.mixing = 'l2c' "
+    if config.gossip.mixing in ("l2c", "meta-l2c"):
+        rule = config.gossip.mixing
+        need(config.gossip.merge == "average", "gossip.merge", f"must be 'average' with gossip.mixing = '{rule}' "
              "(L2C aggregates neighbours' updates itself)")  # fmt: skip
-        need(config.data.val_fraction > 0, "data.val_fraction", "must be > 0 with gossip.mixing = 'l2c' "
+        need(config.data.val_fraction > 0, "data.val_fraction", f"must be > 0 with gossip.mixing = '{rule}' "
              "(the mixing weights minimise each site's validation loss)")  # fmt: skip
+    need(not config.gossip.meta_encoder or config.gossip.mixing == "meta-l2c", "gossip.meta_encoder",
+         "is a trained meta-L2C encoder: set gossip.mixing = 'meta-l2c' to use it")  # fmt: skip
+    need(not config.gossip.meta_encoder or Path(config.gossip.meta_encoder).is_file(), "gossip.meta_encoder",
+         f"'{config.gossip.meta_encoder}' is not a file (a learned_encoder.pt from a meta-l2c run)")  # fmt: skip
     need(config.gossip.l2c_lr >= 0, "gossip.l2c_lr", "must be >= 0 (0: the weights stay uniform)")
     need(config.gossip.l2c_weight_decay >= 0, "gossip.l2c_weight_decay", "must be >= 0")
     need(config.gossip.val_batch >= 1, "gossip.val_batch", "must be >= 1")

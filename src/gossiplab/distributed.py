@@ -142,6 +142,16 @@ def rank_of_process() -> int:
     return int(os.environ.get("RANK", "0")) if launched_distributed() else 0
 
 
+def relaunched_by_torchrun(run_dir: Path | None) -> bool:
+    """True for a worker torchrun restarted (`--max-restarts`) into a run directory its earlier
+    attempt already started: the same command must then continue that run from its checkpoints."""
+    if not launched_distributed() or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return False
+    rank = rank_of_process()
+    own = "config.toml" if rank == 0 else f"rank{rank}/config.toml"
+    return run_dir is not None and (run_dir / own).is_file()
+
+
 def check_distributed(config: Config) -> None:
     """Refuse, before any work, what the multi-process runtime does not run (named by field)."""
     gossip = config.gossip

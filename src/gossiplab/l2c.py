@@ -9,13 +9,24 @@ A round, after the local steps took theta_j^t to theta_j^(t+1/2):
 the last differentiated through the aggregation with torch.func (one vmapped forward of all sites
 on their own validation batches). At round T0 each site keeps only its K0 largest-weight
 neighbours (the learned sparse topology); later rounds send along those edges only.
+
+meta-L2C (L2C section 3.3) replaces the free logits by an attention module shared by all sites:
+    w_ij = softmax_j <E(Delta_i), E(Delta_j)> / sqrt(d)   over i's candidates     (eq. 4-5)
+    Delta_i = theta_i^(t+1/2) - theta_i^0                   (the change since initialisation)
+    E(theta) = [phi_1, ..., phi_L], phi_l = [E_l(theta_l,1), ..., E_l(theta_l,C)]   (eq. 7-8)
+E_l a two-layer fully connected network (widths 10, 5) applied to every output channel of layer l
+(each channel's update scaled to unit norm), trained by the same validation loss (eq. 6). It has no
+per-site parameters, so a trained encoder serves new sites and new tasks (`gossip.meta_encoder`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gossiplab.data.federation import Federation, sample_held_out
 from gossiplab.population import Population
@@ -41,24 +52,34 @@ class LearnedMixing:
         num_sites = population.num_sites
         self.population, self.federation = population, federation
         self.mask = candidates | torch.eye(num_sites, dtype=torch.bool)
-        self.alpha = torch.zeros(num_sites, num_sites, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.alpha], lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.Adam(self.learnable(), lr=lr, weight_decay=weight_decay)
         self.prune_round, self.keep, self.val_batch, self.seed = prune_round, keep, val_batch, seed
         self.round_start = population.theta.clone()  # theta^t of every site
         self.rounds = 0
         self.history: list[torch.Tensor] = []
 
-    def weights(self) -> torch.Tensor:
-        """W [N, N] = row-wise softmax of alpha over each site's candidates (zero elsewhere)."""
-        return torch.softmax(self.alpha.masked_fill(~self.mask, -torch.inf), dim=1)
+    def learnable(self) -> list[torch.Tensor]:
+        """What the validation loss trains: L2C's logits alpha [N, N], zero (uniform weights) at first."""
+        self.alpha = torch.zeros(len(self.mask), len(self.mask), requires_grad=True)
+        return [self.alpha]
+
+    def scores(self, theta: torch.Tensor) -> torch.Tensor:
+        """Logits [N, N] of the weights of the models theta (theta^(t+1/2)); L2C: alpha itself."""
+        return self.alpha
+
+    def weights(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """W [N, N] = row-wise softmax of the scores over each site's candidates (zero elsewhere)."""
+        theta = self.population.theta if theta is None else theta
+        return torch.softmax(self.scores(theta).masked_fill(~self.mask, -torch.inf), dim=1)
 
     def mixing_rule(self, _adjacency: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.weights()
 
     def aggregate(self, theta: torch.Tensor) -> torch.Tensor:
-        """theta^(t+1) = theta^t - W Delta, differentiable in alpha (theta holds theta^(t+1/2))."""
-        return self.round_start - self.weights() @ (self.round_start - theta)
+        """theta^(t+1) = theta^t - W Delta, differentiable in the learnable parameters (theta holds
+        theta^(t+1/2))."""
+        return self.round_start - self.weights(theta) @ (self.round_start - theta)
 
     def validation_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """sum_i L(theta_i^(t+1)(alpha); validation batch of i): L2C eq. 3's objective."""
@@ -78,7 +99,7 @@ class LearnedMixing:
         self.optimizer.zero_grad()
         loss.backward()
         with torch.no_grad():
-            self.history.append(self.weights())
+            self.history.append(self.weights(theta))
             theta.copy_(aggregated)
             self.round_start.copy_(theta)
         self.optimizer.step()
@@ -88,7 +109,7 @@ class LearnedMixing:
 
     def state_dict(self) -> dict:
         return {
-            "alpha": self.alpha.detach(),
+            "learnable": [p.detach() for group in self.optimizer.param_groups for p in group["params"]],
             "mask": self.mask,
             "optimizer": self.optimizer.state_dict(),
             "round_start": self.round_start,
@@ -98,7 +119,8 @@ class LearnedMixing:
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            self.alpha.copy_(state["alpha"])
+            for parameter, saved in zip(self.optimizer.param_groups[0]["params"], state["learnable"], strict=True):
+                parameter.copy_(saved)
         self.mask = state["mask"].clone()
         self.optimizer.load_state_dict(state["optimizer"])
         self.round_start.copy_(state["round_start"])
@@ -106,7 +128,8 @@ class LearnedMixing:
         self.history = list(state["history"])
 
     def prune(self) -> None:
-        """Keep each site's `keep` largest-weight neighbours (and itself): L2C Algorithm 1, line 21."""
+        """Keep each site's `keep` largest-weight neighbours (and itself): L2C Algorithm 1, line 21
+        (for meta-L2C, by the weights it gives the models of this round)."""
         with torch.no_grad():
             scores = self.weights().masked_fill(torch.eye(len(self.mask), dtype=torch.bool), -1.0)
             kept = scores.topk(min(self.keep, len(scores) - 1), dim=1).indices
@@ -129,6 +152,57 @@ class LearnedMixing:
             "learned_weight_other_task": float(other.mean()) if len(other) else None,
             "learned_self_weight": float(final.diagonal().mean()),
         }
+
+
+class MetaLearnedMixing(LearnedMixing):
+    """meta-L2C: the weights come from a channel-shared encoder of each site's change since its
+    initialisation (module docstring, L2C eq. 4-8), trained by the validation loss like L2C."""
+
+    WIDTHS = (10, 5)  # the two layers of E_l (L2C section 4)
+
+    def __init__(self, population: Population, *args, encoder_path: str = "", **kwargs):
+        self.initial = population.theta.clone()  # theta^0 of every site
+        self.layers = [(n, s, shape) for n, s, shape in zip(population.names, population.slices, population.shapes,
+                       strict=True) if len(shape) >= 2]  # fmt: skip
+        hidden, out = self.WIDTHS
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(kwargs["seed"])
+            self.encoders = nn.ModuleList(
+                nn.Sequential(nn.Linear(math.prod(shape[1:]), hidden), nn.ReLU(), nn.Linear(hidden, out))
+                for _, _, shape in self.layers
+            )
+        if encoder_path:
+            self.encoders.load_state_dict(torch.load(encoder_path, weights_only=True))
+        super().__init__(population, *args, **kwargs)
+
+    def learnable(self) -> list[torch.Tensor]:
+        return list(self.encoders.parameters())
+
+    def represent(self, theta: torch.Tensor) -> torch.Tensor:
+        """E(theta - theta^0) [N, d]: every layer's output channels, each scaled to unit norm, encoded by E_l."""
+        change = theta - self.initial
+        parts = []
+        for (_, columns, shape), encoder in zip(self.layers, self.encoders, strict=True):
+            channels = F.normalize(change[:, columns].reshape(len(theta), shape[0], -1), dim=-1)
+            parts.append(encoder(channels).flatten(1))
+        return torch.cat(parts, dim=1)
+
+    def scores(self, theta: torch.Tensor) -> torch.Tensor:
+        """f(theta_i, theta_j) = <E(Delta_i), E(Delta_j)> / sqrt(d) (dot-product attention, eq. 5)."""
+        representation = self.represent(theta)
+        return representation @ representation.T / math.sqrt(representation.shape[1])
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "initial": self.initial}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.initial.copy_(state["initial"])
+
+    def summarize(self, run_dir: Path) -> dict:
+        """L2C's summary, and the trained encoder (learned_encoder.pt) for new sites or tasks."""
+        torch.save(self.encoders.state_dict(), run_dir / "learned_encoder.pt")
+        return super().summarize(run_dir)
 
 
 def plot_learned_weights(weights: torch.Tensor, classes: torch.Tensor, path: Path) -> Path:

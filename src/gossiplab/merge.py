@@ -161,3 +161,46 @@ class PushSum:
 
     def load_state_dict(self, state: dict) -> None:
         self.push_sum_weights = state["push_sum_weights"].clone()
+
+
+class Ditto:
+    """Ditto (Li et al. 2021), personalised federated learning, as a merge operator.
+
+    Two models per site: the population's rows are the personal models v_i (what is evaluated),
+    and this operator keeps a global-model track w_i. Every local step, on the same batch:
+        w_i <- w_i - lr grad F_i(w_i)                                  (FedAvg's local update)
+        v_i <- v_i - lr (grad F_i(v_i) + lambda (v_i - w^t))           (Ditto's personal objective)
+    with w^t the global model received at the last round. A communication round mixes the global
+    track only, w <- W w (complete graph, uniform weights: FedAvg's server average; any other
+    graph: a decentralized Ditto), and w^t <- w. Personal models are never averaged.
+    """
+
+    def __init__(self, population, optimizer, strength: float):
+        from gossiplab.population import Population
+
+        self.strength = strength
+        self.global_track = Population(population.module, population.num_sites, seed=0, strategy=population.strategy,
+                                       class_mask=population.class_mask)  # fmt: skip
+        self.global_track.theta.copy_(population.theta)
+        self.optimizer = optimizer
+        self.received = population.theta.clone()  # w^t of every site
+        self.averager = GossipAverager(population.theta.shape)
+
+    def local_step(self, population, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the proximal gradient to the personal models' gradients; one step of the global track."""
+        population.grad.add_(population.theta - self.received, alpha=self.strength)
+        self.global_track.compute_gradients(x, y)
+        self.optimizer.step(self.global_track.theta, self.global_track.grad)
+
+    @torch.no_grad()
+    def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
+        self.averager(self.global_track.theta, weights)
+        self.received.copy_(self.global_track.theta)
+
+    def state_dict(self) -> dict:
+        return {"global": self.global_track.theta, "received": self.received, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_track.theta.copy_(state["global"])
+        self.received.copy_(state["received"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -35,7 +35,7 @@ from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation, sample_held_out
 from gossiplab.distributed import PeerLost, SingleProcess
 from gossiplab.encoders import frozen_parts
-from gossiplab.l2c import LearnedMixing
+from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.mixing import fomo, influence, mixing_matrix, uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
@@ -200,8 +200,9 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
     )
     optimizer = build_optimizer(config.train, population.theta.shape)
     gossip = config.gossip
-    if gossip.mixing == "l2c":
-        learned = LearnedMixing(
+    if gossip.mixing in ("l2c", "meta-l2c"):
+        meta = {"encoder_path": gossip.meta_encoder} if gossip.mixing == "meta-l2c" else {}
+        learned = (MetaLearnedMixing if meta else LearnedMixing)(
             population,
             federation,
             build_adjacency(gossip.topology, config.num_sites, 0, seed=config.seed, p=gossip.p),
@@ -211,6 +212,7 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
             keep=gossip.keep_neighbours,
             val_batch=gossip.val_batch,
             seed=config.seed,
+            **meta,
         )
         mixing_rule = learned.mixing_rule
     elif gossip.mixing == "fomo":
@@ -232,7 +234,7 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
             build_adjacency, config.gossip.topology, config.num_sites, seed=config.seed, p=config.gossip.p
         ),
         mixing_rule=mixing_rule,
-        merge=learned if gossip.mixing == "l2c" else build_merge(config, federation, population),
+        merge=learned if gossip.mixing in ("l2c", "meta-l2c") else build_merge(config, federation, population),
     )
 
 
@@ -258,12 +260,15 @@ def fomo_rule(config: Config, federation: Federation, population: Population) ->
 
 
 def build_merge(config: Config, federation: Federation, population: Population) -> Callable:
-    """gossip.merge: plain averaging, DIMAT's matched merges, or SGP's push-sum."""
+    """gossip.merge: plain averaging, DIMAT's matched merges, SGP's push-sum, or Ditto's global track."""
     kind = config.gossip.merge
     if kind == "average":
         return merge.GossipAverager(population.theta.shape)
     if kind == "push-sum":
         return merge.PushSum(config.num_sites)
+    if kind == "ditto":
+        optimizer = build_optimizer(config.train, population.theta.shape)
+        return merge.Ditto(population, optimizer, config.gossip.ditto_lambda)
     spec = permutation_spec(population.module, federation.image_shape)
     match_inputs = None
     if kind == "activation-matching":
@@ -293,7 +298,8 @@ def evaluate(
     # the counterfactual merged model, by the run's own merge operator when it aligns units (DIMAT)
     merged = experiment.merge.merged_model(theta, active) if hasattr(experiment.merge, "merged_model") else mean
     merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
-    consensus = float(comm.sum((theta[mine] - mean).square().sum()[None])) / int(active.sum())
+    # row sums first: a reduction over all of [N, P] would split across threads in a thread-count dependent order
+    consensus = float(comm.sum((theta[mine] - mean).square().sum(1).sum()[None])) / int(active.sum())
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)
 
 
@@ -596,6 +602,9 @@ class Runner:
             if isinstance(experiment.merge, merge.PushSum):  # SGP: x = w z takes the SGD step
                 population.grad.div_(experiment.merge.push_sum_weights[:, None])
             experiment.optimizer.lr = learning_rate(config.train, self.step)
+            if isinstance(experiment.merge, merge.Ditto):  # the proximal term, and the global track's step
+                experiment.merge.optimizer.lr = experiment.optimizer.lr
+                experiment.merge.local_step(population, x, y)
             experiment.optimizer.step(population.theta, population.grad)
             if not mine.all():
                 population.theta[~mine] = 0.0
