@@ -181,3 +181,25 @@ def test_meta_l2c_encoder_gradient_matches_finite_differences():
             down = float(mixing.validation_loss(half, x, y))
             parameter[index] += step
         assert gradient[index] == pytest.approx((up - down) / (2 * step), rel=5e-2, abs=1e-4)
+
+
+def test_ditto_personal_models_are_local_training_at_lambda_0_and_its_global_track_is_fedavg(tmp_path):
+    """Ditto = FedAvg's global model + personal models pulled towards it by lambda (v - w^t):
+    at lambda = 0 the personal models are exactly local SGD, and the global track is exactly a
+    FedAvg run on the same batches."""
+    small = ["num_sites=10", "data.shards_per_class=2", "model.hidden=[16]", "train.steps=200", "eval.every=100",
+             "gossip.topology=complete", "gossip.mixing=uniform"]  # fmt: skip
+
+    def run(name: str, *overrides: str) -> dict:
+        (tmp_path / name).mkdir()
+        Runner(build_config("l2c", [*small, *overrides]), tmp_path / name, show_progress=False).run()
+        return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
+
+    ditto = run("ditto", "gossip.merge=ditto", "gossip.ditto_lambda=0")
+    local = run("local", "gossip.schedule=none")
+    fedavg = run("fedavg")
+    torch.testing.assert_close(ditto["theta"], local["theta"], rtol=0, atol=0)
+    torch.testing.assert_close(ditto["merge"]["global"], fedavg["theta"], rtol=1e-6, atol=1e-7)
+    pulled = run("pulled", "gossip.merge=ditto", "gossip.ditto_lambda=1")
+    distance = (pulled["theta"] - pulled["merge"]["received"]).norm(dim=1)
+    assert (distance < (ditto["theta"] - ditto["merge"]["received"]).norm(dim=1)).all()

@@ -20,13 +20,22 @@ from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_s
 from gossiplab.distributed import (
     PeerLost,
     ProcessGroup,
+    ResumeError,
     launched_distributed,
     rank_of_process,
     relaunched_by_torchrun,
 )
 from gossiplab.encoders import EncoderError
 from gossiplab.report import summary_values
-from gossiplab.runner import DivergenceError, ResourceError, RunDirError, RunInterrupted, Runner, load_run_config
+from gossiplab.runner import (
+    WRITE_PROBE,
+    DivergenceError,
+    ResourceError,
+    RunDirError,
+    RunInterrupted,
+    Runner,
+    load_run_config,
+)
 
 USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError, EncoderError)
 
@@ -132,7 +141,7 @@ def run(
                 target = Path(comm.share("run-dir", str(target)))  # rank 0's clock names the run
             try:
                 target.mkdir(parents=True, exist_ok=True)
-                probe = target / f".gossiplab-write-test-{os.getpid()}"
+                probe = target / f"{WRITE_PROBE}-{os.getpid()}"
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as error:
@@ -150,6 +159,8 @@ def run(
         raise typer.Exit(130) from None
     except (DivergenceError, PeerLost) as error:
         _fail(str(error), code=1)
+    except ResumeError as error:
+        _fail(str(error))
     finally:
         signal.signal(signal.SIGINT, previous)
         if comm is not None:

@@ -58,6 +58,10 @@ def exchange(method: Callable) -> Callable:
     return wrapped
 
 
+class ResumeError(ValueError):
+    """The processes' checkpoints do not share a step to resume from; nothing was changed."""
+
+
 class PeerLost(RuntimeError):
     """Processes of the run were lost; `lost_sites` are the sites they held."""
 
@@ -142,6 +146,16 @@ def rank_of_process() -> int:
     return int(os.environ.get("RANK", "0")) if launched_distributed() else 0
 
 
+def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The key-value store at MASTER_ADDR:MASTER_PORT (hosted by rank 0, or by torchrun's agent),
+    under a prefix per launch attempt: torchrun keeps its store across `--max-restarts`
+    relaunches, and a relaunched group must not read the dead attempt's addresses."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts, timeout=timeout)  # fmt: skip
+    return dist.PrefixStore(f"gossiplab/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def relaunched_by_torchrun(run_dir: Path | None) -> bool:
     """True for a worker torchrun restarted (`--max-restarts`) into a run directory its earlier
     attempt already started: the same command must then continue that run from its checkpoints."""
@@ -183,11 +197,10 @@ class ProcessGroup:
         timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
         self.timeout = timeout
         self.on_failure = config.distributed.on_failure
-        if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=timeout)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.writes = self.rank == 0
-        self.store = dist.distributed_c10d._get_default_store()
+        self.store = rendezvous_store(self.rank, self.world_size, timeout)
+        dist.init_process_group("gloo", store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.group = dist.group.WORLD
         self.members = list(range(self.world_size))  # original ranks still in the run
         self.epoch = 0  # regroupings so far
@@ -359,10 +372,15 @@ class ProcessGroup:
         """The step every process can resume from: the oldest newest checkpoint (a process killed
         between two processes' checkpoint writes leaves them one checkpoint apart; each keeps its
         previous one). `steps` are this process's [newest, previous] checkpoint steps (-1: none)."""
-        newest = self.gather(torch.tensor([[steps[0]]]))[torch.tensor([self.blocks[r][0] for r in self.members])]
-        agreed = int(newest.min())
-        if agreed not in steps:
-            raise RuntimeError(f"rank {self.rank} holds checkpoints of steps {steps}, not of step {agreed}")
+        held = self.gather(torch.tensor([steps]))[torch.tensor([self.blocks[r][0] for r in self.members])]
+        agreed = int(held[:, 0].min())
+        missing = [r for r, pair in zip(self.members, held.tolist(), strict=True) if agreed not in pair]
+        if missing:
+            raise ResumeError(
+                f"cannot resume: rank(s) {missing} hold no checkpoint of step {agreed}, the newest one every "
+                f"process has (checkpoints per rank: {dict(zip(self.members, held.tolist(), strict=True))}); "
+                "a run that dropped a process cannot be resumed"
+            )
         return agreed
 
     # --- faults ------------------------------------------------------------------------------

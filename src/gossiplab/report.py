@@ -52,7 +52,7 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     gossip, n = config.gossip, config.num_sites
     adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
     # influence, L2C and FOMO weights depend on the training: show their uniform base
-    rule = "uniform" if gossip.mixing in ("influence", "l2c", "fomo") else gossip.mixing
+    rule = "uniform" if gossip.mixing in ("influence", "l2c", "meta-l2c", "fomo") else gossip.mixing
     weights = mixing_matrix(adjacency, rule)
     when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
     written = []

@@ -45,6 +45,7 @@ from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
 
 BYTES_PER_PARAMETER = 4
+WRITE_PROBE = ".gossiplab-write-test"  # the file `gossiplab run` writes and removes to test a run directory
 
 
 class RunDirError(ValueError):
@@ -309,7 +310,8 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise RunDirError(f"--resume {run_dir}: no config.toml there, so there is nothing to resume")
     if (run_dir / "summary.json").is_file():
         raise RunDirError(f"run directory {run_dir} already holds a finished run; choose another --run-dir")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    # (another process of a distributed run may be probing that it can write here)
+    if not resume and run_dir.exists() and any(not p.name.startswith(WRITE_PROBE) for p in run_dir.iterdir()):
         raise RunDirError(
             f"run directory {run_dir} already holds an unfinished run; continue it with "
             f"'gossiplab run --resume {run_dir}' or choose another --run-dir"
