@@ -213,7 +213,7 @@ class ProcessGroup:
         self._shared = 0  # values shared by rank 0 so far
         self.bytes_sent = 0  # parameter payload this process sent to others
         self.failures = (ExchangeFailed,)
-        self._averagers: dict[int, Callable] = {}  # the merge operator per extended-block size
+        self._averagers: dict[int, tuple[torch.Tensor, Callable]] = {}
         self._stopped = threading.Event()
         self._beat()
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
@@ -280,7 +280,8 @@ class ProcessGroup:
 
     @exchange
     def mix(self, theta: torch.Tensor, weights: torch.Tensor, operator: Callable) -> int:
-        """theta_i <- sum_j W_ij theta_j for this block's sites; returns the bytes this process sent."""
+        """theta_i <- sum_j W_ij theta_j for this block's sites; returns the bytes this process sent.
+        `operator`'s class (the run's GossipAverager) mixes the extended block, one per block size."""
         lo, hi = self.sites.start, self.sites.stop
         needs = weights != 0  # [i, j]: site i reads site j
         peers = [r for r in self.members if r != self.rank]
@@ -291,14 +292,16 @@ class ProcessGroup:
             wanted = needs[lo:hi].any(0)
             wanted[lo:hi] = True
             extended_sites = torch.nonzero(wanted).flatten()
-        extended = torch.empty(len(extended_sites), theta.shape[1])
+        if len(extended_sites) not in self._averagers:  # buffers and mixer per extended-block size, reused
+            shape = torch.Size((len(extended_sites), theta.shape[1]))
+            self._averagers[len(extended_sites)] = (torch.empty(shape), type(operator)(shape))
+        extended, averager = self._averagers[len(extended_sites)]
         position = {int(s): k for k, s in enumerate(extended_sites)}
         own = slice(position[lo], position[lo] + (hi - lo))
         extended[own] = theta
         sent = 0
         if dense:
-            size = max(b - a for a, b in (self.blocks[r] for r in self.members))
-            send = torch.zeros(size, theta.shape[1])
+            send = torch.zeros(self._padded(), theta.shape[1])
             send[: hi - lo] = theta
             received = [torch.empty_like(send) for _ in self.members]
             self._wait([self.group.allgather([received], [send])])
@@ -326,9 +329,7 @@ class ProcessGroup:
         outside = torch.ones(len(extended_sites), dtype=torch.bool)
         outside[own] = False
         local[outside] = torch.eye(len(extended_sites))[outside]  # received rows are inputs only
-        if len(extended) not in self._averagers:
-            self._averagers[len(extended)] = type(operator)(extended.shape)
-        self._averagers[len(extended)](extended, local)
+        averager(extended, local)
         theta.copy_(extended[own])
         self.bytes_sent += sent
         return sent
