@@ -255,6 +255,38 @@ def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failu
         assert_same_run(*uninterrupted(3, overrides, tmp_path / "uninterrupted"), run_dir, 3)
 
 
+def test_two_torchrun_nodes_one_loses_its_worker_and_the_other_finishes_without_its_sites(tmp_path):
+    """The README's multi-machine launch, two torchrun agents on 127.0.0.1 standing in for two
+    machines (c10d rendezvous); node 1's worker dies and node 0 drops its sites and finishes."""
+    run_dir = tmp_path / "run"
+    endpoint = f"127.0.0.1:{free_port()}"
+    overrides = [*SMALL, "train.steps=400", "eval.every=20", "gossip.topology=ring", "distributed.timeout_s=10"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "-m", "gossiplab", "run", "--quiet"]
+    command = [*launch, *overrides, "--run-dir", str(run_dir)]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(read_metrics(run_dir / "metrics.jsonl")) < 3:
+        assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "the run did not get going"
+        time.sleep(0.02)
+    for node in nodes:  # the worker that holds rank 1, whichever node it landed on
+        for pid in descendants(node.pid):
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if b"RANK=1" in environment and b"-m\0gossiplab" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+    # the surviving node's agent then waits at torchrun's exit barrier for the lost node (300 s by
+    # default): the run is complete once its worker has written summary.json and exited
+    while not (run_dir / "summary.json").is_file() or any(descendants(node.pid) for node in nodes):
+        assert time.monotonic() < deadline, "the surviving worker did not finish"
+        time.sleep(0.1)
+    for node in nodes:
+        node.kill()
+    log = "".join(node.communicate()[0] for node in nodes)
+    assert "lost rank(s) [1] holding sites [4, 5, 6, 7]" in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dropped_sites"] == [4, 5, 6, 7] and summary["step"] == 400
+
+
 def test_processes_with_different_configs_refuse_to_start(tmp_path):
     results = finish(start(2, [*SMALL, "--run-dir", str(tmp_path)], extra=[["train.lr=0.05"], ["train.lr=0.1"]]))
     assert [code for code, _ in results] == [2, 2]
