@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gossiplab.bench_distributed import free_port
 from gossiplab.config import ConfigError, build_config
 from gossiplab.distributed import check_distributed, payload_rows
 from gossiplab.runner import Runner, read_metrics
@@ -33,12 +33,6 @@ SMALL = [
     "data.test_per_source=1000",
 ]
 TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start(processes: int, args: list[str], extra: list[list[str]] | None = None) -> list[subprocess.Popen]:

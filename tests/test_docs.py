@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from gossiplab.bench_distributed import free_port
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
@@ -64,9 +65,7 @@ def test_python_example(index, tmp_path):
 def test_one_machine_torchrun_example(tmp_path):
     """The README's single-machine launch (a free port instead of torchrun's default 29500)."""
     words = next(w for w in cli_lines("torchrun") if "--nnodes" not in w and "--resume" not in w)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
+    port = str(free_port())
     command = [sys.executable, "-m", "torch.distributed.run", "--master-port", port, *words[1:], *SHORTEN, "--quiet"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"

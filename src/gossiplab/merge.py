@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from gossiplab.distributed import SingleProcess
+from gossiplab.population import Population
 
 
 class GossipAverager:
@@ -51,21 +56,21 @@ class GossipAverager:
 
 
 @torch.no_grad()
-def merged_model(theta: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-    """The uniform average of the (active) rows, [1, P] (model soup; MAZEL: theta_merged = 1/N sum_i theta_i)."""
-    if active is None or bool(active.all()):
-        return theta.mean(0, keepdim=True)
-    return theta[active].mean(0, keepdim=True)
+def merged_model(theta: torch.Tensor, active: torch.Tensor | None = None, comm: Any = None) -> torch.Tensor:
+    """The uniform average of the (active) rows, [1, P] (model soup; MAZEL: theta_merged = 1/N sum_i theta_i).
+    Across processes (`comm`), theta is this process's block and the sum runs over every process."""
+    comm = comm or SingleProcess(len(theta))
+    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
+    return comm.sum(theta[active[comm.sites]].sum(0, keepdim=True)) / int(active.sum())
 
 
 @torch.no_grad()
-def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None) -> None:
-    """Replace every (active) row by their mean: the single final global merge."""
-    mean = merged_model(theta, active)
-    if active is None:
-        theta.copy_(mean.expand_as(theta))
-    else:
-        theta[active] = mean
+def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: Any = None) -> None:
+    """Replace every (active) row by their mean: the single final global merge (an all-reduce
+    across processes)."""
+    comm = comm or SingleProcess(len(theta))
+    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
+    theta[active[comm.sites]] = merged_model(theta, active, comm)
 
 
 def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -175,9 +180,7 @@ class Ditto:
     graph: a decentralized Ditto), and w^t <- w. Personal models are never averaged.
     """
 
-    def __init__(self, population, optimizer, strength: float):
-        from gossiplab.population import Population
-
+    def __init__(self, population: Population, optimizer, strength: float):
         self.strength = strength
         self.global_track = Population(population.module, population.num_sites, seed=0, strategy=population.strategy,
                                        class_mask=population.class_mask)  # fmt: skip

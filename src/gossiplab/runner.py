@@ -291,16 +291,16 @@ def evaluate(
     comm = comm or SingleProcess(len(population.theta))
     theta = population.theta
     active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
-    mine = active[comm.sites]
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
     allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
     correct = comm.gather(population.predict(theta, federation.test_x, allowed) == federation.test_y)
-    mean = comm.sum(theta[mine].sum(0, keepdim=True)) / int(active.sum())
+    mean = merge.merged_model(theta, active, comm)
     # the counterfactual merged model, by the run's own merge operator when it aligns units (DIMAT)
     merged = experiment.merge.merged_model(theta, active) if hasattr(experiment.merge, "merged_model") else mean
     merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
-    # row sums first: a reduction over all of [N, P] would split across threads in a thread-count dependent order
-    consensus = float(comm.sum((theta[mine] - mean).square().sum(1).sum()[None])) / int(active.sum())
+    # per-site squared distances, row sums (a reduction over all of [N, P] would split across
+    # threads in a thread-count dependent order), gathered: the consensus distance of the active sites
+    consensus = float(comm.gather((theta - mean).square().sum(1))[active].mean())
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)
 
 
@@ -517,8 +517,7 @@ class Runner:
         """
         gossip, num_sites = self.config.gossip, self.config.num_sites
         if gossip.final_merge == "exact":
-            mine = self.active[self.comm.sites]
-            theta[mine] = self.comm.sum(theta[mine].sum(0, keepdim=True)) / int(self.active.sum())
+            merge.global_merge(theta, self.active, self.comm)
             return 2 * (int(self.active.sum()) - 1)
         rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
         # plain averaging, whatever the run's merge operator (L2C or DIMAT would learn or match here)
