@@ -41,11 +41,18 @@ def test_uniform_weights_on_an_irregular_graph_are_row_but_not_column_stochastic
 
 
 @pytest.mark.parametrize("blocks", ["one block", "blocks of 64 columns"])
-@pytest.mark.parametrize("topology", GRAPHS)
-def test_blocked_sparse_and_dense_gossip_equal_the_matrix_product(topology, blocks, monkeypatch):
+@pytest.mark.parametrize("weights_of", [*GRAPHS, "dense random"])
+def test_sparse_equal_row_and_dense_gossip_equal_the_matrix_product(weights_of, blocks, monkeypatch):
+    """Each of GossipAverager's three paths (compiled sparse pass: ring, exponential, one-peer;
+    identical rows: complete; GEMM: dense random W) equals W @ theta, in one block and in many."""
     if blocks != "one block":  # 257 columns: 4 full blocks and a partial one
         monkeypatch.setattr(GossipAverager, "CACHE_FLOATS", 32 * 64)
-    weights = mixing_matrix(build_adjacency(topology, 32, 1, seed=0), "metropolis")
+        monkeypatch.setattr(GossipAverager, "SPARSE_CACHE_FLOATS", 32 * 64)
+    if weights_of == "dense random":
+        weights = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
+        weights /= weights.sum(1, keepdim=True)
+    else:
+        weights = mixing_matrix(build_adjacency(weights_of, 32, 1, seed=0), "metropolis")
     theta = torch.randn(32, 257)
     expected = weights @ theta
     GossipAverager(theta.shape)(theta, weights)

@@ -6,53 +6,55 @@ from typing import Any
 
 import torch
 
+from gossiplab import kernels
 from gossiplab.distributed import SingleProcess
 from gossiplab.population import Population
 
 
 class GossipAverager:
-    """theta <- W theta (MAZEL Algorithm 1, line 7), one cache-sized block of columns at a time.
+    """theta <- W theta (MAZEL Algorithm 1, line 7), in place, streaming theta about once, like one `copy_`.
 
-    Mixing acts on every column of theta independently, so theta is processed in blocks of
-    columns small enough for all N rows of a block to stay in cache (512 KB), each block
-    mixed into a small buffer and written back in place: theta streams through memory once, like
-    one `copy_`. Within a block, sparse W (few neighbours per row, e.g. one-peer or ring) is a
-    weighted sum of gathered neighbour rows, O(N k P); dense W is one GEMM, O(N^2 P). Nothing of
-    size [N, P] is allocated.
+    Mixing acts on every column of theta independently; the work depends on W's shape:
+    - sparse W (at most max(8, N / 4) neighbours per row: ring, one-peer, exponential graphs): one
+      compiled pass (kernels.mix_rows_) that mixes a cache-sized block of columns of all rows
+      into a small buffer and writes it back, O(N k P);
+    - W with identical rows (complete graph with uniform or Metropolis weights: every site gets the
+      same average): the one mixed row w theta, then written to every row, O(N P);
+    - other dense W: one GEMM per cache-sized block of columns, O(N^2 P).
+    The crossover width and the block sizes were measured with `gossiplab bench` (the compiled
+    sparse pass loses to GEMM from about 16 neighbours per row at N = 32, 32 at N = 64). Nothing
+    of size [N, P] is allocated.
     """
 
-    CACHE_FLOATS = 2**17  # measured best of 2**15..2**21 (gossiplab bench)
+    CACHE_FLOATS = 2**17  # GEMM blocks: measured best of 2**15..2**21
+    SPARSE_CACHE_FLOATS = 2**14  # compiled sparse pass (at least 128 columns): measured best of 2**13..2**16
+    SPARSE_WIDTH = 8
 
     def __init__(self, shape: torch.Size):
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
-        self._mixed = torch.empty(num_sites * self.block)
-        self._gathered = torch.empty(num_sites * self.block)
+        self._sparse = kernels.SparseMixer(
+            num_sites, min(self.num_parameters, max(128, self.SPARSE_CACHE_FLOATS // num_sites))
+        )
+        self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters))
 
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         num_sites = len(weights)
         nonzero = weights != 0
         width = int(nonzero.sum(1).max())
-        dense = 4 * width >= num_sites
-        if not dense:
-            columns = torch.argsort(nonzero.int(), dim=1, descending=True, stable=True)[:, :width]
-            coefficients = weights.gather(1, columns)
-        for start in range(0, self.num_parameters, self.block):
-            part = theta[:, start : start + self.block]
-            size = part.shape[1]
-            mixed = self._mixed[: num_sites * size].view(num_sites, size)
-            if dense:
+        if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
+            self._sparse(theta, weights, width)
+        elif bool((weights == weights[:1]).all()):
+            mixed = self._mixed[: self.num_parameters].view(1, -1)
+            torch.mm(weights[:1], theta, out=mixed)
+            theta.copy_(mixed.expand_as(theta))
+        else:
+            for start in range(0, self.num_parameters, self.block):
+                part = theta[:, start : start + self.block]
+                mixed = self._mixed[: part.numel()].view(part.shape)
                 torch.mm(weights, part, out=mixed)
-            else:
-                gathered = self._gathered[: num_sites * size].view(num_sites, size)
-                for k in range(width):
-                    torch.index_select(part, 0, columns[:, k], out=gathered)
-                    if k == 0:
-                        torch.mul(gathered, coefficients[:, :1], out=mixed)
-                    else:
-                        mixed.addcmul_(gathered, coefficients[:, k : k + 1])
-            part.copy_(mixed)
+                part.copy_(mixed)
 
 
 @torch.no_grad()
