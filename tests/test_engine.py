@@ -65,15 +65,19 @@ MODELS = {  # name: (config, input shape)
 
 
 @pytest.mark.parametrize("optimizer", list(ENGINE_OPTIMIZERS))
-@pytest.mark.parametrize("strategy", ["vmap", "vmap-chunked", "loop"])
-@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize(
+    ("model", "strategy"),
+    [("mlp", s) for s in ("linear", "linear-chunked", "vmap", "vmap-chunked", "loop")]
+    + [("cnn", s) for s in ("vmap", "vmap-chunked", "loop")],  # "linear" refuses a CNN (tested below)
+)
 def test_engine_equals_per_site_reference(model, optimizer, strategy, monkeypatch):
     """Parameters and losses to 1e-5 relative. The CNN needs no looser bound: on CPU the vmapped
     convolution matched the single-model kernel to 1e-6 here; a GPU kernel may sum in another order.
-    "vmap-chunked" vmaps over chunks of 2 sites (5 sites: chunks 2, 2, 1), as large runs do."""
-    if strategy == "vmap-chunked":
-        monkeypatch.setattr(Population, "VMAP_CHUNK_FLOATS", 1)  # one site per chunk
-        strategy = "vmap"
+    "-chunked" runs over chunks of one site, as large runs do over several chunks. "linear"
+    (the written-out backward) exists for linear stacks only."""
+    if strategy.endswith("-chunked"):
+        strategy = strategy.removesuffix("-chunked")
+        monkeypatch.setattr(Population, f"{strategy.upper()}_CHUNK_FLOATS", 1)  # one site per chunk
     config, input_shape = MODELS[model]
     module = build_model(config, input_shape, 10)
     batches, mixing = make_batches(input_shape), make_mixing()
@@ -84,11 +88,33 @@ def test_engine_equals_per_site_reference(model, optimizer, strategy, monkeypatc
     torch.testing.assert_close(torch.stack(losses), torch.stack(expected_losses), rtol=1e-5, atol=1e-6)
 
 
-def test_auto_strategy_is_loop_for_convolutions_and_vmap_for_linear_stacks():
+def test_auto_strategy_is_loop_for_convolutions_linear_for_mlps_and_vmap_otherwise():
     cnn = build_model(ModelConfig(name="cnn", channels=[4]), (1, 8, 8), 10)
     mlp = build_model(ModelConfig(name="mlp", hidden=[8]), (1, 8, 8), 10)
+    text_head = build_model(ModelConfig(name="mlp", hidden=[8], head="text"), (16,), 3, torch.randn(3, 4))
     assert Population(cnn, 2, seed=0).strategy == "loop"
-    assert Population(mlp, 2, seed=0).strategy == "vmap"
+    assert Population(mlp, 2, seed=0).strategy == "linear"
+    assert Population(text_head, 2, seed=0).strategy == "vmap"
+    with pytest.raises(ValueError, match="linear stack"):
+        Population(cnn, 2, seed=0, strategy="linear")
+
+
+def test_linear_backward_with_a_class_mask_equals_vmap():
+    """Each site scoring only its own classes (MAZEL's private label spaces): the written-out
+    backward equals autograd through vmap, and the mask changes the gradients."""
+    module = build_model(ModelConfig(name="mlp", hidden=[16]), (1, 6, 6), 10)
+    x, y = make_batches((1, 6, 6))[0]
+    mask = torch.rand(NUM_SITES, 10, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask[torch.arange(NUM_SITES)[:, None], y] = True
+    unmasked = Population(module, NUM_SITES, seed=0, init="independent", strategy="linear")
+    unmasked.compute_gradients(x, y)
+    results = []
+    for strategy in ("linear", "vmap"):
+        population = Population(module, NUM_SITES, seed=0, init="independent", strategy=strategy, class_mask=mask)
+        results.append((population.compute_gradients(x, y), population.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results[0][1], unmasked.grad)
 
 
 def test_shared_init_gives_identical_rows_and_independent_differs():

@@ -33,7 +33,7 @@ TEXT_ENCODERS = ("minilm-l6", "clip")
 LR_SCHEDULES = ("constant", "cosine", "warmup-constant", "warmup-cosine")
 PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
-ENGINES = ("auto", "vmap", "loop")
+ENGINES = ("auto", "linear", "vmap", "loop")
 INITS = ("shared", "independent")
 
 
