@@ -5,7 +5,8 @@ optimizer update) is timed three ways, interleaved so that machine noise hits al
 - loop: what the papers' code does: N nn.Module copies, a torch.optim optimizer each, a Python
   loop over sites;
 - engine: gossiplab's Population + stacked optimizer with the strategy `auto` picks;
-- the other engine strategy (vmap or loop over views), to show that `auto` picked the faster.
+- another engine strategy (vmap where `auto` picked linear or the loop; the loop where it picked
+  vmap), to show that `auto` picked the faster.
 Reported: steps/s, engine / loop, achieved GFLOP/s against the shape-matched kernel limit (the bare
 batched forward, dX and dW matmuls of the same layer shapes, timed in the same run) and against
 square-GEMM peak; and gossip time per round against one `copy_` of Theta (a memory-bandwidth

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-@numba.njit(parallel=True, cache=True, boundscheck=False, fastmath=True)
+@numba.njit(parallel=True, cache=True, boundscheck=False)
 def _mix_rows(theta: np.ndarray, columns: np.ndarray, coefficients: np.ndarray, buffers: np.ndarray) -> None:
     """theta[i] <- sum_k coefficients[i, k] theta[columns[i, k]], in place, one block of columns
     per parallel iteration, mixed into the thread's buffer [N, block] and written back. Sums run in

@@ -4,18 +4,18 @@
 of it, so gossip and merging are row operations on one tensor (MAZEL Algorithm 1, line 7) while
 the forward pass sees ordinary parameter shapes through `torch.func.functional_call`.
 
-Gradients are computed by one of two strategies into the preallocated [N, P] `grad` buffer; the
-autograd leaves are the per-parameter stacked views of theta (slicing one flat leaf would
-materialise a full [N, P] zero gradient per slice):
+Gradients are computed by one of three strategies into the preallocated [N, P] `grad` buffer;
+where autograd is used, its leaves are the per-parameter stacked views of theta (slicing one
+flat leaf would materialise a full [N, P] zero gradient per slice):
 - "vmap": one vmapped forward over [N, B, ...] batches and one `autograd.grad` of the summed site
   losses; since sites share no parameters, each row's gradient is that site's own. The fresh
   per-parameter gradients are copied into their views of `grad`, one strided pass each
   (accumulating them into those views after zeroing `grad` streamed [N, P] three times).
-  Fastest for linear stacks on CPU and for everything on GPU.
+  Used for non-convolutional models other than plain linear stacks (MAZEL's text head).
 - "linear": for plain linear stacks (Flatten, Linear, ReLU, ..., Linear: the MLPs), the forward
   and backward pass written out as batched matmuls over a chunk of sites, with the weight
   gradients dW = g^T h written straight into their views of `grad` (vmap's autograd produces
-  them transposed, and copying them back costed as much as the matmul) and no autograd graph.
+  them transposed, and copying them back cost as much as the matmul) and no autograd graph.
   Fastest for MLPs on CPU.
 - "loop": a Python loop over sites, each calling the model on views of its own row and writing
   its gradient into its own row of `grad`. Fastest
