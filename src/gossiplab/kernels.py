@@ -14,30 +14,44 @@ import numpy as np
 import torch
 
 
-@numba.njit(parallel=True, cache=True, boundscheck=False)
-def _mix_rows(theta: np.ndarray, columns: np.ndarray, coefficients: np.ndarray, buffers: np.ndarray) -> None:
-    """theta[i] <- sum_k coefficients[i, k] theta[columns[i, k]], in place, one block of columns
-    per parallel iteration, mixed into the thread's buffer [N, block] and written back. Sums run in
-    k order: c_0 x_0 first, then + c_k x_k."""
+@numba.njit(cache=True, boundscheck=False, inline="always")
+def _mix_block(theta: np.ndarray, columns: np.ndarray, coefficients: np.ndarray, mixed: np.ndarray, start: int) -> None:
+    """theta[i, block] <- sum_k coefficients[i, k] theta[columns[i, k], block] for the block of
+    columns from `start`, mixed into `mixed` [N, >= block] and written back. Sums run in k order:
+    c_0 x_0 first, then + c_k x_k."""
     num_rows, num_columns = theta.shape
-    width, block = columns.shape[1], buffers.shape[2]
-    for b in numba.prange((num_columns + block - 1) // block):
-        start = b * block
-        stop = min(start + block, num_columns)
-        mixed = buffers[numba.get_thread_id()]
-        for i in range(num_rows):
-            out = mixed[i, : stop - start]
-            source = theta[columns[i, 0], start:stop]
-            coefficient = coefficients[i, 0]
+    stop = min(start + mixed.shape[1], num_columns)
+    for i in range(num_rows):
+        out = mixed[i, : stop - start]
+        source = theta[columns[i, 0], start:stop]
+        coefficient = coefficients[i, 0]
+        for q in range(stop - start):
+            out[q] = coefficient * source[q]
+        for k in range(1, columns.shape[1]):
+            source = theta[columns[i, k], start:stop]
+            coefficient = coefficients[i, k]
             for q in range(stop - start):
-                out[q] = coefficient * source[q]
-            for k in range(1, width):
-                source = theta[columns[i, k], start:stop]
-                coefficient = coefficients[i, k]
-                for q in range(stop - start):
-                    out[q] += coefficient * source[q]
-        for i in range(num_rows):
-            theta[i, start:stop] = mixed[i, : stop - start]
+                out[q] += coefficient * source[q]
+    for i in range(num_rows):
+        theta[i, start:stop] = mixed[i, : stop - start]
+
+
+@numba.njit(parallel=True, cache=True, boundscheck=False)
+def _mix_rows_parallel(theta: np.ndarray, columns: np.ndarray, coefficients: np.ndarray, buffers: np.ndarray) -> None:
+    """Every block of columns, one per parallel iteration, each thread in its own buffer."""
+    block = buffers.shape[2]
+    for b in numba.prange((theta.shape[1] + block - 1) // block):
+        _mix_block(theta, columns, coefficients, buffers[numba.get_thread_id()], b * block)
+
+
+@numba.njit(cache=True, boundscheck=False)
+def _mix_rows_serial(theta: np.ndarray, columns: np.ndarray, coefficients: np.ndarray, buffers: np.ndarray) -> None:
+    """Every block of columns in turn. On one thread (as under torchrun, which gives each process
+    one) this one is used: the parallel one would start numba's OpenMP pool, whose idle threads
+    competed with the other processes for the cores (the 3-process tests ran 3x slower)."""
+    block = buffers.shape[2]
+    for start in range(0, theta.shape[1], block):
+        _mix_block(theta, columns, coefficients, buffers[0], start)
 
 
 @numba.njit(cache=True)
@@ -70,5 +84,9 @@ class SparseMixer:
         if not theta.is_contiguous() or theta.dtype != torch.float32:
             raise ValueError(f"SparseMixer needs a contiguous float32 theta, got {theta.dtype}")
         columns, coefficients = _neighbours(weights.numpy(), width)
-        numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-        _mix_rows(theta.numpy(), columns, coefficients, self.buffers)
+        threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if threads == 1:
+            _mix_rows_serial(theta.numpy(), columns, coefficients, self.buffers)
+        else:
+            numba.set_num_threads(threads)
+            _mix_rows_parallel(theta.numpy(), columns, coefficients, self.buffers)
