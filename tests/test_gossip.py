@@ -41,16 +41,17 @@ def test_uniform_weights_on_an_irregular_graph_are_row_but_not_column_stochastic
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("blocks", ["one block", "blocks of 128 columns"])
+@pytest.mark.parametrize("blocks", ["one block", "blocks of 64 columns"])
 @pytest.mark.parametrize("weights_of", [*GRAPHS, "dense random"])
 def test_sparse_equal_row_and_dense_gossip_equal_the_matrix_product(weights_of, blocks, threads, monkeypatch):
     """Each of GossipAverager's three paths (compiled sparse pass, serial on one thread and
     parallel on more: ring, exponential, one-peer; identical rows: complete; GEMM: dense random W)
     equals W @ theta, in one block and in many."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    if blocks != "one block":  # 257 columns: 2 full blocks of 128 and a partial one
+    if blocks != "one block":  # 257 columns: 4 full blocks and a partial one
         monkeypatch.setattr(GossipAverager, "CACHE_FLOATS", 32 * 64)
-        monkeypatch.setattr(GossipAverager, "SPARSE_CACHE_FLOATS", 32 * 128)
+        monkeypatch.setattr(GossipAverager, "SPARSE_CACHE_FLOATS", 32 * 64)
+        monkeypatch.setattr(GossipAverager, "SPARSE_MIN_COLUMNS", 64)
     if weights_of == "dense random":
         weights = torch.rand(32, 32, generator=torch.Generator().manual_seed(0))
         weights /= weights.sum(1, keepdim=True)

@@ -27,14 +27,15 @@ class GossipAverager:
     """
 
     CACHE_FLOATS = 2**17  # GEMM blocks: measured best of 2**15..2**21
-    SPARSE_CACHE_FLOATS = 2**14  # compiled sparse pass (at least 128 columns): measured best of 2**13..2**16
+    SPARSE_CACHE_FLOATS = 2**14  # compiled sparse pass: measured best of 2**13..2**16
+    SPARSE_MIN_COLUMNS = 512  # and of 128..2048 (short row pieces cost more than the cache misses)
     SPARSE_WIDTH = 8
 
     def __init__(self, shape: torch.Size):
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
         self._sparse = kernels.SparseMixer(
-            num_sites, min(self.num_parameters, max(128, self.SPARSE_CACHE_FLOATS // num_sites))
+            num_sites, min(self.num_parameters, max(self.SPARSE_MIN_COLUMNS, self.SPARSE_CACHE_FLOATS // num_sites))
         )
         self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters))
 
