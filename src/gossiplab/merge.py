@@ -16,7 +16,7 @@ class GossipAverager:
 
     Mixing acts on every column of theta independently; the work depends on W's shape:
     - sparse W (at most max(8, N / 4) neighbours per row: ring, one-peer, exponential graphs): one
-      compiled pass (kernels.mix_rows_) that mixes a cache-sized block of columns of all rows
+      compiled pass (kernels.SparseMixer) that mixes a cache-sized block of columns of all rows
       into a small buffer and writes it back, O(N k P);
     - W with identical rows (complete graph with uniform or Metropolis weights: every site gets the
       same average): the one mixed row w theta, then written to every row, O(N P);

@@ -35,31 +35,27 @@ from torch.func import functional_call, vmap
 from gossiplab.models import has_convolutions
 
 
-def linear_stack(module: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers of `module` if it is Flatten, (Linear, ReLU)*, Linear with biases (what
-    models.mlp builds); else None."""
+def is_linear_stack(module: nn.Module) -> bool:
+    """Whether `module` is Flatten, (Linear, ReLU)*, Linear with biases: what models.mlp builds."""
     layers = list(module) if isinstance(module, nn.Sequential) else []
     if len(layers) < 2 or not isinstance(layers[0], nn.Flatten) or len(layers) % 2:
-        return None
+        return False
     kinds = [nn.Linear if k % 2 == 0 else nn.ReLU for k in range(len(layers) - 1)]
-    linears = layers[1::2]
-    if all(isinstance(m, kind) for m, kind in zip(layers[1:], kinds, strict=True)) and all(
-        m.bias is not None for m in linears
-    ):
-        return linears
-    return None
+    return all(isinstance(m, kind) for m, kind in zip(layers[1:], kinds, strict=True)) and all(
+        m.bias is not None for m in layers[1::2]
+    )
 
 
 def choose_strategy(module: nn.Module, requested: str) -> str:
     """'auto' picks the per-site loop for convolutional models on CPU, the written-out batched
     matmuls for linear stacks and vmap otherwise."""
-    if requested == "linear" and linear_stack(module) is None:
+    if requested == "linear" and not is_linear_stack(module):
         raise ValueError("train.engine = 'linear' needs a plain linear stack (Linear and ReLU layers)")
     if requested != "auto":
         return requested
     if has_convolutions(module):
         return "loop"
-    return "linear" if linear_stack(module) is not None else "vmap"
+    return "linear" if is_linear_stack(module) else "vmap"
 
 
 def initial_parameters(module: nn.Module, seed: int) -> torch.Tensor:
@@ -113,6 +109,8 @@ class Population:
             chunks = -(-num_sites * self.num_parameters // self.LINEAR_CHUNK_FLOATS)  # equal chunks, as few as fit
             bounds = torch.arange(num_sites).tensor_split(chunks)
             self._linear_chunks = [slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)]
+            weights = [n for n in self.names if n.endswith(".weight")]
+            self._linear_layers = [(w, w.removesuffix("weight") + "bias") for w in weights]  # input to output
         elif self.strategy == "vmap":
             size = max(1, min(num_sites, self.VMAP_CHUNK_FLOATS // self.num_parameters))
             self._chunks = [
@@ -174,12 +172,10 @@ class Population:
         db_l = sum_B g_l, and g_{l-1} = (g_l W_l) * [h_{l-1} > 0] (ReLU's derivative at its output).
         """
         theta = self.views(self.theta[sites])
-        names = [n for n in self.names if n.endswith(".weight")]
         activations = [x.flatten(2)]
-        for k, name in enumerate(names):
-            bias = name.removesuffix("weight") + "bias"
-            h = torch.baddbmm(theta[bias].unsqueeze(1), activations[-1], theta[name].transpose(1, 2))
-            activations.append(h.relu_() if k < len(names) - 1 else h)
+        for k, (weight, bias) in enumerate(self._linear_layers):
+            h = torch.baddbmm(theta[bias].unsqueeze(1), activations[-1], theta[weight].transpose(1, 2))
+            activations.append(h.relu_() if k < len(self._linear_layers) - 1 else h)
         logits = activations.pop()
         if self.class_mask is not None:
             logits.masked_fill_(~self.class_mask[sites, None, :], -torch.inf)
@@ -188,12 +184,12 @@ class Population:
         g = log_probabilities.exp_()
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full(y.unsqueeze(-1).shape, -1.0))
         g.div_(y.shape[1])
-        for name in reversed(names):
+        for weight, bias in reversed(self._linear_layers):
             h = activations.pop()
-            torch.bmm(g.transpose(1, 2), h, out=grad[name])
-            torch.sum(g, 1, out=grad[name.removesuffix("weight") + "bias"])
+            torch.bmm(g.transpose(1, 2), h, out=grad[weight])
+            torch.sum(g, 1, out=grad[bias])
             if activations:
-                g = torch.ops.aten.threshold_backward(torch.bmm(g, theta[name]), h, 0.0)
+                g = torch.ops.aten.threshold_backward(torch.bmm(g, theta[weight]), h, 0.0)
         return losses
 
     def _vmapped_losses(self, params: dict, x: torch.Tensor, y: torch.Tensor, sites: slice) -> torch.Tensor:
