@@ -60,6 +60,14 @@ def test_unknown_preset_lists_the_available_ones():
         build_config("nope")
 
 
+@pytest.mark.parametrize("model", [["model.name=cnn"], ["model.head=text"]])
+def test_the_linear_engine_is_refused_for_anything_but_a_plain_mlp(model):
+    with pytest.raises(ConfigError, match=r"field 'train\.engine' = 'linear': 'linear' is for plain MLPs"):
+        build_config("default", [*model, "train.engine=linear"])
+    plain_mlp = build_config("default", ["model.name=mlp", "model.head=linear", "train.engine=linear"])
+    assert plain_mlp.train.engine == "linear"
+
+
 def test_malformed_config_file_is_refused():
     with pytest.raises(ConfigError, match="not valid TOML"):
         config_from_toml("[gossip\n")

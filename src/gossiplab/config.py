@@ -368,6 +368,8 @@ def validate(config: Config) -> None:
     need(0 <= config.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
     need(config.train.eps > 0, "train.eps", "must be > 0")
     one_of("train.engine", ENGINES)
+    need(config.train.engine != "linear" or (model.name == "mlp" and model.head == "linear"), "train.engine",
+         "'linear' is for plain MLPs (model.name = 'mlp', model.head = 'linear'); use auto, vmap or loop")  # fmt: skip
     one_of("train.lr_schedule", LR_SCHEDULES)
     need(
         0 <= config.train.warmup_steps < config.train.steps,
