@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from gossiplab import kernels
 from gossiplab.merge import GossipAverager, global_merge
 from gossiplab.mixing import metropolis, mixing_matrix, spectral_gap, uniform
 from gossiplab.schedule import GossipSchedule
@@ -61,6 +62,20 @@ def test_sparse_equal_row_and_dense_gossip_equal_the_matrix_product(weights_of, 
     expected = weights @ theta
     GossipAverager(theta.shape)(theta, weights)
     torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", [*GRAPHS, "star"])
+def test_row_width_is_the_most_neighbours_of_any_row(topology):
+    """The count that sends W to the sparse pass (kernels.row_width) is the largest number of
+    non-zeros in a row: a star's hub has all N, its leaves 2."""
+    if topology == "star":
+        adjacency = torch.zeros(9, 9, dtype=torch.bool)
+        adjacency[0, :] = adjacency[:, 0] = True
+        adjacency.fill_diagonal_(True)
+        weights = uniform(adjacency)
+    else:
+        weights = mixing_matrix(build_adjacency(topology, 16, 1, seed=0), "metropolis")
+    assert kernels.row_width(weights.numpy()) == int((weights != 0).sum(1).max())
 
 
 def test_graph_shapes():

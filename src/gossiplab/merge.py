@@ -42,8 +42,7 @@ class GossipAverager:
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         num_sites = len(weights)
-        nonzero = weights != 0
-        width = int(nonzero.sum(1).max())
+        width = kernels.row_width(weights.numpy())
         if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
             self._sparse(theta, weights, width)
         elif bool((weights == weights[:1]).all()):
