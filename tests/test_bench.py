@@ -7,7 +7,9 @@ import json
 import subprocess
 import sys
 
-from gossiplab.config import build_config
+from gossiplab.bench import training_flops
+from gossiplab.config import ModelConfig, build_config
+from gossiplab.models import build_model
 from gossiplab.runner import Runner, build_experiment, memory_estimate
 
 
@@ -24,6 +26,19 @@ def test_bench_reports_every_model_and_ratio(tmp_path):
     for row in rows.values():
         assert row["speedup"] > 0 and row["gossip_ring_vs_copy"] > 0 and row["gossip_complete_vs_copy"] > 0
     assert rows[("mlp", 2)]["fraction_of_kernel_limit"] > 0
+    assert all(row["optimizer_share"] > 0 for row in rows.values())
+
+
+def test_training_flops_count_the_work_a_step_does_and_no_dx_for_the_data():
+    """Forward, dW and dX of every layer, except dX of the first: its input is the data, and
+    neither the engine nor the loop computes a gradient for it (GFLOP/s would be inflated)."""
+    mlp = build_model(ModelConfig(name="mlp", hidden=[200, 200]), (1, 28, 28), 10)
+    forward = [2 * 784 * 200, 2 * 200 * 200, 2 * 200 * 10]
+    assert training_flops(mlp, (1, 28, 28)) == 3 * sum(forward) - forward[0]
+    cnn = build_model(ModelConfig(name="cnn", channels=[16, 32]), (1, 28, 28), 10)
+    # 2 x output elements x input channels x kernel area; 5x5 convolutions padded 2, pooled by 2
+    forward = [2 * (16 * 28 * 28) * 1 * 25, 2 * (32 * 14 * 14) * 16 * 25, 2 * 1568 * 10]
+    assert training_flops(cnn, (1, 28, 28)) == 3 * sum(forward) - forward[0]
 
 
 def test_bench_refuses_bad_arguments():

@@ -7,10 +7,13 @@ optimizer update) is timed three ways, interleaved so that machine noise hits al
 - engine: gossiplab's Population + stacked optimizer with the strategy `auto` picks;
 - another engine strategy (vmap where `auto` picked linear or the loop; the loop where it picked
   vmap), to show that `auto` picked the faster.
-Reported: steps/s, engine / loop, achieved GFLOP/s against the shape-matched kernel limit (the bare
-batched forward, dX and dW matmuls of the same layer shapes, timed in the same run) and against
-square-GEMM peak; and gossip time per round against one `copy_` of Theta (a memory-bandwidth
-bound), for a sparse (ring) and a dense (complete) graph. Nothing here is asserted by tests.
+Reported: steps/s, engine / loop, the share of the engine's step spent in its optimizer update
+(a pass over theta, grad and the optimizer state, bound by memory bandwidth, not by the matmuls),
+achieved GFLOP/s (the work done: forward, dW, and dX past the first layer) against the
+shape-matched kernel limit (the bare batched matmuls of that work at the same shapes, timed in the
+same run) and against square-GEMM peak; and gossip time per round against one `copy_` of Theta (a
+memory-bandwidth bound), for a sparse (ring) and a dense (complete) graph. Nothing here is
+asserted by tests.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class Row:
     engine_steps_per_s: float
     other_strategy_steps_per_s: float
     speedup: float
+    optimizer_share: float
     gflops: float
     kernel_limit_gflops: float | None
     fraction_of_kernel_limit: float | None
@@ -80,44 +84,45 @@ def interleaved(functions: dict[str, Callable[[], object]], repeats: int, min_se
 
 
 def training_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-adds x 2 of one forward pass of one sample through Linear and Conv2d layers, x 3
-    for a training step (forward, dX, dW)."""
-    total = 0
+    """FLOPs (2 x multiply-adds) of one training step on one sample through the Linear and Conv2d
+    layers: the forward pass, dW of every layer, and dX of every layer but the first, whose input
+    is the data and needs no gradient (neither the engine nor the loop computes it)."""
+    forward: list[int] = []
 
     def count(layer, _inputs, output):
-        nonlocal total
         if isinstance(layer, nn.Linear):
-            total += 2 * layer.in_features * layer.out_features
+            forward.append(2 * layer.in_features * layer.out_features)
         else:
-            total += 2 * output[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1]
+            forward.append(2 * output[0].numel() * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1])
 
     hooks = [m.register_forward_hook(count) for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
     with torch.no_grad():
         module(torch.zeros(1, *input_shape))
     for hook in hooks:
         hook.remove()
-    return 3 * total
+    return 3 * sum(forward) - forward[0]
 
 
 def kernel_limit(module: nn.Module, sites: int, repeats: int, min_seconds: float) -> float | None:
     """GFLOP/s of the bare batched matmuls a linear stack's training step needs, at its own shapes
-    and memory layouts (nn.Linear's weight is [out, in]): forward x @ W^T, dX = g @ W,
-    dW = g^T @ x, for [N, B, in] inputs x and [N, B, out] output gradients g."""
+    and memory layouts (nn.Linear's weight is [out, in]): forward x @ W^T, dW = g^T @ x and, past
+    the first layer, dX = g @ W, for [N, B, in] inputs x and [N, B, out] output gradients g."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if any(isinstance(m, nn.Conv2d) for m in module.modules()):
         return None
     flops, seconds = 0, 0.0
-    for layer in linears:
+    for depth, layer in enumerate(linears):
         i, o = layer.in_features, layer.out_features
         x, w, g = torch.randn(sites, BATCH, i), torch.randn(sites, o, i), torch.randn(sites, BATCH, o)
         outs = (torch.empty(sites, BATCH, o), torch.empty(sites, BATCH, i), torch.empty(sites, o, i))
         kernels = {
             "forward": lambda x=x, w=w, out=outs[0]: torch.bmm(x, w.transpose(1, 2), out=out),
-            "dx": lambda g=g, w=w, out=outs[1]: torch.bmm(g, w, out=out),
             "dw": lambda x=x, g=g, out=outs[2]: torch.bmm(g.transpose(1, 2), x, out=out),
         }
+        if depth > 0:
+            kernels["dx"] = lambda g=g, w=w, out=outs[1]: torch.bmm(g, w, out=out)
         seconds += sum(interleaved(kernels, repeats, min_seconds).values())
-        flops += 3 * 2 * sites * BATCH * i * o
+        flops += len(kernels) * 2 * sites * BATCH * i * o
     return flops / seconds / 1e9
 
 
@@ -147,15 +152,25 @@ def per_site_loop(module: nn.Module, theta: torch.Tensor, train: TrainConfig) ->
     return step
 
 
-def engine(module: nn.Module, sites: int, train: TrainConfig, strategy: str) -> tuple[Population, Callable]:
+def engine(module: nn.Module, sites: int, train: TrainConfig, strategy: str) -> tuple[Population, Callable, dict]:
+    """The engine's population, its training step, and the seconds the step has spent in total and
+    in its optimizer update, timed inside the real step: updates timed alone, repeated on one fixed
+    gradient, drove the models to where their gradients held denormal floats, and the engine's
+    steps timed after them ran up to 2x slower."""
     population = Population(module, sites, seed=0, strategy=strategy)
     optimizer = build_optimizer(train, population.theta.shape)
+    seconds = {"step": 0.0, "update": 0.0}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        start = time.perf_counter()
         population.compute_gradients(x, y)
+        middle = time.perf_counter()
         optimizer.step(population.theta, population.grad)
+        end = time.perf_counter()
+        seconds["step"] += end - start
+        seconds["update"] += end - middle
 
-    return population, step
+    return population, step, seconds
 
 
 def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tuple[float, float]:
@@ -190,9 +205,9 @@ def bench(
         for n in sites:
             x = torch.randn(n, BATCH, *shape, generator=generator)
             y = torch.randint(0, 10, (n, BATCH), generator=generator)
-            population, engine_step = engine(module, n, train, "auto")
+            population, engine_step, engine_seconds = engine(module, n, train, "auto")
             other = "loop" if population.strategy == "vmap" else "vmap"
-            _, other_step = engine(module, n, train, other)
+            _, other_step, _ = engine(module, n, train, other)
             loop_step = per_site_loop(module, population.theta, train)
             times = interleaved(
                 {
@@ -215,6 +230,7 @@ def bench(
                 engine_steps_per_s=1 / times["engine"],
                 other_strategy_steps_per_s=1 / times["other"],
                 speedup=times["loop"] / times["engine"],
+                optimizer_share=engine_seconds["update"] / engine_seconds["step"],
                 gflops=gflops,
                 kernel_limit_gflops=limit,
                 fraction_of_kernel_limit=None if limit is None else gflops / limit,
