@@ -27,7 +27,9 @@ class GossipAverager:
     """
 
     CACHE_FLOATS = 2**17  # GEMM blocks: measured best of 2**15..2**21
-    SPARSE_CACHE_FLOATS = 2**14  # compiled sparse pass: measured best of 2**13..2**16
+    # compiled sparse pass: measured best of 2**12..2**16 (a ring at N = 4 and 16 took 1.2-1.4x less
+    # time than with 2**14; blocks are SPARSE_MIN_COLUMNS wide from N = 8 on, not from N = 32)
+    SPARSE_CACHE_FLOATS = 2**12
     SPARSE_MIN_COLUMNS = 512  # and of 128..2048 (short row pieces cost more than the cache misses)
     SPARSE_WIDTH = 8
 
