@@ -18,6 +18,8 @@ def test_bench_reports_every_model_and_ratio(tmp_path):
     args = ["bench", "--sites", "2,3", "--repeats", "1", "--seconds", "0.01", "--json", str(out)]
     result = subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    # piped, the table is printed whole: no cell cut to fit 80 columns
+    assert "gossip complete / copy" in result.stdout and "…" not in result.stdout
     table = json.loads(out.read_text())
     assert table["square_gemm_peak_gflops"] > 0
     rows = {(r["model"], r["sites"]): r for r in table["rows"]}

@@ -452,6 +452,8 @@ def bench_command(
             _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")
         _bench_distributed(counts, rounds, json_path)
         return
+    # piped to a file or a CI log, rich would cut this wide table's cells to 80 columns
+    out = console if console.is_terminal else Console(width=220)
     table = Table(title="one training step, B = 32 per site (ratios measured side by side)")
     for column in (
         "model",
@@ -488,9 +490,13 @@ def bench_command(
             f"{row.gossip_complete_vs_copy:.2f}x",
         )
 
-    with Live(table, console=console, refresh_per_second=2):
+    if out.is_terminal:  # rows appear as they are measured
+        with Live(table, console=out, refresh_per_second=2):
+            rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
+    else:
         rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
-    console.print(
+        out.print(table)
+    out.print(
         f"square-GEMM peak (2048x2048) {peak:.1f} GFLOP/s with {__import__('torch').get_num_threads()} threads; "
         "'other strategy' is its speed relative to the one 'auto' picked"
     )
