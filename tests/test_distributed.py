@@ -305,6 +305,7 @@ def test_bench_distributed_sends_exactly_the_analytic_bytes(tmp_path):
     args = ["bench", "--distributed", "--sites", "4", "--rounds", "2", "--json", str(out)]
     result = subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout and "…" not in result.stdout  # piped: the table printed whole
     rows = json.loads(out.read_text())
     assert [(r["topology"], r["processes"]) for r in rows] == [(t, k) for t in ("ring", "complete") for k in (1, 2, 4)]
     for row in rows:

@@ -6,11 +6,14 @@ import json
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
@@ -374,9 +377,19 @@ def landscape(
     console.print(f"wrote {path}")
 
 
-def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -> None:
-    from rich.live import Live
+@contextmanager
+def _table_filled_live(table: Table) -> Iterator[None]:
+    """In a terminal, `table` shows its rows as they are added; piped to a file or a CI log, it is
+    printed whole at the end (rich would cut a wide table's cells to fit 80 columns)."""
+    if console.is_terminal:
+        with Live(table, console=console, refresh_per_second=2):
+            yield
+    else:
+        yield
+        Console(width=220).print(table)
 
+
+def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -> None:
     from gossiplab.bench_distributed import run as run_processes
 
     table = Table(title="one gossip round (local step + exchange) with the sites in K processes on loopback")
@@ -384,7 +397,7 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
                    "analytic MB", "payload MB", "loopback MB"):  # fmt: skip
         table.add_column(column, justify="right")
     results = []
-    with Live(table, console=console, refresh_per_second=2):
+    with _table_filled_live(table):
         for count in counts:
             for topology in ("ring", "complete"):
                 single = None
@@ -430,8 +443,6 @@ def bench_command(
     rounds: Annotated[int, typer.Option(help="--distributed: timed rounds per measurement")] = 20,
 ) -> None:
     """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
-    from rich.live import Live
-
     from gossiplab.bench import MODELS, as_json, bench
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]
@@ -452,8 +463,6 @@ def bench_command(
             _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")
         _bench_distributed(counts, rounds, json_path)
         return
-    # piped to a file or a CI log, rich would cut this wide table's cells to 80 columns
-    out = console if console.is_terminal else Console(width=220)
     table = Table(title="one training step, B = 32 per site (ratios measured side by side)")
     for column in (
         "model",
@@ -490,13 +499,9 @@ def bench_command(
             f"{row.gossip_complete_vs_copy:.2f}x",
         )
 
-    if out.is_terminal:  # rows appear as they are measured
-        with Live(table, console=out, refresh_per_second=2):
-            rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
-    else:
+    with _table_filled_live(table):
         rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
-        out.print(table)
-    out.print(
+    console.print(
         f"square-GEMM peak (2048x2048) {peak:.1f} GFLOP/s with {__import__('torch').get_num_threads()} threads; "
         "'other strategy' is its speed relative to the one 'auto' picked"
     )
