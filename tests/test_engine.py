@@ -125,11 +125,21 @@ def test_shared_init_gives_identical_rows_and_independent_differs():
     assert not torch.equal(independent[0], independent[1])
 
 
-def test_predict_matches_each_row_called_alone():
+@pytest.mark.parametrize("strategy", ["vmap", "linear", "loop"])
+def test_predict_matches_each_row_called_alone(strategy, monkeypatch):
+    """Whichever strategy evaluates (vmapped, or one model at a time in chunks of inputs: here 16
+    of 50), and, with `allowed`, each input classified among its own allowed classes only."""
+    monkeypatch.setattr(Population, "EVAL_CHUNK_INPUTS", 16)
     module = build_model(ModelConfig(name="mlp", hidden=[16]), (1, 8, 8), 10)
-    population = Population(module, 4, seed=0, init="independent", strategy="vmap")
-    x = torch.randn(50, 1, 8, 8)
+    population = Population(module, 4, seed=0, init="independent", strategy=strategy)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 1, 8, 8, generator=generator)
+    allowed = torch.rand(50, 10, generator=generator) < 0.3
+    allowed[:, 0] = True
     predictions = population.predict(population.theta, x)
+    masked = population.predict(population.theta, x, allowed)
     for i in range(4):
         logits = torch.func.functional_call(module, population.views(population.theta[i]), (x,))
         assert torch.equal(predictions[i], logits.argmax(-1))
+        assert torch.equal(masked[i], logits.masked_fill(~allowed, -torch.inf).argmax(-1))
+    assert not torch.equal(predictions, masked)
