@@ -35,6 +35,26 @@ from torch.func import functional_call, vmap
 from gossiplab.models import has_convolutions
 
 
+def resolve_vector_math_dispatch() -> None:
+    """Call each of torch's MKL vector-math functions once, on one number, before anything in the
+    process calls them on several threads at once.
+
+    oneMKL 2024.2 (in the torch 2.13 wheels) picks a function's kernel on its first call, and
+    concurrent first calls from torch's worker threads could run one thread's share with a
+    low-accuracy kernel (pytorch/pytorch#188792, whose fix is this warm-up). Seen here: the first
+    torch.exp of a run gave the second thread's half 1.5e-4 relative error in about 3% of
+    processes, and the same seed then gave another run."""
+    for dtype in (torch.float32, torch.float64):
+        one = torch.full((1,), 0.5, dtype=dtype)
+        for function in (torch.acos, torch.asin, torch.atan, torch.cos, torch.erf, torch.erfc, torch.erfinv,
+                         torch.exp, torch.expm1, torch.log, torch.log10, torch.log1p, torch.log2, torch.sin,
+                         torch.sqrt, torch.tan, torch.tanh):  # fmt: skip
+            function(one)
+
+
+resolve_vector_math_dispatch()  # at import: gossiplab's package import runs it before any work
+
+
 def is_linear_stack(module: nn.Module) -> bool:
     """Whether `module` is Flatten, (Linear, ReLU)*, Linear with biases: what models.mlp builds."""
     layers = list(module) if isinstance(module, nn.Sequential) else []
@@ -182,9 +202,9 @@ class Population:
             logits.masked_fill_(~self.class_mask[sites, None, :], -torch.inf)
         log_probabilities = torch.log_softmax(logits, -1)
         losses = -log_probabilities.gather(-1, y.unsqueeze(-1)).squeeze(-1).mean(1)
-        # softmax, not log_probabilities.exp_(): torch's element-wise exp, split over threads from
-        # 2,048 numbers, gave the second thread's half 1e-4 relative error in about 3% of processes
-        # on this machine (runs with one seed then differed); log_softmax's own exp never did
+        # softmax computes its own exp; log_probabilities.exp_() would be MKL's vector math, whose
+        # first call gave one thread's half 1e-4 relative error in 3% of processes (see
+        # resolve_vector_math_dispatch); log_softmax's exp was exact in those processes
         g = torch.softmax(logits, -1)
         g.scatter_add_(-1, y.unsqueeze(-1), torch.full(y.unsqueeze(-1).shape, -1.0))
         g.div_(y.shape[1])
