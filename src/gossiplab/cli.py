@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,12 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from gossiplab import __version__
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
 from gossiplab.distributed import (
+    JoinRefused,
     PeerLost,
     ProcessGroup,
     ResumeError,
@@ -39,10 +42,23 @@ from gossiplab.runner import (
     Runner,
     load_run_config,
 )
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 
-USER_ERRORS = (ConfigError, RunDirError, SourceMissingError, PartitionError, ResourceError, EncoderError)
+USER_ERRORS = (
+    ConfigError,
+    RunDirError,
+    SourceMissingError,
+    PartitionError,
+    ResourceError,
+    EncoderError,
+    JoinRefused,
+)
 
-app = typer.Typer(add_completion=False, help="gossiplab: decentralized (gossip) deep learning on PyTorch.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="gossiplab: decentralized (gossip) deep learning on PyTorch.",
+)
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)
 
@@ -117,6 +133,7 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
+    comm = None
     try:
         if dry_run:
             if resume is not None:
@@ -124,7 +141,6 @@ def run(
             config = build_config(preset, overrides, config_file)
             _print_dry_run(config)
             return
-        comm = None
         if relaunched_by_torchrun(run_dir):  # torchrun --max-restarts: the same command continues the run
             resume, run_dir, overrides, preset, config_file = run_dir, None, None, "default", None
         if resume is not None:
@@ -349,7 +365,10 @@ def landscape(
         experiment = build_experiment(config)
     except USER_ERRORS as error:
         _fail(str(error))
-    loaded = torch.load(source, weights_only=True)
+    try:
+        loaded = load_tensors(source, "checkpoint")
+    except (UnsafeFileError, PlainDataFileError) as error:
+        _fail(str(error))
     theta = loaded["theta"] if isinstance(loaded, dict) else loaded
     federation = experiment.federation
     chosen = torch.randperm(len(federation.test_y), generator=torch.Generator().manual_seed(0))[:samples]
@@ -510,5 +529,32 @@ def bench_command(
         console.print(f"wrote {json_path}")
 
 
+BUG_REPORT = (
+    "this is a bug in gossiplab {version} (torch {torch}, Python {python}), not a mistake of yours: please "
+    "report it with the command you ran and the traceback above"
+)
+
+
 def main() -> None:
-    app()
+    """Every command's one rule: a user's mistake or a fault of the environment (a full disk, a file
+    that cannot be read) is one line naming the input, exit code 2; anything else is a bug, shown
+    with its traceback and how to report it (exit code 1)."""
+    try:
+        app()
+    except (*USER_ERRORS, UnsafeFileError, PlainDataFileError) as error:
+        errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        sys.exit(2)
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        errors.print(f"[bold red]error:[/] {escape(where + (error.strerror or str(error)))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception:
+        import platform
+
+        import torch
+
+        errors.print_exception()
+        errors.print(BUG_REPORT.format(version=__version__, torch=torch.__version__, python=platform.python_version()))
+        sys.exit(1)

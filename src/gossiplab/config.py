@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -134,6 +135,8 @@ class DistributedConfig:
 
     timeout_s: float = 60.0
     on_failure: str = "drop"
+    secret_env: str = "GOSSIPLAB_JOIN_SECRET"
+    secret_file: str = ""
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Config:
     description: str = "16 sites, Fashion-MNIST, Dirichlet(0.1) label skew, MLP, DSGD with random one-peer gossip"
     seed: int = 0
     num_sites: int = 16
+    plugins: list[str] = field(default_factory=list)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -269,6 +273,8 @@ def config_from_toml(text: str, origin: str = "config") -> Config:
 
 def build_config(preset: str = "default", overrides: list[str] | None = None, path: Path | None = None) -> Config:
     """The preset (or the config file at `path`) with the overrides applied, validated."""
+    from gossiplab.plugins import import_plugins
+
     if path is not None:
         try:
             text = path.read_text()
@@ -278,6 +284,7 @@ def build_config(preset: str = "default", overrides: list[str] | None = None, pa
     else:
         config = load_preset(preset)
     apply_values(config, dict(parse_override(o) for o in overrides or []))
+    import_plugins(config.plugins, untrusted=[path.parent] if path is not None else [])
     validate(config)
     return config
 
@@ -437,6 +444,10 @@ def validate(config: Config) -> None:
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
     need(config.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0 (seconds)")
     one_of("distributed.on_failure", ("drop", "stop"))
+    need(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", config.distributed.secret_env)), "distributed.secret_env",
+         "must name the environment variable that holds the join secret (never the secret itself)")  # fmt: skip
+    need(not config.distributed.secret_file or Path(config.distributed.secret_file).expanduser().is_file(),
+         "distributed.secret_file", "must be a readable file holding the join secret, or empty")  # fmt: skip
     need(
         not config.eval.tensorboard or importlib.util.find_spec("tensorboardX") is not None,
         "eval.tensorboard",

@@ -13,6 +13,12 @@ The runner trains, mixes and evaluates through a communicator, so one algorithm 
   (own rows and received rows, in global site order) with the run's merge operator, so a sparse
   round sums in the same order as the simulation.
 
+Who may join: with a join secret (`distributed.secret_env` names an environment variable,
+`distributed.secret_file` a file; the secret itself is never in the config), every process proves
+it holds the secret before the first exchange (`admit`), and the group's own keys live under a store
+prefix that only holders of the secret can derive. torch's store and gloo traffic are neither
+encrypted nor authenticated: the secret keeps out processes that do not hold it, not an eavesdropper.
+
 Faults: a process that dies is detected by its peers' failing sends/receives (or the group timeout);
 process 0, which writes the run directory, compares heartbeat counters in the rendezvous store to
 name the lost processes, and the survivors form a new group. The runner then rolls back to the last
@@ -24,8 +30,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
+import hmac
+import ipaddress
 import json
 import os
+import secrets
+import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -37,6 +49,7 @@ import torch.distributed as dist
 from gossiplab.config import Config, ConfigError, flatten
 
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
+JOIN_POLL_S = 0.05  # how often a process waiting to join (or rank 0 waiting for claims) polls the store
 DISTRIBUTED_MIXING = ("uniform", "metropolis")  # rules computed from the topology alone
 DISTRIBUTED_MERGES = ("average",)
 
@@ -60,6 +73,10 @@ def exchange(method: Callable) -> Callable:
 
 class ResumeError(ValueError):
     """The processes' checkpoints do not share a step to resume from; nothing was changed."""
+
+
+class JoinRefused(RuntimeError):
+    """A process could not prove the run's join secret, or the run stopped because one could not."""
 
 
 class PeerLost(RuntimeError):
@@ -151,9 +168,181 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     under a prefix per launch attempt: torchrun keeps its store across `--max-restarts`
     relaunches, and a relaunched group must not read the dead attempt's addresses."""
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=rank == 0 and not agent_hosts, timeout=timeout)  # fmt: skip
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    try:
+        store = dist.TCPStore(address, port, world_size, is_master=rank == 0 and not agent_hosts, timeout=timeout)
+    except dist.DistError as error:
+        raise JoinRefused(
+            f"cannot reach the run's rendezvous store at {address}:{port} within distributed.timeout_s = "
+            f"{timeout.total_seconds():g} s ({str(error).splitlines()[0][:120]}): is rank 0 running there?"
+        ) from error
     return dist.PrefixStore(f"gossiplab/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def join_secret(config: Config) -> bytes | None:
+    """The run's join secret: the contents of `distributed.secret_file`, else the value of the
+    environment variable `distributed.secret_env`; None when neither holds one."""
+    settings = config.distributed
+    if settings.secret_file:
+        try:
+            secret = Path(settings.secret_file).expanduser().read_bytes().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"field 'distributed.secret_file' = {settings.secret_file!r}: cannot read it ({error.strerror})"
+            ) from error
+        if not secret:
+            raise ConfigError(f"field 'distributed.secret_file' = {settings.secret_file!r}: the file is empty")
+        return secret
+    return os.environ.get(settings.secret_env, "").encode() or None
+
+
+def config_digest(config: Config) -> str:
+    """SHA-256 of the resolved config: a proof of the secret is bound to the run it joins."""
+    return hashlib.sha256(json.dumps(flatten(config.to_dict()), sort_keys=True).encode()).hexdigest()
+
+
+def _proof(secret: bytes, *parts: object) -> str:
+    """HMAC-SHA256 of the parts under the join secret."""
+    return hmac.new(secret, "|".join(map(str, parts)).encode(), hashlib.sha256).hexdigest()
+
+
+def on_one_machine() -> bool:
+    """True when every process of this launch runs here: the store is on a loopback address and
+    the launcher started all WORLD_SIZE processes on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        loopback = address == "localhost" or ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name: another machine, as far as we can tell
+        loopback = False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return loopback and int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world
+
+
+def _wait_for_any(store: dist.Store, keys: list[str], deadline: float) -> str | None:
+    """The value of the first of `keys` set in the store (polled), or None at the deadline."""
+    try:
+        while time.monotonic() < deadline:
+            for key in keys:
+                if store.check([key]):
+                    return store.get(key).decode()
+            time.sleep(JOIN_POLL_S)
+    except dist.DistError:
+        return "rank 0 stopped (its store closed)"
+    return None
+
+
+def _abort(store: dist.Store, admitted: list[int], reason: str) -> None:
+    """Rank 0: tell every process the run will not start, and give the admitted ones (which wait
+    for the start) a moment to read it before this process, which hosts the store, exits."""
+    store.set("join/abort", reason)
+    deadline = time.monotonic() + 10 * HEARTBEAT_S
+    while time.monotonic() < deadline and not all(store.check([f"join/ack/{t}"]) for t in admitted):
+        time.sleep(JOIN_POLL_S)
+
+
+def admit(
+    store: dist.Store,
+    rank: int,
+    world_size: int,
+    secret: bytes | None,
+    digest: str,
+    timeout: datetime.timedelta,
+    on_failure: str,
+) -> dist.Store:
+    """Who may join the run; returns the store under which the process group's own keys live.
+
+    Rank 0 publishes whether the run needs the join secret and, if so, a fresh nonce with its own
+    proof of the secret. Every other process draws a ticket t and posts a claim {rank r, host, pid,
+    config digest, proof = HMAC(secret, nonce | digest | r | t)}. Rank 0 admits the first valid claim
+    for each rank and refuses every other one, naming it on its standard error; a refusal stops the
+    run when `on_failure` is 'stop', and with 'drop' rank 0 keeps waiting (up to the timeout) for the
+    rightful process. The admitted processes then meet under the store prefix HMAC(secret, nonce |
+    'group'), which a process without the secret cannot derive. Without a secret nothing changes.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    if rank == 0:
+        if secret is None:
+            store.set("join/mode", "open")
+            return store
+        nonce = secrets.token_hex(16)
+        store.set("join/nonce", nonce)
+        store.set("join/nonce-proof", _proof(secret, nonce, "rank 0"))
+        store.set("join/mode", "secret")
+        _admit_claims(store, set(range(1, world_size)), secret, nonce, digest, deadline, on_failure)
+        store.set("join/go", "1")
+        return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
+    if store.get("join/mode").decode() == "open":
+        if secret is not None:
+            raise JoinRefused("this process holds a join secret but rank 0 runs without one: give all the same one")
+        return store
+    nonce, rank0_proof = store.get("join/nonce").decode(), store.get("join/nonce-proof").decode()
+    ticket = store.add("join/tickets", 1)
+    proof = _proof(secret, nonce, digest, rank, ticket) if secret is not None else ""
+    claim = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "config": digest, "proof": proof}
+    store.set(f"join/claim/{ticket}", json.dumps(claim))
+    verdict = _wait_for_any(store, [f"join/verdict/{ticket}", "join/abort"], deadline)
+    if verdict != "admitted":
+        hint = "" if secret is not None else " (this process has no join secret: see distributed.secret_env)"
+        raise JoinRefused(f"rank 0 did not admit this process: {verdict or 'no answer in time'}{hint}")
+    if not hmac.compare_digest(rank0_proof, _proof(secret, nonce, "rank 0")):  # an impostor admits anyone
+        raise JoinRefused("the process serving as rank 0 cannot prove the join secret: not joining it")
+    started = _wait_for_any(store, ["join/go", "join/abort"], deadline)
+    if started != "1":
+        with contextlib.suppress(dist.DistError):
+            store.set(f"join/ack/{ticket}", "1")
+        raise JoinRefused(f"the run did not start: {started or 'no answer in time'}")
+    return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
+
+
+def _admit_claims(
+    store: dist.Store, pending: set[int], secret: bytes, nonce: str, digest: str, deadline: float, on_failure: str
+) -> None:
+    """Rank 0: judge claims in ticket order until every rank in `pending` is admitted."""
+    judged: set[int] = set()
+    admitted: list[int] = []
+    while pending:
+        issued = store.add("join/tickets", 0)
+        posted = [t for t in range(1, issued + 1) if t not in judged and store.check([f"join/claim/{t}"])]
+        if not posted and time.monotonic() > deadline:
+            _abort(store, admitted, f"rank 0 saw no valid claim for rank(s) {sorted(pending)} in time")
+            raise JoinRefused(
+                f"no process proved the join secret for rank(s) {sorted(pending)} in distributed.timeout_s"
+            )
+        if not posted:
+            time.sleep(JOIN_POLL_S)
+        for ticket in posted:
+            judged.add(ticket)
+            rank, refusal = _judge_claim(store.get(f"join/claim/{ticket}"), ticket, pending, secret, nonce, digest)
+            if refusal is None:
+                pending.discard(rank)
+                admitted.append(ticket)
+                store.set(f"join/verdict/{ticket}", "admitted")
+                continue
+            store.set(f"join/verdict/{ticket}", f"refused: {refusal}")
+            print(f"warning: refused {refusal}", file=sys.stderr, flush=True)
+            if on_failure == "stop":
+                _abort(store, admitted, f"rank 0 refused {refusal}, and distributed.on_failure = 'stop'")
+                raise JoinRefused(f"refused {refusal}; stopping (distributed.on_failure = 'stop')")
+
+
+def _judge_claim(
+    raw: bytes, ticket: int, pending: set[int], secret: bytes, nonce: str, digest: str
+) -> tuple[int, str | None]:
+    """(claimed rank, None) for a valid claim of a rank still missing, else why it is refused,
+    naming who made it (host and pid as the claim states them)."""
+    try:
+        claim = json.loads(raw)
+        rank = int(claim["rank"])
+    except (ValueError, TypeError, KeyError):
+        return -1, f"a malformed claim (ticket {ticket})"
+    who = f"a process claiming rank {rank} (host {claim.get('host')!s:.64}, pid {claim.get('pid')!s:.16})"
+    if rank not in pending:
+        return rank, f"{who}: that rank is not expected (already joined, or out of range)"
+    if claim.get("config") != digest:
+        return rank, f"{who}: it runs another config"
+    if not hmac.compare_digest(str(claim.get("proof", "")), _proof(secret, nonce, digest, rank, ticket)):
+        return rank, f"{who}: it cannot prove the join secret"
+    return rank, None
 
 
 def relaunched_by_torchrun(run_dir: Path | None) -> bool:
@@ -199,7 +388,17 @@ class ProcessGroup:
         self.on_failure = config.distributed.on_failure
         self.rank, self.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.writes = self.rank == 0
-        self.store = rendezvous_store(self.rank, self.world_size, timeout)
+        secret = join_secret(config)
+        if secret is None and self.rank == 0 and not on_one_machine():
+            print(
+                "warning: no join secret (distributed.secret_env / secret_file): anyone who can reach "
+                f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} can join this run or send "
+                "it tensors; run it only on a trusted network",
+                file=sys.stderr,
+                flush=True,
+            )
+        store = rendezvous_store(self.rank, self.world_size, timeout)
+        self.store = admit(store, self.rank, self.world_size, secret, config_digest(config), timeout, self.on_failure)
         dist.init_process_group("gloo", store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout)
         self.group = dist.group.WORLD
         self.members = list(range(self.world_size))  # original ranks still in the run

