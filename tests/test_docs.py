@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from typer.testing import CliRunner
 
 from gossiplab.bench_distributed import free_port
+from gossiplab.cli import app
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
@@ -34,16 +37,21 @@ def test_the_readme_has_examples():
     assert sum(1 for language, _ in BLOCKS if language == "python") >= 3
 
 
-def test_command_line_walk_through(tmp_path):
+def test_command_line_walk_through(tmp_path, monkeypatch):
+    """In this process, through the CLI's own command definitions (each line as a subprocess spent
+    most of its time starting Python and loading the data again); the subprocess entry point is
+    tested in test_config.py and test_security.py."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
     for words in cli_lines():
         args = words[1:]
         if args[:1] == ["run"] and "--dry-run" not in args:
-            args += SHORTEN
+            args += [*SHORTEN, "--quiet"]
         if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
             args += ["--dry-run"]
-        result = subprocess.run([sys.executable, "-m", "gossiplab", *args, *(["--quiet"] if args[0] == "run" else [])],
-                                cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
-        assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+        result = CliRunner().invoke(app, args)
+        torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
+        assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"
     assert (tmp_path / "runs" / "demo" / "report.html").is_file()
     assert (tmp_path / "runs" / "merge" / "landscape_loss.png").is_file()
     assert (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes() == (

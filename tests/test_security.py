@@ -172,17 +172,15 @@ def test_feature_caches_and_dataset_pickles_never_run_code(tmp_path, capfd):
 
 PLUGIN = """
 import numpy as np
-import torch
 
-from gossiplab.data.sources import Dataset, SourceInfo, register_source, split_stratified
+from gossiplab.data.sources import SourceInfo, dataset_from_arrays, register_source, split_stratified
 
 
 def load():
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), 200)
     x = (rng.random((800, 1, 8, 8)) * 60 + y[:, None, None, None] * 60).astype(np.uint8)
-    train_x, train_y, test_x, test_y = split_stratified(x, y)
-    return Dataset("bars", train_x, train_y, test_x, test_y, ("a", "b", "c", "d"))
+    return dataset_from_arrays("bars", *split_stratified(x, y), ("a", "b", "c", "d"))
 
 
 register_source(SourceInfo("bars", load, "pip install my-bars", "four brightness levels", "CC0"))

@@ -86,7 +86,7 @@ def split_stratified(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     return x[~test], y[~test], x[test], y[test]
 
 
-def _dataset(name: str, x_train, y_train, x_test, y_test, class_names) -> Dataset:
+def dataset_from_arrays(name: str, x_train, y_train, x_test, y_test, class_names) -> Dataset:
     def images(a: np.ndarray) -> torch.Tensor:
         a = np.array(a, dtype=np.uint8)
         return torch.from_numpy(a[:, None] if a.ndim == 3 else a)
@@ -129,7 +129,7 @@ def load_fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> Dataset:
     for images, labels in files.values():
         y = _read_idx(labels, 8)
         arrays += [_read_idx(images, 16).reshape(len(y), 28, 28), y]
-    return _dataset("fashion-mnist", *arrays, FASHION_MNIST_CLASSES)
+    return dataset_from_arrays("fashion-mnist", *arrays, FASHION_MNIST_CLASSES)
 
 
 def load_mnist_5k() -> Dataset:
@@ -138,7 +138,7 @@ def load_mnist_5k() -> Dataset:
     with gzip.open(path) as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     x, y = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
-    return _dataset("mnist-5k", *split_stratified(x, y), DIGIT_NAMES)
+    return dataset_from_arrays("mnist-5k", *split_stratified(x, y), DIGIT_NAMES)
 
 
 def load_animal_silhouettes() -> Dataset:
@@ -152,7 +152,7 @@ def load_animal_silhouettes() -> Dataset:
     labels = package_file("animal_mnist", f"{folder}/animal_label_version_3.gz", install, "animal-silhouettes")
     with gzip.open(images, "rb") as a, gzip.open(labels, "rb") as b:
         x, y = load_numpy_pickle(a, images), load_numpy_pickle(b, labels)
-    return _dataset("animal-silhouettes", *split_stratified(x, y), ANIMAL_CLASSES)
+    return dataset_from_arrays("animal-silhouettes", *split_stratified(x, y), ANIMAL_CLASSES)
 
 
 def load_digits_8x8() -> Dataset:
@@ -161,7 +161,7 @@ def load_digits_8x8() -> Dataset:
     with gzip.open(path) as handle:
         table = np.loadtxt(handle, delimiter=",", dtype=np.int64)
     x = (table[:, :-1].reshape(-1, 8, 8) * 255 // 16).astype(np.uint8)
-    return _dataset("digits-8x8", *split_stratified(x, table[:, -1]), DIGIT_NAMES)
+    return dataset_from_arrays("digits-8x8", *split_stratified(x, table[:, -1]), DIGIT_NAMES)
 
 
 def font_files() -> list[Path]:
@@ -225,7 +225,7 @@ def load_font_letters(variants: int = 12, size: int = 28) -> Dataset:
                 images.append(render_letter(faces[name], letter, size, rng))
                 labels.append(label)
     (train_x, train_y), (test_x, test_y) = splits[False], splits[True]
-    return _dataset("font-letters", np.stack(train_x), train_y, np.stack(test_x), test_y, LETTERS)
+    return dataset_from_arrays("font-letters", np.stack(train_x), train_y, np.stack(test_x), test_y, LETTERS)
 
 
 def load_local(path_text: str) -> Dataset:
@@ -268,7 +268,7 @@ def _load_npz(path: Path) -> Dataset:
     names = (
         [str(n) for n in arrays["class_names"]] if "class_names" in keys else [f"class {i}" for i in range(num_classes)]
     )
-    return _dataset(path.stem, *parts, names)
+    return dataset_from_arrays(path.stem, *parts, names)
 
 
 def _load_image_folder(path: Path) -> Dataset:
@@ -296,12 +296,12 @@ def _load_image_folder(path: Path) -> Dataset:
         class_names = sorted(d.name for d in split_dirs[0].iterdir() if d.is_dir())
         x_train, y_train = read_split(split_dirs[0], class_names)
         x_test, y_test = read_split(split_dirs[1], class_names)
-        return _dataset(path.name, x_train, y_train, x_test, y_test, class_names)
+        return dataset_from_arrays(path.name, x_train, y_train, x_test, y_test, class_names)
     class_names = sorted(d.name for d in path.iterdir() if d.is_dir())
     if not class_names:
         raise SourceMissingError(f"data source '{path}': the folder has no class sub-folders")
     x, y = read_split(path, class_names)
-    return _dataset(path.name, *split_stratified(x, y), class_names)
+    return dataset_from_arrays(path.name, *split_stratified(x, y), class_names)
 
 
 SOURCES: dict[str, SourceInfo] = {
