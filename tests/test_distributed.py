@@ -20,7 +20,8 @@ import torch
 from gossiplab.bench_distributed import free_port
 from gossiplab.config import ConfigError, build_config
 from gossiplab.distributed import check_distributed, payload_rows
-from gossiplab.runner import Runner, read_metrics
+from gossiplab.rundir import read_metrics
+from gossiplab.runner import Runner
 
 # a small real run: 8 sites of Fashion-MNIST, an MLP, gossip after every step
 SMALL = [

@@ -100,7 +100,7 @@ def test_resume_continues_to_the_uninterrupted_result(small_config, tmp_path):
 
 def test_resume_refuses_a_finished_run(small_config, tmp_path):
     finish(small_config(), tmp_path / "done")
-    from gossiplab.runner import RunDirError
+    from gossiplab.rundir import RunDirError
 
     with pytest.raises(RunDirError, match="already holds a finished run"):
         Runner(small_config(), tmp_path / "done", resume=True)

@@ -14,7 +14,8 @@ from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features
 from gossiplab.mixing import influence, uniform
 from gossiplab.models import TextEmbeddingHead, build_model
 from gossiplab.optim import learning_rate
-from gossiplab.runner import Runner, build_experiment, read_metrics
+from gossiplab.rundir import read_metrics
+from gossiplab.runner import Runner, build_experiment
 from gossiplab.schedule import GossipSchedule, cosine_steps, two_stage_steps, uniform_steps
 from gossiplab.topology import build_adjacency
 

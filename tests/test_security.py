@@ -22,7 +22,8 @@ import torch
 from gossiplab.bench_distributed import free_port
 from gossiplab.config import ConfigError, build_config
 from gossiplab.distributed import join_secret
-from gossiplab.runner import RunDirError, Runner, read_metrics
+from gossiplab.rundir import RunDirError, read_metrics
+from gossiplab.runner import Runner
 from gossiplab.safeload import UnsafeFileError, load_numpy_pickle, load_tensors
 from test_distributed import SMALL, finish
 
@@ -98,7 +99,7 @@ def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
     (code0, out0), (code1, out1), (intruder_code, _) = finish([rank0, rank1, intruder])
     assert (code0, code1, intruder_code) == (2, 2, 2), out0 + out1
     assert "refused a process claiming rank 2" in out0 and "distributed.on_failure = 'stop'" in out0
-    assert "the run did not start: rank 0 refused a process claiming rank 2" in out1, out1
+    assert "rank 0 refused a process claiming rank 2" in out1, out1  # before or after rank 1 was admitted
     assert "Traceback" not in out0 + out1 and not (tmp_path / "run" / "summary.json").exists()
 
 

@@ -20,14 +20,8 @@ from gossiplab.data.federation import build_federation
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SourceMissingError
 from gossiplab.models import build_model
-from gossiplab.runner import (
-    DivergenceError,
-    ResourceError,
-    RunDirError,
-    Runner,
-    check_memory,
-    memory_estimate,
-)
+from gossiplab.rundir import RunDirError
+from gossiplab.runner import DivergenceError, ResourceError, Runner, check_memory, memory_estimate
 
 SMALL = ["num_sites=4", "train.steps=600", "eval.every=50"]
 

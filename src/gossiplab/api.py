@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from gossiplab.config import Config, apply_values, build_config, parse_override, validate
-from gossiplab.runner import Experiment, Runner, read_metrics
+from gossiplab.rundir import read_metrics
+from gossiplab.runner import Experiment, Runner
 
 
 @dataclass

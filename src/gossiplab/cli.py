@@ -21,7 +21,7 @@ from rich.table import Table
 from gossiplab import __version__
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
 from gossiplab.data.partition import PartitionError
-from gossiplab.data.sources import SOURCES, SourceMissingError, is_local, load_source
+from gossiplab.data.sources import SOURCES, DataFileError, SourceMissingError, is_local, load_source
 from gossiplab.distributed import (
     JoinRefused,
     PeerLost,
@@ -33,21 +33,15 @@ from gossiplab.distributed import (
 )
 from gossiplab.encoders import EncoderError
 from gossiplab.report import summary_values
-from gossiplab.runner import (
-    WRITE_PROBE,
-    DivergenceError,
-    ResourceError,
-    RunDirError,
-    RunInterrupted,
-    Runner,
-    load_run_config,
-)
+from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
+from gossiplab.runner import DivergenceError, ResourceError, RunInterrupted, Runner, load_run_config
 from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 
 USER_ERRORS = (
     ConfigError,
     RunDirError,
     SourceMissingError,
+    DataFileError,
     PartitionError,
     ResourceError,
     EncoderError,
@@ -154,11 +148,14 @@ def run(
             if config_file is not None and preset != "default":
                 _fail("give either --preset or --config, not both")
             config = build_config(preset, overrides, config_file)
-            target = run_dir or Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             if launched_distributed():
                 comm = ProcessGroup(config)
-                target = Path(comm.share("run-dir", str(target)))  # rank 0's clock names the run
             try:
+                target = run_dir
+                if target is None and (comm is None or comm.writes):  # a fresh name, never another run's
+                    target = claim_new_dir(Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                if comm is not None:
+                    target = Path(comm.share("run-dir", str(target)))  # rank 0 names the run
                 target.mkdir(parents=True, exist_ok=True)
                 probe = target / f"{WRITE_PROBE}-{os.getpid()}"
                 probe.write_bytes(b"")
@@ -198,9 +195,11 @@ def compare(
     """One table of final metrics across runs (grouped by the config keys that differ), overlay plots."""
     from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is a file: give a folder for compare_curves.png and compare_cost.png")
     try:
-        groups = group_runs(find_runs(paths))
-    except (FileNotFoundError, ConfigError) as error:
+        groups = group_runs(find_runs(paths, warn=lambda text: errors.print(f"[yellow]warning:[/] {escape(text)}")))
+    except (*USER_ERRORS, FileNotFoundError) as error:
         _fail(str(error))
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
@@ -222,11 +221,13 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run director
     """Redraw a finished run's plots, write its self-contained report.html, print its final metrics."""
     from gossiplab.report import replot
 
-    if not (run_dir / "summary.json").is_file():
-        _fail(f"{run_dir} holds no finished run (no summary.json)")
-    for path in replot(run_dir):
+    try:
+        written = replot(run_dir)
+    except USER_ERRORS as error:
+        _fail(str(error))
+    for path in written:
         console.print(f"wrote {path}")
-    console.print(summary_table(json.loads((run_dir / "summary.json").read_text())))
+    console.print(summary_table(read_summary(run_dir)))
 
 
 data_app = typer.Typer(help="List the data sources, look at one, or see how a config spreads data over sites.")
@@ -327,6 +328,7 @@ def sweep(
         return
     target = sweep_dir or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
+        target = target if sweep_dir else claim_new_dir(target)  # a default name is never another sweep's
         target.mkdir(parents=True, exist_ok=True)
         results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
     except USER_ERRORS as error:
@@ -477,6 +479,8 @@ def bench_command(
         _fail(f"--sites {sites}: must be comma-separated integers >= 1")
     if repeats < 1 or seconds <= 0 or rounds < 1:
         _fail("--repeats and --rounds must be >= 1 and --seconds > 0")
+    if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
+        _fail(f"--json {json_path}: must be a file path in an existing folder (checked before the benchmark runs)")
     if distributed:
         if min(counts) < 4:
             _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")

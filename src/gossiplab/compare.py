@@ -5,8 +5,8 @@ Used by `gossiplab compare` (any run or sweep directories) and `gossiplab sweep`
 
 from __future__ import annotations
 
-import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from gossiplab.config import build_config, flatten
-from gossiplab.runner import read_metrics
+from gossiplab.rundir import RunDirError, read_metrics, read_summary
 
 TABLE_ROWS = (  # label, summary key, scale, format
     ("ALA", "ala", 1.0, ".4f"),
@@ -64,16 +64,26 @@ def table_rows(groups: dict[str, list[dict[str, Any]]]) -> list[tuple[str, list[
     return rows
 
 
-def find_runs(paths: list[Path]) -> list[Path]:
-    """Finished run directories: the paths themselves, or every run inside a sweep directory."""
-    runs = []
+def find_runs(paths: list[Path], warn: Callable[[str], None] = print) -> list[Path]:
+    """Finished run directories: the paths themselves, or every run inside a sweep directory.
+    A run that diverged is left out with a warning (it has no final metrics to compare)."""
+    candidates = []
     for path in paths:
         if (path / "summary.json").is_file():
-            runs.append(path)
+            candidates.append(path)
         elif (path / "sweep.json").is_file():
-            runs += sorted(p.parent for p in path.glob("*/seed-*/summary.json"))
+            candidates += sorted(p.parent for p in path.glob("*/seed-*/summary.json"))
         else:
-            raise FileNotFoundError(f"{path} is neither a finished run (summary.json) nor a sweep (sweep.json)")
+            raise RunDirError(f"{path} is neither a finished run (summary.json) nor a sweep (sweep.json)")
+    runs = []
+    for run in candidates:
+        summary = read_summary(run)
+        if summary["status"] == "finished":
+            runs.append(run)
+        else:
+            warn(f"left out {run}: it did not finish ({summary['status']}: {summary.get('message', '')})")
+    if not runs:
+        raise RunDirError("none of the runs finished, so there is nothing to compare")
     return runs
 
 
@@ -92,7 +102,7 @@ def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for run, config in configs.items():
         label = ", ".join(f"{k.split('.')[-1]}={config[k]}" for k in keys) or config["name"]
-        summary = json.loads((run / "summary.json").read_text())
+        summary = read_summary(run)
         summary["run_dir"] = str(run)
         groups.setdefault(label, []).append(summary)
     return groups

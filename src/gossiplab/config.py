@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import re
 import tomllib
 import typing
@@ -187,7 +188,9 @@ def _coerce(path: str, value: Any) -> Any:
             raise ConfigError(f"field '{path}' = {value!r}: must be a list of {item.__name__}")
         return list(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"field '{path}' = {value!r}: must be a finite number")
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
         raise ConfigError(f"field '{path}' = {value!r}: must be of type {hint.__name__}")
     return value
@@ -307,7 +310,10 @@ def validate(config: Config) -> None:
         need(value in choices, path, f"must be one of {', '.join(choices)}")
 
     need(config.num_sites >= 1, "num_sites", "must be >= 1")
-    need(config.seed >= 0, "seed", "must be >= 0")
+    need(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63) (a 64-bit seed)")
+    name = Path(config.name)
+    need(bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name,
+         "name", "must be a relative name without '..' (it names the run's directory under runs/)")  # fmt: skip
     data = config.data
     need(len(data.sources) >= 1, "data.sources", "must name at least one source")
     one_of("data.partition", PARTITIONS)

@@ -15,6 +15,7 @@ A real CLIP (the paper's ViT-B/32) loads from a local path with `transformers.CL
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
@@ -194,10 +195,18 @@ def cached_image_features(
             zero_shot.append(z)
             progress.advance(task, len(chunk))
     result = {"features": torch.cat(features), "zero_shot": torch.cat(zero_shot)}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result, tmp)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise EncoderError(
+            f"the feature cache {path.parent} cannot be written ({error.strerror or error}); set GOSSIPLAB_CACHE "
+            "to a writable folder"
+        ) from error
     return result["features"], result["zero_shot"]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 
 from gossiplab.config import Config, build_config
 from gossiplab.mixing import mixing_matrix, spectral_gap
-from gossiplab.runner import read_metrics
+from gossiplab.rundir import RunDirError, read_metrics, read_summary
 from gossiplab.topology import build_adjacency, is_time_varying
 
 SUMMARY_ROWS = (  # label, summary key, format
@@ -42,7 +41,12 @@ MAX_DRAWN_SITES = 64
 def summary_values(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """The final metrics as (label, formatted value) pairs, for the terminal and the HTML report."""
     return [
-        (label, fmt.format(summary[key] / 1e6 if key == "bytes_sent" else summary[key]))
+        (
+            label,
+            "-"
+            if summary.get(key) is None
+            else fmt.format(summary[key] / 1e6 if key == "bytes_sent" else summary[key]),
+        )
         for label, key, fmt in SUMMARY_ROWS
     ]
 
@@ -159,8 +163,13 @@ def write_outputs(run_dir: Path, config: Config, rows: list[dict[str, Any]], sum
 
 def replot(run_dir: Path) -> list[Path]:
     """Redraw the plots and the HTML report of a finished run from its files."""
+    summary = read_summary(run_dir)
+    if summary["status"] != "finished":
+        raise RunDirError(
+            f"{run_dir} did not finish ({summary['status']}: {summary.get('message', '')}); its metrics.jsonl "
+            "holds the rows it logged"
+        )
     rows = read_metrics(run_dir / "metrics.jsonl")
-    summary = json.loads((run_dir / "summary.json").read_text())
     return write_outputs(run_dir, build_config(path=run_dir / "config.toml"), rows, summary)
 
 

@@ -14,7 +14,6 @@ checkpoint with the same batches, graphs and updates, so it ends at the uninterr
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import os
@@ -33,24 +32,29 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from gossiplab import merge, metrics
 from gossiplab.config import Config, build_config, flatten
 from gossiplab.data.federation import Federation, build_federation, sample_held_out
-from gossiplab.distributed import PeerLost, SingleProcess
+from gossiplab.distributed import PeerLost, SingleProcess, launched_distributed
 from gossiplab.encoders import frozen_parts
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
+from gossiplab.memory import ResourceError, available_memory
 from gossiplab.mixing import fomo, influence, mixing_matrix, uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer, learning_rate
 from gossiplab.permutation import permutation_spec
 from gossiplab.population import Population
-from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
+from gossiplab.rundir import (
+    RunDirError,
+    RunDirLock,
+    atomic_save,
+    atomic_write,
+    prepare_run_dir,
+    read_checkpoints,
+    read_metrics,
+    write_checkpoint,
+)
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
 
 BYTES_PER_PARAMETER = 4
-WRITE_PROBE = ".gossiplab-write-test"  # the file `gossiplab run` writes and removes to test a run directory
-
-
-class RunDirError(ValueError):
-    """The run directory cannot be used as asked; nothing in it was changed."""
 
 
 class RunInterrupted(RuntimeError):
@@ -59,38 +63,6 @@ class RunInterrupted(RuntimeError):
 
 class DivergenceError(RuntimeError):
     """A site's loss became NaN or Inf; the run stopped and recorded it in summary.json."""
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, then rename: a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, written atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a last line cut short by a crash mid-append is dropped."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for index, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if index < len(lines) - 1:
-                raise RunDirError(f"{path} line {index + 1} is corrupt") from None
-    return rows
 
 
 def message_count(weights: torch.Tensor) -> int:
@@ -114,21 +86,6 @@ class Experiment:
     topology: Callable[[int], torch.Tensor]
     mixing_rule: Callable[[torch.Tensor], torch.Tensor]
     merge: Callable[[torch.Tensor, torch.Tensor], None]
-
-
-class ResourceError(MemoryError):
-    """The run would not fit in this machine's memory; refused before allocating it."""
-
-
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -305,18 +262,11 @@ def evaluate(
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)
 
 
-def prepare_run_dir(run_dir: Path, resume: bool) -> None:
-    """Refuse a directory that holds a finished run, or an unfinished one unless resuming."""
-    if resume and not (run_dir / "config.toml").is_file():
-        raise RunDirError(f"--resume {run_dir}: no config.toml there, so there is nothing to resume")
-    if (run_dir / "summary.json").is_file():
-        raise RunDirError(f"run directory {run_dir} already holds a finished run; choose another --run-dir")
-    # (another process of a distributed run may be probing that it can write here)
-    if not resume and run_dir.exists() and any(not p.name.startswith(WRITE_PROBE) for p in run_dir.iterdir()):
-        raise RunDirError(
-            f"run directory {run_dir} already holds an unfinished run; continue it with "
-            f"'gossiplab run --resume {run_dir}' or choose another --run-dir"
-        )
+def resume_command(run_dir: Path, processes: int) -> str:
+    """The command that continues a run: the same launch as before, with --resume."""
+    if processes == 1:
+        return f"gossiplab run --resume {run_dir}"
+    return f"torchrun --nproc-per-node {processes} -m gossiplab run --resume {run_dir} (across machines: on each)"
 
 
 def load_run_config(run_dir: Path, finished_ok: bool = False, rank: int = 0) -> Config:
@@ -329,6 +279,12 @@ def load_run_config(run_dir: Path, finished_ok: bool = False, rank: int = 0) -> 
         return build_config(path=path)
     if not finished_ok:
         prepare_run_dir(run_dir, resume=True)
+        processes = len(list(run_dir.glob("rank[0-9]*")))
+        if processes > 1 and not launched_distributed():
+            raise RunDirError(
+                f"{run_dir} is a run of {processes} processes: resume it with the same launch, e.g. "
+                f"{resume_command(run_dir, processes)} (one process alone would start it over)"
+            )
     elif not (run_dir / "config.toml").is_file():
         raise RunDirError(f"{run_dir} holds no config.toml")
     return build_config(path=run_dir / "config.toml")
@@ -350,14 +306,20 @@ class Runner:
     ):
         # where the sites live: all here (simulation), or a block per process (gossiplab.distributed)
         self.comm = comm or SingleProcess(config.num_sites)
+        self._lock = RunDirLock(run_dir)  # held by the process that writes the run directory
         refusal = None
         if self.comm.writes:
             try:
+                if resume and not run_dir.is_dir():
+                    raise RunDirError(f"--resume {run_dir}: no such run directory")
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._lock.acquire()
                 prepare_run_dir(run_dir, resume)
             except RunDirError as error:
                 refusal = str(error)
         refusal = self.comm.share("run-dir-check", refusal or "")  # every process refuses together
         if refusal:
+            self._lock.release()
             raise RunDirError(refusal)
         if config.train.threads:
             # convolution kernels reduce in a thread-count dependent order: pin it for identical results
@@ -368,7 +330,11 @@ class Runner:
         self.console = console or Console(stderr=True)
         self.show_progress = show_progress
         self._stop_requested = False
-        self.experiment = experiment or build_experiment(config, self.console, self.comm.sites)
+        try:
+            self.experiment = experiment or build_experiment(config, self.console, self.comm.sites)
+        except BaseException:
+            self._lock.release()
+            raise
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.gossip_messages = 0  # parameter vectors sent by gossip rounds
@@ -389,8 +355,9 @@ class Runner:
         return self.run_dir / "metrics.jsonl"
 
     def _save_checkpoint(self) -> None:
-        """This process's checkpoint; across processes each keeps its previous one too, since a
-        process killed between two processes' writes leaves them one checkpoint apart."""
+        """This process's checkpoint, verified by its digest on resume. The previous one is kept:
+        the fallback for a damaged newest one, and across processes the common step when a process
+        was killed between two processes' writes, leaving them one checkpoint apart."""
         state = {
             "step": self.step,
             "gossip_messages": self.gossip_messages,
@@ -407,22 +374,15 @@ class Runner:
         }
         if hasattr(self.experiment.merge, "state_dict"):
             state["merge"] = self.experiment.merge.state_dict()
-        path = self.comm.rank_file(self.run_dir, "checkpoint.pt")
-        if self.comm.world_size > 1 and path.is_file():
-            os.replace(path, path.with_name("checkpoint.previous.pt"))
-        atomic_save(state, path)
+        write_checkpoint(state, self.comm.rank_file(self.run_dir, "checkpoint.pt"))
 
     def _read_checkpoints(self) -> list[dict[str, Any]]:
-        """This process's checkpoints, newest first."""
-        newest = self.comm.rank_file(self.run_dir, "checkpoint.pt")
-        states = []
-        for path in (newest, newest.with_name("checkpoint.previous.pt")):
-            if path.is_file():
-                try:
-                    states.append(load_tensors(path, "checkpoint"))
-                except (UnsafeFileError, PlainDataFileError) as error:
-                    raise RunDirError(str(error)) from error
-        return states
+        """This process's intact checkpoints, newest first (a damaged one is skipped, with a warning)."""
+
+        def warn(message: str) -> None:
+            self.console.print(f"[yellow]warning:[/] {escape(message)}")
+
+        return read_checkpoints(self.comm.rank_file(self.run_dir, "checkpoint.pt"), warn)
 
     def _load_checkpoint(self) -> None:
         """Continue from the last complete checkpoint (across processes: the newest one all of
@@ -550,6 +510,7 @@ class Runner:
         finally:
             if self._tensorboard is not None:
                 self._tensorboard.close()
+            self._lock.release()
 
     def _train(self, on_evaluation: Callable[[Runner, dict[str, Any]], None] | None) -> dict[str, Any]:
         config = self.config
@@ -615,7 +576,8 @@ class Runner:
             self.loss_sum += float(losses[self.active].mean())
             self.loss_count += 1
             progress.update(task, completed=self.step)
-            if self.step % config.eval.every == 0 or self.step == total:
+            evaluated = self.step % config.eval.every == 0 or self.step == total
+            if evaluated:
                 self.wall_time = time.perf_counter() - started
                 row = self._evaluate_and_log(self.loss_sum / self.loss_count)
                 self.loss_sum, self.loss_count = 0.0, 0
@@ -624,10 +586,12 @@ class Runner:
                 if on_evaluation is not None:
                     on_evaluation(self, row)
             if self._stop_requested:
-                self.wall_time = time.perf_counter() - started
-                self._save_checkpoint()
+                if not evaluated:  # a second checkpoint of one step would push out the older fallback
+                    self.wall_time = time.perf_counter() - started
+                    self._save_checkpoint()
                 raise RunInterrupted(
-                    f"stopped at step {self.step}/{total}; continue with: gossiplab run --resume {self.run_dir}"
+                    f"stopped at step {self.step}/{total}; continue with: "
+                    f"{resume_command(self.run_dir, self.comm.world_size)}"
                 )
         self.wall_time = time.perf_counter() - started
 

@@ -21,8 +21,9 @@ from typing import Any
 from rich.console import Console
 
 from gossiplab.compare import plot_against, plot_cost, plot_curves
-from gossiplab.config import Config, ConfigError, apply_values, build_config
-from gossiplab.runner import Runner, atomic_write
+from gossiplab.config import Config, ConfigError, apply_values, build_config, flatten
+from gossiplab.rundir import atomic_write, read_summary
+from gossiplab.runner import Runner
 
 
 @dataclass
@@ -80,11 +81,12 @@ def run_sweep(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run (or finish) every variant and seed; return the summaries per variant."""
     configs = variant_configs(sweep, extra, seeds)
+    check_sweep_dir(sweep_dir, {sweep_dir / slug(v) / f"seed-{s}": c for (v, s), c in configs.items()})
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in sweep.variants}
     for (variant, seed), config in configs.items():
         run_dir = sweep_dir / slug(variant) / f"seed-{seed}"
         if (run_dir / "summary.json").is_file():
-            summary = json.loads((run_dir / "summary.json").read_text())
+            summary = read_summary(run_dir)
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,26 @@ def run_sweep(
         atomic_write(sweep_dir / "sweep.json", json.dumps({"sweep": sweep.name, "results": results}).encode())
     plot_sweep(sweep, sweep_dir, results)
     return results
+
+
+def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
+    """A sweep directory is reused only for the same sweep: refuse a run directory, and any
+    variant's run that was made with another resolved config (changed overrides), before anything
+    runs, so stale results are never reported as the new ones."""
+    if any((sweep_dir / name).exists() for name in ("config.toml", "summary.json", "metrics.jsonl")):
+        raise ConfigError(f"--sweep-dir {sweep_dir} is a run directory, not a sweep's: choose another folder")
+    stale = []
+    for run_dir, config in configs.items():
+        if (run_dir / "config.toml").is_file():
+            written = flatten(build_config(path=run_dir / "config.toml").to_dict())
+            differing = sorted(k for k, v in flatten(config.to_dict()).items() if written.get(k) != v)
+            if differing:
+                stale.append(f"{run_dir.relative_to(sweep_dir)} ({', '.join(differing)})")
+    if stale:
+        raise ConfigError(
+            f"--sweep-dir {sweep_dir} holds runs made with another config: {'; '.join(stale[:5])}; "
+            "choose a new --sweep-dir for the changed sweep (the old results stay where they are)"
+        )
 
 
 def plot_sweep(sweep: Sweep, sweep_dir: Path, results: dict[str, list[dict[str, Any]]]) -> list[Path]:

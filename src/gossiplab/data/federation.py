@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 
 from gossiplab.config import Config, ConfigError
 from gossiplab.data import partition
-from gossiplab.data.sources import Dataset, load_source
+from gossiplab.data.sources import Dataset, load_source, notes
+from gossiplab.memory import ResourceError, available_memory
 
 
 @dataclass
@@ -173,6 +175,38 @@ def check_class_names(dataset: Dataset) -> None:
         seen[key] = name
 
 
+def check_data_memory(datasets: list[Dataset], shape: tuple[int, int, int]) -> None:
+    """Refuse, before resizing anything, data that would not fit at the common image shape: the
+    uint8 pools plus the float validation and test copies (at most 5 bytes per pixel in all)."""
+    images = sum(len(d.train_y) + len(d.test_y) for d in datasets)
+    needed = 5 * images * int(np.prod(shape))
+    available = available_memory()
+    if needed > available:
+        raise ResourceError(
+            f"the data needs about {needed / 2**30:.1f} GiB ({images:,} images at data.channels={shape[0]}, "
+            f"data.image_size={shape[1]}) but {available / 2**30:.1f} GiB is available; lower data.image_size, "
+            "or data.train_per_source / data.test_per_source"
+        )
+
+
+def check_training_share(config: Config, sites: list[np.ndarray], train_sites: list[np.ndarray]) -> None:
+    """The validation share must leave every site training data: none may end with no training
+    sample, nor drop below data.min_site_samples because of the share."""
+    data = config.data
+    short = [
+        i
+        for i, (before, after) in enumerate(zip(sites, train_sites, strict=True))
+        if len(after) == 0 or len(after) < data.min_site_samples <= len(before)
+    ]
+    if short:
+        smallest = min(len(train_sites[i]) for i in short)
+        raise ConfigError(
+            f"field 'data.val_fraction' = {data.val_fraction}: leaves sites {short[:10]} with fewer than "
+            f"data.min_site_samples = {data.min_site_samples} training samples (smallest: {smallest}); "
+            "lower data.val_fraction, or raise the sites' data (data.alpha, data.samples_per_site)"
+        )
+
+
 def build_federation(config: Config, frozen_inputs=None) -> Federation:
     """Partition the sources over `config.num_sites` sites, deterministically from `config.seed`.
 
@@ -185,6 +219,7 @@ def build_federation(config: Config, frozen_inputs=None) -> Federation:
     ]
     for dataset in datasets:
         check_class_names(dataset)
+    check_data_memory(datasets, (data.channels, data.image_size, data.image_size))
     class_names: list[str] = []
     for dataset in datasets:
         class_names += [c for c in dataset.class_names if c not in class_names]
@@ -218,6 +253,12 @@ def build_federation(config: Config, frozen_inputs=None) -> Federation:
     if empty:
         raise partition.PartitionError(f"sites {empty} received no test samples; raise data.min_site_samples")
     train_sites, val_sites = partition.hold_out(sites, data.val_fraction, rng)
+    check_training_share(config, sites, train_sites)
+    unused = sorted({int(c) for c in np.unique(test_pool_y.numpy())} - {int(c) for c in np.unique(pool_y.numpy())})
+    if unused:
+        names = [class_names[c] for c in unused]
+        message = f"classes {names} have test images but no training images: no site holds them, so those are unused"
+        notes.print(f"[yellow]warning:[/] {escape(message)}")
 
     shape = (data.channels, data.image_size, data.image_size)
     pool_x = torch.cat([to_shape(d.train_x, *shape[:2]) for d in datasets])

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.markup import escape
 
 from gossiplab.safeload import load_numpy_pickle
+
+notes = Console(stderr=True, highlight=False)  # what a loader skipped, said once
+
+
+class DataFileError(ValueError):
+    """A data file or array holds something that is not images and labels; nothing was used."""
 
 
 class SourceMissingError(FileNotFoundError):
@@ -86,15 +94,79 @@ def split_stratified(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, ...]:
     return x[~test], y[~test], x[test], y[test]
 
 
-def dataset_from_arrays(name: str, x_train, y_train, x_test, y_test, class_names) -> Dataset:
-    def images(a: np.ndarray) -> torch.Tensor:
-        a = np.array(a, dtype=np.uint8)
-        return torch.from_numpy(a[:, None] if a.ndim == 3 else a)
+def dataset_from_arrays(name: str, x_train, y_train, x_test, y_test, class_names, source: str = "") -> Dataset:
+    """A Dataset from arrays, checked: images [n, H, W], [n, C, H, W] or [n, H, W, C] (C = 1 or 3),
+    pixels as uint8, as integers in 0..255, or as floats in [0, 1] (scaled by 255) or in [0, 255];
+    labels integer class ids 0..K-1, one per image, with K class names (fewer ids are fine).
+    Anything else is refused with a DataFileError naming the source (`source`: its file, if any),
+    the array and what is wrong."""
+    source = source or name
 
-    return Dataset(
-        name, images(x_train), torch.from_numpy(np.asarray(y_train, np.int64)), images(x_test),
-        torch.from_numpy(np.asarray(y_test, np.int64)), tuple(class_names),
-    )  # fmt: skip
+    def images(key: str, a) -> torch.Tensor:
+        return torch.from_numpy(checked_images(source, key, np.asarray(a)))
+
+    def labels(key: str, a, count: int) -> torch.Tensor:
+        return torch.from_numpy(checked_labels(source, key, np.asarray(a), count))
+
+    train_x, test_x = images("x_train", x_train), images("x_test", x_test)
+    train_y, test_y = labels("y_train", y_train, len(train_x)), labels("y_test", y_test, len(test_x))
+    if train_x.shape[1:] != test_x.shape[1:]:
+        raise DataFileError(
+            f"data source '{source}': x_train images are {tuple(train_x.shape[1:])} but x_test images "
+            f"{tuple(test_x.shape[1:])}; both splits need one shape"
+        )
+    class_names = tuple(str(c) for c in class_names)
+    largest = int(max(train_y.max(), test_y.max()))
+    if largest >= len(class_names):
+        raise DataFileError(
+            f"data source '{source}': label id {largest} needs at least {largest + 1} class names, "
+            f"but class_names has {len(class_names)}"
+        )
+    return Dataset(name, train_x, train_y, test_x, test_y, class_names)
+
+
+def checked_images(source: str, key: str, a: np.ndarray) -> np.ndarray:
+    """uint8 [n, C, H, W] from an array of images, or DataFileError (see dataset_from_arrays)."""
+    where = f"data source '{source}', array '{key}'"
+    if a.ndim == 4 and a.shape[-1] in (1, 3) and a.shape[1] not in (1, 3):
+        a = a.transpose(0, 3, 1, 2)
+    if a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1] not in (1, 3) or min(a.shape[2:], default=0) < 1 or len(a) == 0:
+        raise DataFileError(
+            f"{where}: shape {a.shape} is not images [n, H, W], [n, C, H, W] or [n, H, W, C] with C = 1 or 3"
+        )
+    if a.dtype == np.uint8:
+        return np.array(a, order="C")  # a writable copy: torch shares its memory
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
+        raise DataFileError(f"{where}: dtype {a.dtype} is not pixel values (uint8, integers 0-255, or floats)")
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise DataFileError(f"{where}: holds NaN or infinite pixel values")
+    low, high = a.min(), a.max()
+    if low < 0 or high > 255:
+        raise DataFileError(
+            f"{where}: {a.dtype} pixel values from {low} to {high} are outside 0-255; scale them to 0-255 "
+            "(or floats to [0, 1])"
+        )
+    if np.issubdtype(a.dtype, np.floating) and high <= 1:
+        a = a * 255.0  # floats in [0, 1]
+    return np.ascontiguousarray(np.rint(a).astype(np.uint8))
+
+
+def checked_labels(source: str, key: str, a: np.ndarray, count: int) -> np.ndarray:
+    """int64 class ids 0..K-1, one per image, or DataFileError."""
+    where = f"data source '{source}', array '{key}'"
+    if a.ndim != 1:
+        raise DataFileError(f"{where}: labels must be one id per image, shape [n]; got {a.shape}")
+    if len(a) != count:
+        raise DataFileError(f"{where}: {len(a)} labels for {count} images; each image needs exactly one label")
+    if np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and (a == np.round(a)).all():
+        a = a.astype(np.int64)  # whole-number floats: ids written as floats
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise DataFileError(f"{where}: dtype {a.dtype} is not integer class ids")
+    if len(a) and a.min() < 0:
+        raise DataFileError(f"{where}: negative label id {a.min()}; ids are 0..K-1")
+    return a.astype(np.int64)
 
 
 def package_file(module: str, relative: str, install: str, source: str) -> Path:
@@ -245,55 +317,66 @@ def load_local(path_text: str) -> Dataset:
     raise SourceMissingError(f"data source '{path_text}': expected an .npz file or a folder of class sub-folders")
 
 
-def _channels_first(x: np.ndarray) -> np.ndarray:
-    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        return x.transpose(0, 3, 1, 2)
-    return x
-
-
 def _load_npz(path: Path) -> Dataset:
     try:
         arrays = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        keys = set(arrays.files)
+        if {"x_train", "y_train", "x_test", "y_test"} <= keys:
+            parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        elif {"x", "y"} <= keys:
+            x = checked_images(str(path), "x", arrays["x"])
+            parts = list(split_stratified(x, checked_labels(str(path), "y", arrays["y"], len(x))))
+        else:
+            raise SourceMissingError(f"data source '{path}': needs arrays x_train, y_train, x_test, y_test (or x, y)")
+        names = [str(n) for n in arrays["class_names"]] if "class_names" in keys else None
+    except (OSError, ValueError, EOFError) as error:
+        if isinstance(error, SourceMissingError | DataFileError):
+            raise
         raise SourceMissingError(f"data source '{path}': cannot read it as .npz ({error})") from error
-    keys = set(arrays.files)
-    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        parts = [arrays[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    elif {"x", "y"} <= keys:
-        parts = list(split_stratified(arrays["x"], arrays["y"]))
-    else:
-        raise SourceMissingError(f"data source '{path}': needs arrays x_train, y_train, x_test, y_test (or x, y)")
-    parts[0], parts[2] = _channels_first(parts[0]), _channels_first(parts[2])
-    num_classes = int(max(parts[1].max(), parts[3].max())) + 1
-    names = (
-        [str(n) for n in arrays["class_names"]] if "class_names" in keys else [f"class {i}" for i in range(num_classes)]
-    )
-    return dataset_from_arrays(path.stem, *parts, names)
+    if names is None:
+        ids = np.unique(np.concatenate([checked_labels(str(path), k, np.asarray(a), len(a)) for k, a in
+                                        (("y_train", parts[1]), ("y_test", parts[3]))]))  # fmt: skip
+        if len(ids) and (ids != np.arange(len(ids))).any():
+            raise DataFileError(
+                f"data source '{path}': without class_names the label ids must be 0..K-1, but they are "
+                f"{len(ids)} distinct ids from {ids[0]} to {ids[-1]}; renumber them, or add class_names"
+            )
+        names = [f"class {i}" for i in range(len(ids))]
+    return dataset_from_arrays(path.stem, *parts, names, source=str(path))
 
 
 def _load_image_folder(path: Path) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
     def read_split(folder: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        images, labels = [], []
+        images, labels, skipped = [], [], []
         for label, name in enumerate(class_names):
             for file in sorted((folder / name).iterdir()) if (folder / name).is_dir() else []:
                 try:
                     with Image.open(file) as image:
                         images.append(np.asarray(image.convert("RGB" if image.mode in ("RGB", "RGBA", "P") else "L")))
                 except (UnidentifiedImageError, OSError):
+                    skipped.append(str(file.relative_to(path)))
                     continue
                 labels.append(label)
+        if skipped:
+            shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+            message = f"data source '{path}': skipped {len(skipped)} unreadable file(s): {shown}"
+            notes.print(f"[yellow]warning:[/] {escape(message)}")
         if not images:
             raise SourceMissingError(f"data source '{path}': no readable images under {folder}")
         shapes = {i.shape for i in images}
         if len(shapes) > 1:
             raise SourceMissingError(f"data source '{path}': images differ in size {sorted(shapes)[:3]}; resize them")
-        return _channels_first(np.stack(images)), np.asarray(labels)
+        return np.stack(images), np.asarray(labels)
 
     split_dirs = (path / "train", path / "test")
     if all(d.is_dir() for d in split_dirs):
         class_names = sorted(d.name for d in split_dirs[0].iterdir() if d.is_dir())
+        test_only = sorted({d.name for d in split_dirs[1].iterdir() if d.is_dir()} - set(class_names))
+        if test_only:
+            message = f"data source '{path}': test classes {test_only} have no train/ folder; their images are not used"
+            notes.print(f"[yellow]warning:[/] {escape(message)}")
         x_train, y_train = read_split(split_dirs[0], class_names)
         x_test, y_test = read_split(split_dirs[1], class_names)
         return dataset_from_arrays(path.name, x_train, y_train, x_test, y_test, class_names)
