@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from gossiplab.config import build_config
@@ -24,3 +26,23 @@ def small_config():
         return build_config(preset, ["num_sites=8", "train.steps=120", "eval.every=40", *overrides])
 
     return make
+
+
+@pytest.fixture
+def gossiplab_main(capsys, monkeypatch):
+    """The `gossiplab` command in this process, through its real entry point `main()` (exit codes and
+    the one-line error rule included): (exit code, stdout, stderr with rich's wrapping undone)."""
+    from gossiplab.cli import main
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["gossiplab", *args])
+        try:
+            main()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, " ".join(captured.err.split())
+
+    return call

@@ -109,16 +109,16 @@ def test_cli_lists_presets():
     assert "final-merge-only" in result.stdout and "local-only" in result.stdout
 
 
-def test_cli_data_lists_sources_and_shows_a_source_and_a_preset(tmp_path):
-    listing = run_cli("data")
-    assert listing.returncode == 0
+def test_cli_data_lists_sources_and_shows_a_source_and_a_preset(tmp_path, gossiplab_main):
+    code, listing, _ = gossiplab_main("data")
+    assert code == 0
     for name in ("fashion-mnist", "mnist-5k", "animal-silhouettes", "digits-8x8", "font-letters"):
-        assert name in listing.stdout
-    grid = run_cli("data", "show", "digits-8x8", "--out", str(tmp_path / "grid.png"))
-    assert grid.returncode == 0 and (tmp_path / "grid.png").stat().st_size > 1000
-    sites = run_cli("data", "show", "mazel-8site", "--out", str(tmp_path / "sites.png"))
-    assert sites.returncode == 0, sites.stderr
-    assert "40 classes" in sites.stdout and "digits-8x8" in sites.stdout
+        assert name in listing
+    code, _, _ = gossiplab_main("data", "show", "digits-8x8", "--out", str(tmp_path / "grid.png"))
+    assert code == 0 and (tmp_path / "grid.png").stat().st_size > 1000
+    code, sites, err = gossiplab_main("data", "show", "mazel-8site", "--out", str(tmp_path / "sites.png"))
+    assert code == 0, err
+    assert "40 classes" in sites and "digits-8x8" in sites
     assert (tmp_path / "sites.png").stat().st_size > 1000
-    unknown = run_cli("data", "show", "cifar-11")
-    assert unknown.returncode == 2 and "no source" in unknown.stderr
+    code, _, err = gossiplab_main("data", "show", "cifar-11")
+    assert code == 2 and "no source" in err

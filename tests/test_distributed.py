@@ -143,11 +143,20 @@ def test_bytes_sent_are_the_rows_neighbours_need():
     assert payload_rows(torch.eye(8), blocks, [0, 1]) == [0, 0]
 
 
-def test_torchrun_launch_with_resume_across_ranks(tmp_path):
+# a 2-process run long enough to be killed mid-way, and its uninterrupted result (shared by the tests)
+LONG = [*SMALL, "train.steps=300", "eval.every=5", "gossip.topology=ring"]
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory) -> tuple[torch.Tensor, list[dict]]:
+    return uninterrupted(2, LONG, tmp_path_factory.mktemp("long") / "uninterrupted")
+
+
+def test_torchrun_launch_with_resume_across_ranks(tmp_path, long_reference):
     """The README's command; the processes are killed mid-run and `--resume` ends at the
     uninterrupted result (ranks may stop one checkpoint apart: they agree on the older one)."""
-    overrides = [*SMALL, "train.steps=300", "eval.every=5", "gossip.topology=ring"]
-    theta, rows = uninterrupted(2, overrides, tmp_path / "uninterrupted")
+    overrides = LONG
+    theta, rows = long_reference
     run_dir = tmp_path / "distributed"
     port = str(free_port())
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
@@ -175,11 +184,11 @@ def test_torchrun_launch_with_resume_across_ranks(tmp_path):
     assert_same_run(theta, rows, run_dir, 2)
 
 
-def test_torchrun_restarts_a_killed_worker_and_the_run_continues_to_the_same_result(tmp_path):
+def test_torchrun_restarts_a_killed_worker_and_the_run_continues_to_the_same_result(tmp_path, long_reference):
     """On one machine torchrun ends every worker when one dies; with --max-restarts it relaunches
     them with the same command, which continues from the checkpoints (no site is lost)."""
-    overrides = [*SMALL, "train.steps=300", "eval.every=5", "gossip.topology=random-one-peer"]
-    theta, rows = uninterrupted(2, overrides, tmp_path / "uninterrupted")
+    overrides = LONG
+    theta, rows = long_reference
     run_dir = tmp_path / "distributed"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1"]
     torchrun = subprocess.Popen(

@@ -21,7 +21,7 @@ import torch
 
 from gossiplab.bench_distributed import free_port
 from gossiplab.config import ConfigError, build_config
-from gossiplab.distributed import join_secret
+from gossiplab.distributed import join_secret, on_one_machine
 from gossiplab.rundir import RunDirError, read_metrics
 from gossiplab.runner import Runner
 from gossiplab.safeload import UnsafeFileError, load_numpy_pickle, load_tensors
@@ -38,8 +38,12 @@ class Payload:
         return (print, ("this ran while loading",))
 
 
-def launch(rank: int, port: int, args: list[str], secret: str | None, world: int = 2) -> subprocess.Popen:
+def launch(
+    rank: int, port: int, args: list[str], secret: str | None, world: int = 2, local_world: int | None = None
+) -> subprocess.Popen:
+    """One process of a run as torchrun starts it; `local_world` < `world` stands for several machines."""
     env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    env["LOCAL_WORLD_SIZE"] = str(local_world or world)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     env.pop(SECRET_ENV, None)
     if secret is not None:
@@ -48,22 +52,23 @@ def launch(rank: int, port: int, args: list[str], secret: str | None, world: int
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_with_intruder(run_dir: Path, intruder_secret: str | None, on_failure: str = "drop") -> list[tuple[int, str]]:
-    """Rank 0 and an intruder claiming rank 1 start first; the rightful rank 1 joins after."""
-    port = free_port()
-    args = [*RUN, f"distributed.on_failure={on_failure}", "--run-dir", str(run_dir)]
-    rank0 = launch(0, port, args, "the right secret")
-    time.sleep(3)
-    intruder = launch(1, port, args, intruder_secret)
-    time.sleep(3)
-    rank1 = launch(1, port, args, "the right secret")
-    return finish([rank0, intruder, rank1])
-
-
-def two_processes(run_dir: Path, secret: str | None) -> list[tuple[int, str]]:
+def run_with_intruders(run_dir: Path) -> list[tuple[int, str]]:
+    """Rank 0 starts, then two intruders claiming rank 1 (one without the secret, one with a wrong
+    one), then the rightful rank 1."""
     port = free_port()
     args = [*RUN, "--run-dir", str(run_dir)]
-    return finish([launch(rank, port, args, secret) for rank in range(2)])
+    rank0 = launch(0, port, args, "the right secret")
+    time.sleep(2)
+    intruders = [launch(1, port, args, None), launch(1, port, args, "a wrong secret")]
+    time.sleep(3)
+    rank1 = launch(1, port, args, "the right secret")
+    return finish([rank0, *intruders, rank1])
+
+
+def two_processes(run_dir: Path, secret: str | None, local_world: int | None = None) -> list[tuple[int, str]]:
+    port = free_port()
+    args = [*RUN, "--run-dir", str(run_dir)]
+    return finish([launch(rank, port, args, secret, local_world=local_world) for rank in range(2)])
 
 
 def final_state(run_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
@@ -72,16 +77,37 @@ def final_state(run_dir: Path) -> tuple[list[torch.Tensor], list[dict]]:
     return thetas, rows
 
 
-@pytest.mark.parametrize("intruder_secret", [None, "a wrong secret"])
-def test_a_process_without_the_secret_is_refused_and_the_run_finishes_unchanged(tmp_path, intruder_secret):
-    reference = two_processes(tmp_path / "plain", None)
-    assert all(code == 0 for code, _ in reference), reference
-    (code0, out0), (intruder_code, intruder_out), (code1, out1) = run_with_intruder(tmp_path / "run", intruder_secret)
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> Path:
+    """The two-process run without any secret, launched as across two machines (one process each):
+    what every run with a secret must equal, bit for bit. Rank 0 warns, once, that the network
+    must be trusted."""
+    run_dir = tmp_path_factory.mktemp("plain") / "run"
+    results = two_processes(run_dir, None, local_world=1)
+    assert all(code == 0 for code, _ in results), results
+    warning = "warning: no join secret"
+    assert results[0][1].count(warning) == 1 and warning not in results[1][1], results
+    return run_dir
+
+
+def test_on_one_machine_is_loopback_with_every_process_local(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for address, local, expected in [("127.0.0.1", "4", True), ("localhost", "4", True), ("127.0.0.1", "2", False),
+                                     ("10.0.0.7", "4", False), ("host0", "4", False)]:  # fmt: skip
+        monkeypatch.setenv("MASTER_ADDR", address)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert on_one_machine() is expected, (address, local)
+
+
+def test_processes_without_the_secret_are_refused_and_the_run_finishes_unchanged(tmp_path, plain):
+    (code0, out0), *intruders, (code1, out1) = run_with_intruders(tmp_path / "run")
     assert code0 == 0 and code1 == 0, out0 + out1
-    assert intruder_code == 2 and "did not admit this process" in intruder_out, intruder_out
-    assert "refused a process claiming rank 1" in out0 and "cannot prove the join secret" in out0, out0
-    # with the secret, and an intruder turned away, the run is the run without any of that, bit for bit
-    plain_thetas, plain_rows = final_state(tmp_path / "plain")
+    for code, output in intruders:
+        assert code == 2 and "did not admit this process" in output, output
+    assert "no join secret" in intruders[0][1]  # the one without a secret is told so
+    assert out0.count("refused a process claiming rank 1") == 2 and "cannot prove the join secret" in out0, out0
+    # with the secret, and the intruders turned away, the run is the run without any of that, bit for bit
+    plain_thetas, plain_rows = final_state(plain)
     thetas, rows = final_state(tmp_path / "run")
     assert all(torch.equal(a, b) for a, b in zip(thetas, plain_thetas, strict=True))
     assert rows == plain_rows
@@ -105,16 +131,18 @@ def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
 
 def test_a_process_that_finds_no_run_says_so(tmp_path):
     port = free_port()
-    args = [*RUN, "distributed.timeout_s=3", "--run-dir", str(tmp_path / "run")]
+    args = [*RUN, "distributed.timeout_s=1", "--run-dir", str(tmp_path / "run")]
     ((code, output),) = finish([launch(1, port, args, None)])
     assert code == 2 and f"127.0.0.1:{port}" in output and "Traceback" not in output, output
 
 
 def test_a_process_holding_a_secret_does_not_join_a_run_without_one(tmp_path):
     port = free_port()
-    args = [*RUN, "distributed.timeout_s=10", "--run-dir", str(tmp_path / "run")]
+    args = [*RUN, "distributed.timeout_s=5", "--run-dir", str(tmp_path / "run")]
     results = finish([launch(0, port, args, None), launch(1, port, args, "a secret")])
     assert results[1][0] == 2 and "rank 0 runs without one" in results[1][1], results
+    assert results[0][0] == 2 and "not every process of the run joined" in results[0][1], results
+    assert "Traceback" not in results[0][1] + results[1][1]
 
 
 def test_the_secret_comes_from_a_file_or_a_variable_never_from_the_config(tmp_path):

@@ -399,7 +399,15 @@ class ProcessGroup:
             )
         store = rendezvous_store(self.rank, self.world_size, timeout)
         self.store = admit(store, self.rank, self.world_size, secret, config_digest(config), timeout, self.on_failure)
-        dist.init_process_group("gloo", store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout)
+        try:
+            dist.init_process_group(
+                "gloo", store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
+            )
+        except RuntimeError as error:  # torch.distributed.DistError and gloo connection failures
+            raise JoinRefused(
+                f"not every process of the run joined within distributed.timeout_s = {timeout.total_seconds():g} s "
+                f"({str(error).splitlines()[0][:120]})"
+            ) from error
         self.group = dist.group.WORLD
         self.members = list(range(self.world_size))  # original ranks still in the run
         self.epoch = 0  # regroupings so far

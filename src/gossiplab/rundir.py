@@ -179,19 +179,32 @@ class RunDirLock:
         self.path = run_dir / LOCK_FILE
         self._handle: Any = None
 
-    def acquire(self) -> None:
-        handle = open(self.path, "a+")  # noqa: SIM115 (held open for the life of the run)
+    def check_free(self) -> None:
+        """Refuse if a live process holds the directory; creates nothing (no lock file, no folder)."""
+        if self.path.is_file():
+            with open(self.path) as handle:
+                self._try_lock(handle)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _try_lock(self, handle: Any) -> None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
             handle.seek(0)
             holder = handle.read().strip() or "another process"
+            raise RunDirError(
+                f"run directory {self.path.parent} is in use by {holder}; wait for it to finish, "
+                "or choose another --run-dir"
+            ) from None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+")  # noqa: SIM115 (held open for the life of the run)
+        try:
+            self._try_lock(handle)
+        except BaseException:
             handle.close()
-            if error.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunDirError(
-                    f"run directory {self.path.parent} is in use by {holder}; wait for it to finish, "
-                    "or choose another --run-dir"
-                ) from None
             raise
         handle.seek(0)
         handle.truncate()

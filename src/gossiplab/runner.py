@@ -312,9 +312,11 @@ class Runner:
             try:
                 if resume and not run_dir.is_dir():
                     raise RunDirError(f"--resume {run_dir}: no such run directory")
+                self._lock.check_free()  # refuse before creating anything in the directory
+                prepare_run_dir(run_dir, resume)
                 run_dir.mkdir(parents=True, exist_ok=True)
                 self._lock.acquire()
-                prepare_run_dir(run_dir, resume)
+                prepare_run_dir(run_dir, resume)  # again, holding the lock: what another run did meanwhile
             except RunDirError as error:
                 refusal = str(error)
         refusal = self.comm.share("run-dir-check", refusal or "")  # every process refuses together

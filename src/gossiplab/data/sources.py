@@ -117,7 +117,7 @@ def dataset_from_arrays(name: str, x_train, y_train, x_test, y_test, class_names
         )
     class_names = tuple(str(c) for c in class_names)
     largest = int(max(train_y.max(), test_y.max()))
-    if largest >= len(class_names):
+    if class_names and largest >= len(class_names):  # (no names at all: check_class_names says so)
         raise DataFileError(
             f"data source '{source}': label id {largest} needs at least {largest + 1} class names, "
             f"but class_names has {len(class_names)}"
