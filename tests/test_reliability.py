@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from gossiplab.config import ConfigError, build_config
-from gossiplab.data.sources import DataFileError, load_local
+from gossiplab.data.sources import DataFileError, SourceMissingError, load_local
 from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features
 from gossiplab.report import replot
 from gossiplab.rundir import PREVIOUS, RunDirError, claim_new_dir, read_metrics
@@ -243,6 +243,38 @@ def test_skipped_images_and_unused_test_classes_are_reported(tmp_path, gossiplab
     assert code == 0, err
     assert "skipped 1 unreadable file(s): train/cat/broken.png" in err
     assert "test classes ['eel'] have no train/ folder; their images are not used" in err
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    dtype=st.sampled_from(["uint8", "int16", "int64", "float32", "float64", "bool"]),
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    scale=st.sampled_from([1.0, 255.0, 300.0, -1.0]),
+    labels=st.lists(st.integers(0, 5), min_size=1, max_size=40),
+    negative=st.booleans(),
+    names=st.integers(0, 7),
+)
+def test_random_data_files_load_as_valid_datasets_or_are_refused(
+    tmp_path, dtype, shape, scale, labels, negative, names
+):
+    """Whatever arrays an .npz holds, loading gives uint8 images [n, C, H, W] with labels inside the
+    class names, or a DataFileError / SourceMissingError naming the file; never another exception."""
+    count = len(labels)
+    x = (np.random.default_rng(len(shape)).random((count, *shape[1:])) * scale).astype(dtype)
+    y = np.array(labels) - (np.arange(count) == 0) * negative  # optionally one negative id
+    arrays = {"x": x, "y": y}
+    if names:
+        arrays["class_names"] = np.array([f"c{i}" for i in range(names)])
+    path = tmp_path / f"random-{dtype}-{count}-{len(shape)}-{names}-{negative}.npz"
+    np.savez(path, **arrays)
+    try:
+        dataset = load_local(str(path))
+    except (DataFileError, SourceMissingError) as error:
+        assert str(path) in str(error)
+        return
+    for images, ids in ((dataset.train_x, dataset.train_y), (dataset.test_x, dataset.test_y)):
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[1] in (1, 3)
+        assert len(images) == len(ids) and 0 <= int(ids.min()) <= int(ids.max()) < dataset.num_classes
 
 
 # --- sweeps ----------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
     (code0, out0), (code1, out1), (intruder_code, _) = finish([rank0, rank1, intruder])
     assert (code0, code1, intruder_code) == (2, 2, 2), out0 + out1
     assert "refused a process claiming rank 2" in out0 and "distributed.on_failure = 'stop'" in out0
-    assert "rank 0 refused a process claiming rank 2" in out1, out1  # before or after rank 1 was admitted
+    # rank 1 hears why, whether it was admitted already or still waiting for its verdict
+    assert "rank 0 refused a process claiming rank 2" in out1 or "rank 0 stopped" in out1, out1
     assert "Traceback" not in out0 + out1 and not (tmp_path / "run" / "summary.json").exists()
 
 

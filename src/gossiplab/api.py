@@ -8,7 +8,6 @@ result.final["mmga"], result.metrics["ala"], result.accuracy_matrix, result.plot
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from gossiplab.config import Config, apply_values, build_config, parse_override, validate
-from gossiplab.rundir import read_metrics
+from gossiplab.rundir import read_metrics, read_summary
 from gossiplab.runner import Experiment, Runner
 
 
@@ -35,7 +34,7 @@ class Result:
     def load(cls, run_dir: str | Path) -> Result:
         run_dir = Path(run_dir)
         rows = read_metrics(run_dir / "metrics.jsonl")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
         return cls(run_dir, build_config(path=run_dir / "config.toml"), summary, rows)
 
     @property

@@ -10,12 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from gossiplab.config import build_config, flatten
+from gossiplab.plots import plt
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
 
 TABLE_ROWS = (  # label, summary key, scale, format

@@ -231,13 +231,21 @@ def _wait_for_any(store: dist.Store, keys: list[str], deadline: float) -> str | 
     return None
 
 
-def _abort(store: dist.Store, admitted: list[int], reason: str) -> None:
-    """Rank 0: tell every process the run will not start, and give the admitted ones (which wait
-    for the start) a moment to read it before this process, which hosts the store, exits."""
+def _abort(store: dist.Store, refused: set[int], reason: str) -> None:
+    """Rank 0: tell every process the run will not start, and give every claimant not already
+    refused (admitted, or still waiting for its verdict) a moment to read why before this
+    process, which hosts the store, exits."""
     store.set("join/abort", reason)
+    waiting = [t for t in range(1, store.add("join/tickets", 0) + 1) if t not in refused]
     deadline = time.monotonic() + 10 * HEARTBEAT_S
-    while time.monotonic() < deadline and not all(store.check([f"join/ack/{t}"]) for t in admitted):
+    while time.monotonic() < deadline and not all(store.check([f"join/ack/{t}"]) for t in waiting):
         time.sleep(JOIN_POLL_S)
+
+
+def _acknowledge(store: dist.Store, ticket: int) -> None:
+    """A claimant read that the run will not start (rank 0 may stop waiting for it)."""
+    with contextlib.suppress(dist.DistError):
+        store.set(f"join/ack/{ticket}", "1")
 
 
 def admit(
@@ -271,6 +279,16 @@ def admit(
         _admit_claims(store, set(range(1, world_size)), secret, nonce, digest, deadline, on_failure)
         store.set("join/go", "1")
         return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
+    try:
+        return _join(store, rank, secret, digest, deadline)
+    except dist.DistError as error:  # rank 0, which hosts the store, is gone
+        raise JoinRefused(
+            f"lost the run's store before joining: rank 0 stopped ({str(error).splitlines()[0][:80]})"
+        ) from None
+
+
+def _join(store: dist.Store, rank: int, secret: bytes | None, digest: str, deadline: float) -> dist.Store:
+    """A process other than rank 0: claim its rank (see `admit`), then wait for the start."""
     if store.get("join/mode").decode() == "open":
         if secret is not None:
             raise JoinRefused("this process holds a join secret but rank 0 runs without one: give all the same one")
@@ -282,14 +300,14 @@ def admit(
     store.set(f"join/claim/{ticket}", json.dumps(claim))
     verdict = _wait_for_any(store, [f"join/verdict/{ticket}", "join/abort"], deadline)
     if verdict != "admitted":
+        _acknowledge(store, ticket)
         hint = "" if secret is not None else " (this process has no join secret: see distributed.secret_env)"
         raise JoinRefused(f"rank 0 did not admit this process: {verdict or 'no answer in time'}{hint}")
     if not hmac.compare_digest(rank0_proof, _proof(secret, nonce, "rank 0")):  # an impostor admits anyone
         raise JoinRefused("the process serving as rank 0 cannot prove the join secret: not joining it")
     started = _wait_for_any(store, ["join/go", "join/abort"], deadline)
     if started != "1":
-        with contextlib.suppress(dist.DistError):
-            store.set(f"join/ack/{ticket}", "1")
+        _acknowledge(store, ticket)
         raise JoinRefused(f"the run did not start: {started or 'no answer in time'}")
     return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
 
@@ -299,12 +317,12 @@ def _admit_claims(
 ) -> None:
     """Rank 0: judge claims in ticket order until every rank in `pending` is admitted."""
     judged: set[int] = set()
-    admitted: list[int] = []
+    refused: set[int] = set()
     while pending:
         issued = store.add("join/tickets", 0)
         posted = [t for t in range(1, issued + 1) if t not in judged and store.check([f"join/claim/{t}"])]
         if not posted and time.monotonic() > deadline:
-            _abort(store, admitted, f"rank 0 saw no valid claim for rank(s) {sorted(pending)} in time")
+            _abort(store, refused, f"rank 0 saw no valid claim for rank(s) {sorted(pending)} in time")
             raise JoinRefused(
                 f"no process proved the join secret for rank(s) {sorted(pending)} in distributed.timeout_s"
             )
@@ -315,13 +333,13 @@ def _admit_claims(
             rank, refusal = _judge_claim(store.get(f"join/claim/{ticket}"), ticket, pending, secret, nonce, digest)
             if refusal is None:
                 pending.discard(rank)
-                admitted.append(ticket)
                 store.set(f"join/verdict/{ticket}", "admitted")
                 continue
             store.set(f"join/verdict/{ticket}", f"refused: {refusal}")
+            refused.add(ticket)
             print(f"warning: refused {refusal}", file=sys.stderr, flush=True)
             if on_failure == "stop":
-                _abort(store, admitted, f"rank 0 refused {refusal}, and distributed.on_failure = 'stop'")
+                _abort(store, refused, f"rank 0 refused {refusal}, and distributed.on_failure = 'stop'")
                 raise JoinRefused(f"refused {refusal}; stopping (distributed.on_failure = 'stop')")
 
 

@@ -16,13 +16,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from gossiplab.plots import plt
 from gossiplab.population import Population
 
 MAX_MODELS = 16

@@ -12,14 +12,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 from gossiplab.config import Config, build_config
 from gossiplab.mixing import mixing_matrix, spectral_gap
+from gossiplab.plots import plt
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
 from gossiplab.topology import build_adjacency, is_time_varying
 

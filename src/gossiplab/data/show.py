@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import torch
 
 from gossiplab.data.federation import Federation
 from gossiplab.data.sources import Dataset
+from gossiplab.plots import plt
 
 
 def sample_grid(dataset: Dataset, path: Path, per_class: int = 10, seed: int = 0) -> Path:
