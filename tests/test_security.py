@@ -118,9 +118,9 @@ def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
     port = free_port()
     args = [*RUN, "distributed.on_failure=stop", "--run-dir", str(tmp_path / "run")]
     rank0 = launch(0, port, args, "the right secret", world=3)
-    time.sleep(3)
+    time.sleep(1)
     rank1 = launch(1, port, args, "the right secret", world=3)
-    time.sleep(3)
+    time.sleep(2)
     intruder = launch(2, port, args, "a wrong secret", world=3)
     (code0, out0), (code1, out1), (intruder_code, _) = finish([rank0, rank1, intruder])
     assert (code0, code1, intruder_code) == (2, 2, 2), out0 + out1
@@ -139,7 +139,7 @@ def test_a_process_that_finds_no_run_says_so(tmp_path):
 
 def test_a_process_holding_a_secret_does_not_join_a_run_without_one(tmp_path):
     port = free_port()
-    args = [*RUN, "distributed.timeout_s=5", "--run-dir", str(tmp_path / "run")]
+    args = [*RUN, "distributed.timeout_s=3", "--run-dir", str(tmp_path / "run")]
     results = finish([launch(0, port, args, None), launch(1, port, args, "a secret")])
     assert results[1][0] == 2 and "rank 0 runs without one" in results[1][1], results
     assert results[0][0] == 2 and "not every process of the run joined" in results[0][1], results
