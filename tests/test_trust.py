@@ -82,7 +82,13 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(re
     for attempt in range(4):
         run_dir = tmp_path / f"killed-{attempt}"
         process = cli("run", *SMALL, "--quiet", "--run-dir", str(run_dir))
-        time.sleep(rng.uniform(1.5, 6.0))
+        if attempt:  # a random moment of the training itself (the run takes a few seconds on 2 cores)
+            deadline = time.time() + 60
+            while not (run_dir / "checkpoint.pt").exists() and process.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # any moment: during start-up too, before anything was written
+            time.sleep(rng.uniform(0.5, 3.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
         if (run_dir / "summary.json").exists():
