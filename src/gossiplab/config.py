@@ -207,6 +207,12 @@ def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def differing_fields(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
+    """The 'section.key' paths whose values differ between two flattened configs (a key either
+    side lacks counts as differing): what a refusal to mix two configs names."""
+    return sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
+
+
 def resolve_key(key: str) -> str:
     """Full path of an override key; a bare leaf name ('topology') is accepted when unambiguous."""
     if key in LEAF_TYPES:

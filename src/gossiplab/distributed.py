@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gossiplab.config import Config, ConfigError, flatten
+from gossiplab.config import Config, ConfigError, differing_fields, flatten
 
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
 JOIN_POLL_S = 0.05  # how often a process waiting to join (or rank 0 waiting for claims) polls the store
@@ -468,7 +468,7 @@ class ProcessGroup:
         self.store.set(f"gossiplab/config/{self.rank}", json.dumps(mine, sort_keys=True))
         for other in range(self.world_size):
             theirs = json.loads(self.store.get(f"gossiplab/config/{other}"))
-            differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            differing = differing_fields(mine, theirs)
             if differing:
                 details = ", ".join(
                     f"'{k}' ({mine.get(k)!r} here, {theirs.get(k)!r} on rank {other})" for k in differing

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def content_digest(value: Any) -> str:
             digest.update(b"]")
         elif isinstance(item, torch.Tensor):
             digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
-            digest.update(item.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(item.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # no copy
         else:
             digest.update(repr(item).encode())
 
@@ -119,7 +120,7 @@ def verified_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def read_checkpoints(newest: Path, warn: Any = print) -> list[dict[str, Any]]:
+def read_checkpoints(newest: Path, warn: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """The intact checkpoints of a run, newest first (checkpoint.pt, then checkpoint.previous.pt);
     a damaged one is skipped with a warning. Refuses when checkpoints exist but none is intact, and
     whenever one holds pickled code (tampering is not a fault to work around)."""

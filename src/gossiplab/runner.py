@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab import merge, metrics
-from gossiplab.config import Config, build_config, flatten
+from gossiplab.config import Config, build_config, differing_fields, flatten
 from gossiplab.data.federation import Federation, build_federation, sample_held_out
 from gossiplab.distributed import PeerLost, SingleProcess, launched_distributed
 from gossiplab.encoders import frozen_parts
@@ -399,7 +399,7 @@ class Runner:
             return
         state = next(state for state in states if state["step"] == agreed)
         written, current = flatten(state["config"]), flatten(self.config.to_dict())
-        differing = sorted(k for k in written.keys() | current.keys() if written.get(k) != current.get(k))
+        differing = differing_fields(written, current)
         if differing:
             details = ", ".join(f"{k}: {written.get(k)!r} vs {current.get(k)!r}" for k in differing)
             raise RunDirError(

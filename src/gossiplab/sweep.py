@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from gossiplab.compare import plot_against, plot_cost, plot_curves
-from gossiplab.config import Config, ConfigError, apply_values, build_config, flatten
+from gossiplab.config import Config, ConfigError, apply_values, build_config, differing_fields, flatten
 from gossiplab.rundir import atomic_write, read_summary
 from gossiplab.runner import Runner
 
@@ -81,10 +81,11 @@ def run_sweep(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run (or finish) every variant and seed; return the summaries per variant."""
     configs = variant_configs(sweep, extra, seeds)
-    check_sweep_dir(sweep_dir, {sweep_dir / slug(v) / f"seed-{s}": c for (v, s), c in configs.items()})
+    run_dirs = {(variant, seed): sweep_dir / slug(variant) / f"seed-{seed}" for variant, seed in configs}
+    check_sweep_dir(sweep_dir, {run_dirs[key]: config for key, config in configs.items()})
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in sweep.variants}
     for (variant, seed), config in configs.items():
-        run_dir = sweep_dir / slug(variant) / f"seed-{seed}"
+        run_dir = run_dirs[(variant, seed)]
         if (run_dir / "summary.json").is_file():
             summary = read_summary(run_dir)
         else:
@@ -107,7 +108,7 @@ def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
     for run_dir, config in configs.items():
         if (run_dir / "config.toml").is_file():
             written = flatten(build_config(path=run_dir / "config.toml").to_dict())
-            differing = sorted(k for k, v in flatten(config.to_dict()).items() if written.get(k) != v)
+            differing = differing_fields(written, flatten(config.to_dict()))
             if differing:
                 stale.append(f"{run_dir.relative_to(sweep_dir)} ({', '.join(differing)})")
     if stale:
