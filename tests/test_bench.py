@@ -7,10 +7,11 @@ import json
 import subprocess
 import sys
 
+from gossiplab.assembly import build_experiment, memory_estimate
 from gossiplab.bench import training_flops
 from gossiplab.config import ModelConfig, build_config
 from gossiplab.models import build_model
-from gossiplab.runner import Runner, build_experiment, memory_estimate
+from gossiplab.runner import Runner
 
 
 def test_bench_reports_every_model_and_ratio(tmp_path):

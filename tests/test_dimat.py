@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from gossiplab.algorithms.sgp import SGP
+from gossiplab.assembly import build_experiment
 from gossiplab.config import ModelConfig, build_config
-from gossiplab.merge import MatchedMerge, PushSum
+from gossiplab.distributed import SingleProcess
+from gossiplab.merge import MatchedMerge
 from gossiplab.models import build_model
 from gossiplab.permutation import (
     activations,
@@ -17,7 +22,7 @@ from gossiplab.permutation import (
     random_permutations,
 )
 from gossiplab.population import Population
-from gossiplab.runner import Runner, build_experiment
+from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency
 from resume import stopped_then_resumed
 
@@ -122,26 +127,31 @@ def test_push_sum_is_column_stochastic_and_preserves_the_mass():
     theta = torch.randn(5, 3)
     links = torch.rand(5, 5) < 0.4  # an irregular directed graph
     links.diagonal().fill_(False)
-    merge = PushSum(5)
+    sgp, state = push_sum(theta)
     mass_before = theta.sum(0)
     for _ in range(3):
-        merge(theta, links.float())
+        sgp.communicate(links.float(), state, SingleProcess(5))
         # sum_i x_i = sum_i w_i z_i and sum_i w_i are invariant under column-stochastic mixing
-        torch.testing.assert_close((merge.push_sum_weights[:, None] * theta).sum(0), mass_before)
-        assert merge.push_sum_weights.sum() == pytest.approx(5.0)
-    ring = PushSum(5)
-    theta_ring = torch.randn(5, 3)
-    ring(theta_ring, build_adjacency("ring", 5, 0, seed=0).float())
-    torch.testing.assert_close(ring.push_sum_weights, torch.ones(5))  # regular graph: SGP is DSGD
+        torch.testing.assert_close((state["push_sum_weights"][:, None] * theta).sum(0), mass_before)
+        assert state["push_sum_weights"].sum() == pytest.approx(5.0)
+    ring, ring_state = push_sum(torch.randn(5, 3))
+    ring.communicate(build_adjacency("ring", 5, 0, seed=0).float(), ring_state, SingleProcess(5))
+    torch.testing.assert_close(ring_state["push_sum_weights"], torch.ones(5))  # regular graph: SGP is DSGD
+
+
+def push_sum(theta: torch.Tensor) -> tuple[SGP, dict]:
+    """SGP on a bare population of rows theta (the algorithm reads only experiment.population.theta)."""
+    sgp = SGP(SimpleNamespace(population=SimpleNamespace(theta=theta)))
+    return sgp, sgp.init()
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["gossip.merge=activation-matching", "gossip.topology=ring"],
-        ["gossip.merge=weight-matching", "gossip.topology=complete"],
-        ["gossip.merge=push-sum", "gossip.topology=exponential"],
-        ["gossip.order=before-update", "gossip.topology=ring", "gossip.every=1"],
+        ["gossip.algorithm=dimat", "gossip.topology=ring"],
+        ["gossip.algorithm=weight-matching", "gossip.topology=complete"],
+        ["gossip.algorithm=sgp", "gossip.topology=exponential"],
+        ["gossip.algorithm=cdsgd", "gossip.topology=ring", "gossip.every=1"],
     ],
     ids=["dimat-ring", "wm-complete", "sgp", "cdsgd"],
 )

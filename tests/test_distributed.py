@@ -303,8 +303,10 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
 
 def test_rules_that_need_the_whole_population_are_refused_by_field():
     with pytest.raises(ConfigError, match=r"gossip\.mixing.*uniform, metropolis"):
+        check_distributed(build_config("default", ["gossip.mixing=influence"]))
+    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*'l2c' runs only in one process.*dsgd"):
         check_distributed(build_config("l2c"))
-    with pytest.raises(ConfigError, match=r"gossip\.merge"):
+    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*'dimat'"):
         check_distributed(build_config("dimat"))
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gossiplab.assembly import build_experiment
 from gossiplab.config import ConfigError, build_config
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.mixing import fomo, uniform
-from gossiplab.runner import Runner, build_experiment
+from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency
 from resume import stopped_then_resumed
 
@@ -82,11 +83,11 @@ def test_pruning_keeps_exactly_k0_neighbours_the_largest():
         others = before[i].clone()
         others[i] = -1
         assert set(mixing.mask[i].nonzero().flatten().tolist()) == {i, *others.topk(3).indices.tolist()}
-    assert (mixing.mixing_rule(None) != 0).sum() == 80  # communication follows the pruned graph
+    assert (mixing.weights() != 0).sum() == 80  # communication follows the pruned graph
 
 
 def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_path):
-    overrides = ["train.steps=400", "eval.every=200", "gossip.prune_round=2"]
+    overrides = ["train.steps=400", "eval.every=200", "l2c.prune_round=2"]
     config = build_config("l2c", overrides)
     (tmp_path / "full").mkdir()
     summary = Runner(config, tmp_path / "full", show_progress=False).run()
@@ -97,14 +98,16 @@ def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_pat
     resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=200)
     final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     assert torch.equal(resumed.experiment.population.theta, final["theta"])
-    assert torch.equal(resumed.experiment.merge.alpha.detach(), final["merge"]["learnable"][0])
+    assert torch.equal(
+        resumed.experiment.state["learned"].alpha.detach(), final["algorithm"]["learned"]["learnable"][0]
+    )
 
 
-def test_l2c_needs_validation_data_and_its_own_merge():
+def test_l2c_needs_validation_data_and_its_own_weights():
     with pytest.raises(ConfigError) as error:
-        build_config("l2c", ["data.val_fraction=0", "gossip.merge=activation-matching"])
-    assert "field 'data.val_fraction' = 0.0: must be > 0 with gossip.mixing = 'l2c'" in str(error.value)
-    assert "field 'gossip.merge' = 'activation-matching': must be 'average'" in str(error.value)
+        build_config("l2c", ["data.val_fraction=0", "gossip.mixing=metropolis"])
+    assert "field 'data.val_fraction' = 0.0: must be > 0 with gossip.algorithm = 'l2c'" in str(error.value)
+    assert "field 'gossip.mixing' = 'metropolis': must be 'uniform'" in str(error.value)
 
 
 def test_fomo_weights_follow_the_first_order_gain_of_each_neighbour():
@@ -135,11 +138,11 @@ def test_a_final_gossip_merge_after_l2c_is_plain_averaging(tmp_path):
     runner = Runner(config, tmp_path / "run", show_progress=False)
     summary = runner.run()
     assert summary["consensus_distance"] == pytest.approx(0.0, abs=1e-8)
-    assert runner.experiment.merge.rounds == 2  # the two training rounds only
+    assert runner.experiment.state["learned"].rounds == 2  # the two training rounds only
 
 
 def meta(sites: int = 20, **kwargs) -> MetaLearnedMixing:
-    config = build_config("l2c", [f"num_sites={sites}", "model.hidden=[16]", "gossip.mixing=meta-l2c"])
+    config = build_config("l2c", [f"num_sites={sites}", "model.hidden=[16]", "gossip.algorithm=meta-l2c"])
     experiment = build_experiment(config)
     options = {"lr": 0.1, "weight_decay": 0.0, "prune_round": 0, "keep": 3, "val_batch": 16, "seed": 0, **kwargs}
     return MetaLearnedMixing(experiment.population, experiment.federation, build_adjacency("ring", sites, 0, seed=0),
@@ -188,18 +191,18 @@ def test_ditto_personal_models_are_local_training_at_lambda_0_and_its_global_tra
     at lambda = 0 the personal models are exactly local SGD, and the global track is exactly a
     FedAvg run on the same batches."""
     small = ["num_sites=10", "data.shards_per_class=2", "model.hidden=[16]", "train.steps=200", "eval.every=100",
-             "gossip.topology=complete", "gossip.mixing=uniform"]  # fmt: skip
+             "gossip.topology=complete", "gossip.algorithm=dsgd"]  # fmt: skip
 
     def run(name: str, *overrides: str) -> dict:
         (tmp_path / name).mkdir()
         Runner(build_config("l2c", [*small, *overrides]), tmp_path / name, show_progress=False).run()
         return torch.load(tmp_path / name / "checkpoint.pt", weights_only=True)
 
-    ditto = run("ditto", "gossip.merge=ditto", "gossip.ditto_lambda=0")
+    ditto = run("ditto", "gossip.algorithm=ditto", "ditto.strength=0")
     local = run("local", "gossip.schedule=none")
     fedavg = run("fedavg")
     torch.testing.assert_close(ditto["theta"], local["theta"], rtol=0, atol=0)
-    torch.testing.assert_close(ditto["merge"]["global"], fedavg["theta"], rtol=1e-6, atol=1e-7)
-    pulled = run("pulled", "gossip.merge=ditto", "gossip.ditto_lambda=1")
-    distance = (pulled["theta"] - pulled["merge"]["received"]).norm(dim=1)
-    assert (distance < (ditto["theta"] - ditto["merge"]["received"]).norm(dim=1)).all()
+    torch.testing.assert_close(ditto["algorithm"]["global"], fedavg["theta"], rtol=1e-6, atol=1e-7)
+    pulled = run("pulled", "gossip.algorithm=ditto", "ditto.strength=1")
+    distance = (pulled["theta"] - pulled["algorithm"]["received"]).norm(dim=1)
+    assert (distance < (ditto["theta"] - ditto["algorithm"]["received"]).norm(dim=1)).all()

@@ -9,13 +9,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
+from gossiplab.assembly import build_experiment
 from gossiplab.config import ConfigError, ModelConfig, TrainConfig, build_config
 from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features, clip_encoders, conse_embeddings
 from gossiplab.mixing import influence, uniform
 from gossiplab.models import TextEmbeddingHead, build_model
 from gossiplab.optim import learning_rate
 from gossiplab.rundir import read_metrics
-from gossiplab.runner import Runner, build_experiment
+from gossiplab.runner import Runner
 from gossiplab.schedule import GossipSchedule, cosine_steps, two_stage_steps, uniform_steps
 from gossiplab.topology import build_adjacency
 
@@ -295,7 +296,7 @@ def test_influence_weighted_gossip_learns_and_weighs_neighbours_unequally(tmp_pa
     summary = Runner(config, tmp_path / "run", show_progress=False, experiment=experiment).run()
     assert summary["ala"] > 0.3
     adjacency = build_adjacency("complete", 8, 0, seed=0)
-    weights = experiment.mixing_rule(adjacency)
+    weights = experiment.mixing_rule(adjacency, experiment)
     torch.testing.assert_close(weights.sum(1), torch.ones(8))
     assert not torch.allclose(weights, uniform(adjacency))
 

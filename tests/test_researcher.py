@@ -43,7 +43,7 @@ def test_api_callback_and_a_swapped_mixing_rule(tmp_path):
     experiment = gossiplab.build_experiment(config)
     rounds = []
 
-    def lazy_metropolis(adjacency):
+    def lazy_metropolis(adjacency, experiment):
         rounds.append(adjacency)
         return (torch.eye(len(adjacency)) + metropolis(adjacency)) / 2
 
@@ -52,9 +52,12 @@ def test_api_callback_and_a_swapped_mixing_rule(tmp_path):
     result = gossiplab.run(config, run_dir=tmp_path / "lazy", experiment=experiment,
                            on_evaluation=lambda runner, row: seen.append(row["step"]))  # fmt: skip
     plain = gossiplab.run(config, run_dir=tmp_path / "plain")
-    assert seen == [30, 60]
-    assert len(rounds) == 6  # every 10 steps
+    assert seen == [0, 30, 60]
+    assert len(rounds) == 1 + 6  # the contract check before step 1, then every 10 steps
     assert result.final["consensus_distance"] != plain.final["consensus_distance"]
+    # what ran is recorded, by qualified name; the caller's config is left as it was
+    assert result.final["parts"]["gossip.mixing"].endswith("<locals>.lazy_metropolis")
+    assert result.config.gossip.mixing == result.final["parts"]["gossip.mixing"] and config.gossip.mixing == "uniform"
 
 
 def test_compare_groups_by_the_differing_key_and_plots(two_runs, tmp_path):

@@ -15,13 +15,15 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from gossiplab.assembly import check_memory, memory_estimate
 from gossiplab.config import ConfigError, build_config
 from gossiplab.data.federation import build_federation
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SourceMissingError
+from gossiplab.memory import ResourceError
 from gossiplab.models import build_model
 from gossiplab.rundir import RunDirError
-from gossiplab.runner import DivergenceError, ResourceError, Runner, check_memory, memory_estimate
+from gossiplab.runner import DivergenceError, Runner
 
 SMALL = ["num_sites=4", "train.steps=600", "eval.every=50"]
 

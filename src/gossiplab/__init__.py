@@ -1,11 +1,22 @@
 """gossiplab: decentralized (gossip, peer-to-peer) deep learning with all sites in one [N, P] tensor."""
 
+from gossiplab.algorithms import Algorithm
 from gossiplab.api import Result, run
+from gossiplab.assembly import Experiment, build_experiment
+from gossiplab.callbacks import Callback
 from gossiplab.config import Config, ConfigError, build_config, load_preset
+from gossiplab.evaluation import evaluate
 from gossiplab.population import Population
-from gossiplab.runner import Experiment, Runner, build_experiment, evaluate
+from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES
+from gossiplab.runner import Runner
 
 __all__ = [
+    "ALGORITHMS",
+    "MIXING_RULES",
+    "MODELS",
+    "TOPOLOGIES",
+    "Algorithm",
+    "Callback",
     "Config",
     "ConfigError",
     "Experiment",

@@ -2,7 +2,7 @@
 
 import gossiplab
 result = gossiplab.run("ring", ["train.steps=300"])
-result.final["mmga"], result.metrics["ala"], result.accuracy_matrix, result.plots
+result.final["mmga"], result.metrics["ala"], result.accuracy_matrix, result.plots, result.to_frame()
 """
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from typing import Any
 
 import torch
 
-from gossiplab.config import Config, apply_values, build_config, parse_override, validate
+from gossiplab.assembly import Experiment
+from gossiplab.callbacks import ACCURACY_MATRICES, Callback
+from gossiplab.config import Config, ConfigError, apply_values, build_config, parse_override, read_run_config, validate
 from gossiplab.rundir import read_metrics, read_summary
-from gossiplab.runner import Experiment, Runner
+from gossiplab.runner import Runner
+from gossiplab.safeload import load_tensors
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Result:
         run_dir = Path(run_dir)
         rows = read_metrics(run_dir / "metrics.jsonl")
         summary = read_summary(run_dir)
-        return cls(run_dir, build_config(path=run_dir / "config.toml"), summary, rows)
+        return cls(run_dir, read_run_config(run_dir / "config.toml"), summary, rows)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -56,6 +59,20 @@ class Result:
     def plots(self) -> list[Path]:
         return sorted(self.run_dir.glob("*.png"))
 
+    def accuracy_matrices(self) -> dict[int, torch.Tensor]:
+        """step -> A[i, j] at every evaluation (model i on site j's test set)."""
+        files = sorted((self.run_dir / ACCURACY_MATRICES).glob("step-*.pt"))
+        return {int(f.stem.removeprefix("step-")): load_tensors(f, "accuracy matrix") for f in files}
+
+    def to_frame(self) -> Any:
+        """The metrics as a pandas DataFrame, one row per evaluation and one column per metric; the
+        per-site columns (local_accuracy, site_train_loss) hold lists. Needs the `frames` extra."""
+        try:
+            import pandas
+        except ImportError as error:
+            raise ImportError("Result.to_frame needs pandas: pip install 'gossiplab[frames]'") from error
+        return pandas.DataFrame(self.rows).set_index("step")
+
 
 def run(
     config: Config | str = "default",
@@ -64,11 +81,25 @@ def run(
     run_dir: str | Path | None = None,
     experiment: Experiment | None = None,
     on_evaluation: Callable[[Runner, dict[str, Any]], None] | None = None,
+    on_step: Callable[[Runner], None] | None = None,
+    callbacks: list[Callback] | None = None,
     progress: bool = False,
 ) -> Result:
     """Run a preset (by name) or a Config, with key=value overrides, into `run_dir`
-    (default runs/NAME-TIME); `experiment` swaps in parts built with `build_experiment`."""
-    if isinstance(config, str):
+    (default runs/NAME-TIME). `experiment` runs parts built with `build_experiment` and swapped;
+    its own config is the run's, so overrides (which could not reach parts already built) and a
+    different config are refused. `on_step(runner)`, `on_evaluation(runner, row)` and
+    `callbacks` (gossiplab.callbacks.Callback) act during the run."""
+    if experiment is not None:
+        if overrides:
+            raise ConfigError(
+                f"overrides {overrides} would not reach the parts of a pre-built experiment: apply them to the "
+                "config before build_experiment(config), or run without `experiment`"
+            )
+        if not isinstance(config, str) and config is not experiment.config and config != experiment.config:
+            raise ConfigError("`config` differs from the pre-built experiment's config; pass only the experiment")
+        config = experiment.config
+    elif isinstance(config, str):
         config = build_config(config, overrides)
     else:
         config = copy.deepcopy(config)
@@ -78,5 +109,6 @@ def run(
         Path(run_dir) if run_dir else Path("runs") / f"{config.name.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     target.mkdir(parents=True, exist_ok=True)
-    Runner(config, target, show_progress=progress, experiment=experiment).run(on_evaluation=on_evaluation)
+    runner = Runner(config, target, show_progress=progress, experiment=experiment)
+    runner.run(on_evaluation=on_evaluation, on_step=on_step, callbacks=callbacks)
     return Result.load(target)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from gossiplab.assembly import build_experiment
 from gossiplab.config import build_config
 from gossiplab.distributed import ProcessGroup, SingleProcess, payload_rows
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
-from gossiplab.runner import build_experiment
 from gossiplab.topology import build_adjacency
 
 SPEC = "GOSSIPLAB_BENCH_DISTRIBUTED"  # the worker's job, as JSON in the environment

@@ -32,9 +32,10 @@ from gossiplab.distributed import (
     relaunched_by_torchrun,
 )
 from gossiplab.encoders import EncoderError
+from gossiplab.memory import ResourceError
 from gossiplab.report import summary_values
 from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
-from gossiplab.runner import DivergenceError, ResourceError, RunInterrupted, Runner, load_run_config
+from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
 from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 
 USER_ERRORS = (
@@ -90,7 +91,7 @@ def paper_table(title: str, groups: dict[str, list[dict[str, Any]]]) -> Table:
 
 def _print_dry_run(config: Config) -> None:
     """The resolved config, the sites and the memory estimate: everything checked, nothing run."""
-    from gossiplab.runner import available_memory, build_data_and_model, check_memory, memory_estimate
+    from gossiplab.assembly import available_memory, build_data_and_model, check_memory, memory_estimate
 
     federation, module = build_data_and_model(config, errors)
     estimate = memory_estimate(config, federation, module)
@@ -352,9 +353,9 @@ def landscape(
     """The loss/accuracy landscape of up to 16 sites' models on a Wachspress polygon (PNG)."""
     import torch
 
+    from gossiplab.assembly import build_experiment
     from gossiplab.landscape import MAX_MODELS, plot_landscape
     from gossiplab.landscape import landscape as compute
-    from gossiplab.runner import build_experiment
 
     if metric not in ("loss", "accuracy"):
         _fail(f"--metric {metric}: must be loss or accuracy")

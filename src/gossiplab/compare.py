@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gossiplab.config import build_config, flatten
+from gossiplab.config import flatten, read_run_config
 from gossiplab.plots import plt
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
 
@@ -85,7 +85,7 @@ def find_runs(paths: list[Path], warn: Callable[[str], None] = print) -> list[Pa
 
 def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Group finished runs by the config keys that differ between them (seeds pooled within a group)."""
-    configs = {run: flatten(build_config(path=run / "config.toml").to_dict()) for run in runs}
+    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
     ignored = {"name", "description", "seed"}
     keys = sorted(
         {

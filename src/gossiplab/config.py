@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import re
 import tomllib
@@ -20,15 +21,10 @@ from typing import Any
 
 import tomli_w
 
-TOPOLOGIES = ("complete", "ring", "exponential", "one-peer-exponential", "random-one-peer")
-MIXING_RULES = ("uniform", "metropolis", "influence", "l2c", "meta-l2c", "fomo")
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
-MERGES = ("average", "activation-matching", "weight-matching", "push-sum", "ditto")
-ORDERS = ("after-update", "before-update")
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
-MODELS = ("mlp", "cnn", "resnet20")
 BACKBONES = ("pixels", "efficientnet-lite0", "clip")
 HEADS = ("linear", "text")
 TEXT_ENCODERS = ("minilm-l6", "clip")
@@ -37,6 +33,13 @@ PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
 ENGINES = ("auto", "linear", "vmap", "loop")
 INITS = ("shared", "independent")
+
+
+def documented(default: Any, doc: str) -> Any:
+    """A config field with its documentation (the configuration reference is generated from it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
 class ConfigError(ValueError):
@@ -98,6 +101,9 @@ class TrainConfig:
 
 @dataclass
 class GossipConfig:
+    """When and how sites communicate; `algorithm`, `topology` and `mixing` name registered parts."""
+
+    algorithm: str = "dsgd"
     topology: str = "random-one-peer"
     p: float = 1.0
     mixing: str = "uniform"
@@ -109,16 +115,6 @@ class GossipConfig:
     final_merge: str = "none"
     final_merge_rounds: int = 0
     rounds: int = 0
-    merge: str = "average"
-    match_samples: int = 256
-    order: str = "after-update"
-    l2c_lr: float = 0.1
-    l2c_weight_decay: float = 0.01
-    meta_encoder: str = ""
-    ditto_lambda: float = 0.1
-    val_batch: int = 32
-    prune_round: int = 0
-    keep_neighbours: int = 10
     stage_split: float = 0.5
     early_share: float = 0.67
     warmup_fraction: float = 0.1
@@ -140,6 +136,39 @@ class DistributedConfig:
     secret_file: str = ""
 
 
+SECTIONS: dict[str, type] = {}  # config sections declared by parts (algorithms, mixing rules): name -> dataclass
+
+
+def register_section(name: str, section: type) -> type:
+    """Declare the config section `[name]` a part owns: a dataclass whose fields are its keys, with
+    their defaults and (in the field's metadata) their documentation. Its optional
+    `problems(config) -> list[str]` method validates it, each problem naming its field."""
+    if name in SECTIONS and SECTIONS[name] is not section:
+        raise ValueError(f"config section [{name}] is declared already by {SECTIONS[name].__qualname__}")
+    SECTIONS[name] = section
+    return section
+
+
+def section_reference(builtin_only: bool = True) -> list[str]:
+    """The configuration reference rows (Markdown) of the parts' own sections, from their
+    declarations: key, default, documentation. The README's key table holds them verbatim."""
+    load_builtin_parts()
+    rows = []
+    for name, section in SECTIONS.items():
+        if builtin_only and not section.__module__.startswith("gossiplab."):
+            continue
+        for item in dataclasses.fields(section):
+            default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+            shown = f"`{default}`" if isinstance(default, str) and default else json.dumps(default)
+            rows.append(f"| `{name}.{item.name}` | {shown} | {item.metadata.get('doc', '')} |")
+    return rows
+
+
+def load_builtin_parts() -> None:
+    """Import the modules that register the built-in parts and their config sections."""
+    import gossiplab.algorithms  # noqa: F401
+
+
 @dataclass
 class Config:
     name: str = "default"
@@ -153,9 +182,22 @@ class Config:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the parts' own sections, by name
+
+    def __post_init__(self) -> None:
+        load_builtin_parts()
+        for name, section in SECTIONS.items():
+            self.sections.setdefault(name, section())
+
+    def __getattr__(self, name: str) -> Any:
+        sections = self.__dict__.get("sections", {})
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"Config has no section or field '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        table = dataclasses.asdict(self)
+        return table | table.pop("sections")
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -168,17 +210,59 @@ def _leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
         path = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
             paths.update(_leaf_paths(hint, f"{path}."))
-        else:
+        elif path != "sections":
             paths[path] = hint
     return paths
 
 
-LEAF_TYPES = _leaf_paths(Config)
+def leaf_types() -> dict[str, Any]:
+    """Every settable key of a config, the parts' sections included, as 'section.key' -> type."""
+    load_builtin_parts()
+    paths = _leaf_paths(Config)
+    for name, section in SECTIONS.items():
+        paths.update(_leaf_paths(section, f"{name}."))
+    return paths
 
 
-def _coerce(path: str, value: Any) -> Any:
+# keys of earlier versions, so that old config.toml files (run directories) and sweeps keep working
+RENAMED_KEYS = {
+    "gossip.match_samples": "dimat.match_samples",
+    "gossip.l2c_lr": "l2c.lr",
+    "gossip.l2c_weight_decay": "l2c.weight_decay",
+    "gossip.meta_encoder": "l2c.meta_encoder",
+    "gossip.prune_round": "l2c.prune_round",
+    "gossip.keep_neighbours": "l2c.keep_neighbours",
+    "gossip.ditto_lambda": "ditto.strength",
+}
+MERGE_ALGORITHMS = {"average": "dsgd", "push-sum": "sgp", "activation-matching": "dimat"}
+
+
+def upgrade_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """Earlier keys in their current form. The algorithm was named by three keys, gossip.merge,
+    gossip.order (CDSGD) and gossip.mixing (L2C); its options lived in [gossip]; gossip.val_batch
+    served both L2C and FOMO."""
+    values = dict(values)
+    merge, order = values.pop("gossip.merge", None), values.pop("gossip.order", None)
+    for old, new in RENAMED_KEYS.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    if "gossip.val_batch" in values:
+        batch = values.pop("gossip.val_batch")
+        values.setdefault("l2c.val_batch", batch)
+        values.setdefault("fomo.val_batch", batch)
+    algorithm = MERGE_ALGORITHMS.get(merge, merge) if isinstance(merge, str) else None
+    if order == "before-update" and algorithm in (None, "dsgd"):
+        algorithm = "cdsgd"
+    if values.get("gossip.mixing") in ("l2c", "meta-l2c"):
+        algorithm = values.pop("gossip.mixing")
+    if algorithm is not None:
+        values.setdefault("gossip.algorithm", algorithm)
+    return values
+
+
+def _coerce(path: str, value: Any, types: dict[str, Any]) -> Any:
     """Check a raw TOML value against the field's type; ints are accepted where floats are."""
-    hint = LEAF_TYPES[path]
+    hint = types[path]
     origin = typing.get_origin(hint)
     if origin is list:
         (item,) = typing.get_args(hint)
@@ -213,29 +297,34 @@ def differing_fields(first: dict[str, Any], second: dict[str, Any]) -> list[str]
     return sorted(k for k in first.keys() | second.keys() if first.get(k) != second.get(k))
 
 
-def resolve_key(key: str) -> str:
-    """Full path of an override key; a bare leaf name ('topology') is accepted when unambiguous."""
-    if key in LEAF_TYPES:
+def resolve_key(key: str, types: dict[str, Any]) -> str:
+    """Full path of an override key; a bare leaf name ('topology') is accepted when unambiguous
+    (the core sections win over the parts' own: 'lr' is train.lr)."""
+    if key in types:
         return key
-    matches = [path for path in LEAF_TYPES if path.rsplit(".", 1)[-1] == key]
-    if len(matches) == 1:
-        return matches[0]
+    matches = [path for path in types if path.rsplit(".", 1)[-1] == key]
+    core = [path for path in matches if path.split(".")[0] not in SECTIONS]  # e.g. lr: train.lr, not l2c.lr
+    if len(matches) == 1 or len(core) == 1:
+        return core[0] if core else matches[0]
     if matches:
         raise ConfigError(f"key '{key}' is ambiguous: write one of {', '.join(matches)}")
-    raise ConfigError(f"unknown key '{key}'; known keys: {', '.join(LEAF_TYPES)}")
+    raise ConfigError(f"unknown key '{key}'; known keys: {', '.join(types)}")
 
 
 def apply_values(config: Config, values: dict[str, Any]) -> None:
-    """Set 'section.key' -> value pairs on a config, checking every key and type."""
+    """Set 'section.key' -> value pairs on a config, checking every key and type (earlier keys
+    are read in their current form, `upgrade_keys`)."""
+    config.__post_init__()  # sections of parts registered since the config was made (plug-ins)
+    types = leaf_types()
     errors = []
-    for key, value in values.items():
+    for key, value in upgrade_keys(values).items():
         try:
-            path = resolve_key(key)
+            path = resolve_key(key, types)
             target: Any = config
             *parents, leaf = path.split(".")
             for parent in parents:
                 target = getattr(target, parent)
-            setattr(target, leaf, _coerce(path, value))
+            setattr(target, leaf, _coerce(path, value, types))
         except ConfigError as error:
             errors.append(str(error))
     if errors:
@@ -267,11 +356,13 @@ def load_preset(name: str) -> Config:
     return config_from_toml(text, origin=f"preset '{name}'")
 
 
-def config_from_toml(text: str, origin: str = "config") -> Config:
+def config_from_toml(text: str, origin: str = "config", untrusted: tuple[Path, ...] = ()) -> Config:
+    """The config of a TOML text; its plug-ins are imported first, so their sections are known."""
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{origin} is not valid TOML: {error}") from error
+    _import_plugins(table.get("plugins", []), untrusted)
     config = Config()
     try:
         apply_values(config, flatten(table))
@@ -282,20 +373,61 @@ def config_from_toml(text: str, origin: str = "config") -> Config:
 
 def build_config(preset: str = "default", overrides: list[str] | None = None, path: Path | None = None) -> Config:
     """The preset (or the config file at `path`) with the overrides applied, validated."""
-    from gossiplab.plugins import import_plugins
-
     if path is not None:
         try:
             text = path.read_text()
         except OSError as error:
             raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from error
-        config = config_from_toml(text, origin=str(path))
+        config = config_from_toml(text, origin=str(path), untrusted=(path.parent,))
     else:
         config = load_preset(preset)
-    apply_values(config, dict(parse_override(o) for o in overrides or []))
-    import_plugins(config.plugins, untrusted=[path.parent] if path is not None else [])
+    values = dict(parse_override(o) for o in overrides or [])
+    _import_plugins(values.get("plugins", []), (path.parent,) if path is not None else ())
+    apply_values(config, values)
     validate(config)
     return config
+
+
+def read_run_config(path: Path) -> Config:
+    """The config.toml of a finished run, read to look at its results: not validated, since a
+    part it names may be a user's that is not importable here (the parts are recorded by name)."""
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read it ({error.strerror})") from error
+    return config_from_toml(text, origin=str(path), untrusted=(path.parent,))
+
+
+def _import_plugins(names: Any, untrusted: tuple[Path, ...]) -> None:
+    from gossiplab.plugins import import_plugins
+
+    names = _coerce("plugins", names, {"plugins": list[str]})
+    import_plugins(names, untrusted=list(untrusted))
+
+
+def part_problems(config: Config) -> list[str]:
+    """The named parts exist, and what they say of the config: each registered section's own
+    `problems(config)`, and the chosen algorithm's and mixing rule's cross-field rules."""
+    from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
+
+    errors = []
+    for registry, name in (
+        (ALGORITHMS, config.gossip.algorithm),
+        (TOPOLOGIES, config.gossip.topology),
+        (MIXING_RULES, config.gossip.mixing),
+        (MODELS, config.model.name),
+    ):
+        try:
+            registry.get(name)
+        except UnknownPart as error:
+            errors.append(str(error))
+            continue
+        problems = registry.property(name, "problems")
+        errors += problems(config) if problems else []
+    for section in config.sections.values():
+        if hasattr(section, "problems"):
+            errors += section.problems(config)
+    return errors
 
 
 def validate(config: Config) -> None:
@@ -346,7 +478,6 @@ def validate(config: Config) -> None:
             "num_sites",
             f"must equal the sites of data.sites_per_source with partition 'by_domain' ({sum(per_source)})",
         )
-    one_of("model.name", MODELS)
     one_of("model.init", INITS)
     need(all(h >= 1 for h in config.model.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)")
     model = config.model
@@ -397,9 +528,7 @@ def validate(config: Config) -> None:
     )
     one_of("train.on_divergence", ("stop", "drop"))
     need(config.train.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)")
-    one_of("gossip.topology", TOPOLOGIES)
     need(0 < config.gossip.p <= 1, "gossip.p", "must be in (0, 1]")
-    one_of("gossip.mixing", MIXING_RULES)
     one_of("gossip.schedule", SCHEDULES)
     need(config.gossip.every >= 1, "gossip.every", "must be >= 1")
     need(
@@ -429,28 +558,6 @@ def validate(config: Config) -> None:
     need(0 < config.gossip.stage_split < 1, "gossip.stage_split", "must be in (0, 1) (end of the early stage)")
     need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
     need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
-    one_of("gossip.merge", MERGES)
-    need(config.gossip.ditto_lambda >= 0, "gossip.ditto_lambda", "must be >= 0 (Ditto's proximal strength)")
-    if config.gossip.mixing == "fomo":
-        need(config.data.val_fraction > 0, "data.val_fraction", "must be > 0 with gossip.mixing = 'fomo' "
-             "(the weights come from each site's validation loss of its neighbours' models)")  # fmt: skip
-    if config.gossip.mixing in ("l2c", "meta-l2c"):
-        rule = config.gossip.mixing
-        need(config.gossip.merge == "average", "gossip.merge", f"must be 'average' with gossip.mixing = '{rule}' "
-             "(L2C aggregates neighbours' updates itself)")  # fmt: skip
-        need(config.data.val_fraction > 0, "data.val_fraction", f"must be > 0 with gossip.mixing = '{rule}' "
-             "(the mixing weights minimise each site's validation loss)")  # fmt: skip
-    need(not config.gossip.meta_encoder or config.gossip.mixing == "meta-l2c", "gossip.meta_encoder",
-         "is a trained meta-L2C encoder: set gossip.mixing = 'meta-l2c' to use it")  # fmt: skip
-    need(not config.gossip.meta_encoder or Path(config.gossip.meta_encoder).is_file(), "gossip.meta_encoder",
-         f"'{config.gossip.meta_encoder}' is not a file (a learned_encoder.pt from a meta-l2c run)")  # fmt: skip
-    need(config.gossip.l2c_lr >= 0, "gossip.l2c_lr", "must be >= 0 (0: the weights stay uniform)")
-    need(config.gossip.l2c_weight_decay >= 0, "gossip.l2c_weight_decay", "must be >= 0")
-    need(config.gossip.val_batch >= 1, "gossip.val_batch", "must be >= 1")
-    need(config.gossip.prune_round >= 0, "gossip.prune_round", "must be >= 0 (0: never prune)")
-    need(config.gossip.keep_neighbours >= 1, "gossip.keep_neighbours", "must be >= 1")
-    one_of("gossip.order", ORDERS)
-    need(config.gossip.match_samples >= 2, "gossip.match_samples", "must be >= 2 (samples per site to match on)")
     one_of("gossip.final_merge", FINAL_MERGES)
     need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
     need(config.eval.every >= 1, "eval.every", "must be >= 1")
@@ -465,6 +572,7 @@ def validate(config: Config) -> None:
         "eval.tensorboard",
         "needs the tensorboard extra: pip install 'gossiplab[tensorboard]'",
     )
+    errors += part_problems(config)
     from gossiplab.data.sources import SOURCES, is_local
 
     unknown = [s for s in data.sources if s not in SOURCES and not is_local(s)]

@@ -47,11 +47,10 @@ import torch
 import torch.distributed as dist
 
 from gossiplab.config import Config, ConfigError, differing_fields, flatten
+from gossiplab.registry import ALGORITHMS, MIXING_RULES
 
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
 JOIN_POLL_S = 0.05  # how often a process waiting to join (or rank 0 waiting for claims) polls the store
-DISTRIBUTED_MIXING = ("uniform", "metropolis")  # rules computed from the topology alone
-DISTRIBUTED_MERGES = ("average",)
 
 
 class ExchangeFailed(RuntimeError):
@@ -378,16 +377,13 @@ def check_distributed(config: Config) -> None:
     gossip = config.gossip
     world = int(os.environ.get("WORLD_SIZE", "1"))
     errors = []
-    if gossip.mixing not in DISTRIBUTED_MIXING:
-        errors.append(
-            f"field 'gossip.mixing': '{gossip.mixing}' runs only in one process; across processes use one "
-            f"of {', '.join(DISTRIBUTED_MIXING)}"
-        )
-    if gossip.merge not in DISTRIBUTED_MERGES:
-        errors.append(
-            f"field 'gossip.merge': '{gossip.merge}' runs only in one process; across processes use "
-            f"{', '.join(DISTRIBUTED_MERGES)}"
-        )
+    for registry, name in ((ALGORITHMS, gossip.algorithm), (MIXING_RULES, gossip.mixing)):
+        if not registry.property(name, "distributed", False):
+            allowed = [n for n in registry.names() if registry.property(n, "distributed", False)]
+            errors.append(
+                f"field '{registry.field}': '{name}' runs only in one process; across processes use one of "
+                f"{', '.join(allowed)}"
+            )
     if config.num_sites < world:
         errors.append(f"field 'num_sites': {config.num_sites} sites cannot fill {world} processes")
     if errors:

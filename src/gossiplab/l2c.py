@@ -16,7 +16,7 @@ meta-L2C (L2C section 3.3) replaces the free logits by an attention module share
     E(theta) = [phi_1, ..., phi_L], phi_l = [E_l(theta_l,1), ..., E_l(theta_l,C)]   (eq. 7-8)
 E_l a two-layer fully connected network (widths 10, 5) applied to every output channel of layer l
 (each channel's update scaled to unit norm), trained by the same validation loss (eq. 6). It has no
-per-site parameters, so a trained encoder serves new sites and new tasks (`gossip.meta_encoder`).
+per-site parameters, so a trained encoder serves new sites and new tasks (`l2c.meta_encoder`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from gossiplab.safeload import load_tensors
 
 
 class LearnedMixing:
-    """L2C as a mixing rule (`mixing_rule`: the current learned W, so communication is counted on
-    the learned graph) and a merge operator (`__call__`: update aggregation + one alpha step)."""
+    """L2C's learned aggregation: `weights()`, the current learned W, and `__call__`, the update
+    aggregation and one step on the weights (gossiplab.algorithms.l2c runs it)."""
 
     def __init__(
         self,
@@ -72,10 +72,6 @@ class LearnedMixing:
         """W [N, N] = row-wise softmax of the scores over each site's candidates (zero elsewhere)."""
         theta = self.population.theta if theta is None else theta
         return torch.softmax(self.scores(theta).masked_fill(~self.mask, -torch.inf), dim=1)
-
-    def mixing_rule(self, _adjacency: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.weights()
 
     def aggregate(self, theta: torch.Tensor) -> torch.Tensor:
         """theta^(t+1) = theta^t - W Delta, differentiable in the learnable parameters (theta holds

@@ -1,14 +1,22 @@
-"""Merge operators on the [N, P] population tensor: gossip averaging and the global merge."""
+"""Merge operators on the [N, P] population tensor: gossip averaging, DIMAT's matched merge and
+the single final global merge."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from gossiplab import kernels
 from gossiplab.distributed import SingleProcess
-from gossiplab.population import Population
+from gossiplab.mixing import mixing_matrix
+from gossiplab.topology import build_adjacency
+
+
+def message_count(weights: torch.Tensor) -> int:
+    """Parameter vectors sent in one gossip round: one per off-diagonal non-zero W_ij (j sends to i)."""
+    return int((weights != 0).sum() - (weights.diagonal() != 0).sum())
 
 
 class GossipAverager:
@@ -34,6 +42,7 @@ class GossipAverager:
     SPARSE_WIDTH = 8
 
     def __init__(self, shape: torch.Size):
+        self.shape = torch.Size(shape)
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
         self._sparse = kernels.SparseMixer(
@@ -145,69 +154,24 @@ class MatchedMerge:
         theta.copy_(mixed)
 
 
-class PushSum:
-    """Stochastic gradient push's mixing (SGP, Assran et al. 2019; push-sum, Kempe et al. 2003)
-    for directed graphs: each sender j splits its mass equally among itself and its out-neighbours
-    (P_ij = 1 / (outdeg_j + 1), column stochastic), and a push-sum weight w travels with it:
-    x <- P x, w <- P w, and the de-biased z = x / w is what sites evaluate and differentiate.
-    `theta` holds z; the runner divides gradients by w so that x takes the SGD step.
-    On regular graphs w stays 1 and SGP is DSGD."""
+def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Any) -> int:
+    """The single global merge after the last step; returns how many parameter vectors it sent.
 
-    def __init__(self, num_sites: int):
-        self.push_sum_weights = torch.ones(num_sites)
-
-    @torch.no_grad()
-    def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
-        links = weights != 0
-        links.diagonal().fill_(True)
-        column_stochastic = links.float() / links.sum(0, keepdim=True)
-        mass = self.push_sum_weights[:, None] * theta
-        self.push_sum_weights = column_stochastic @ self.push_sum_weights
-        theta.copy_(column_stochastic @ mass / self.push_sum_weights[:, None])
-
-    def state_dict(self) -> dict:
-        return {"push_sum_weights": self.push_sum_weights}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.push_sum_weights = state["push_sum_weights"].clone()
-
-
-class Ditto:
-    """Ditto (Li et al. 2021), personalised federated learning, as a merge operator.
-
-    Two models per site: the population's rows are the personal models v_i (what is evaluated),
-    and this operator keeps a global-model track w_i. Every local step, on the same batch:
-        w_i <- w_i - lr grad F_i(w_i)                                  (FedAvg's local update)
-        v_i <- v_i - lr (grad F_i(v_i) + lambda (v_i - w^t))           (Ditto's personal objective)
-    with w^t the global model received at the last round. A communication round mixes the global
-    track only, w <- W w (complete graph, uniform weights: FedAvg's server average; any other
-    graph: a decentralized Ditto), and w^t <- w. Personal models are never averaged.
+    'exact': every row <- the mean (an all-reduce: 2 (N - 1) vectors, ring all-reduce).
+    'exponential' / 'one-peer-exponential': k rounds of uniform gossip on that graph instead
+    (k = gossip.final_merge_rounds, or ceil(log2 N)), the single-merge paper's appendix C. Plain
+    averaging whatever the run's algorithm (L2C or DIMAT would learn or match here).
     """
-
-    def __init__(self, population: Population, optimizer, strength: float):
-        self.strength = strength
-        self.global_track = Population(population.module, population.num_sites, seed=0, strategy=population.strategy,
-                                       class_mask=population.class_mask)  # fmt: skip
-        self.global_track.theta.copy_(population.theta)
-        self.optimizer = optimizer
-        self.received = population.theta.clone()  # w^t of every site
-        self.averager = GossipAverager(population.theta.shape)
-
-    def local_step(self, population, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add the proximal gradient to the personal models' gradients; one step of the global track."""
-        population.grad.add_(population.theta - self.received, alpha=self.strength)
-        self.global_track.compute_gradients(x, y)
-        self.optimizer.step(self.global_track.theta, self.global_track.grad)
-
-    @torch.no_grad()
-    def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
-        self.averager(self.global_track.theta, weights)
-        self.received.copy_(self.global_track.theta)
-
-    def state_dict(self) -> dict:
-        return {"global": self.global_track.theta, "received": self.received, "optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.global_track.theta.copy_(state["global"])
-        self.received.copy_(state["received"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    gossip, num_sites = config.gossip, config.num_sites
+    if gossip.final_merge == "exact":
+        global_merge(theta, active, comm)
+        return 2 * (int(active.sum()) - 1)
+    rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
+    averager = GossipAverager(theta.shape)
+    sent = 0
+    for round_index in range(rounds):
+        adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, config.seed)
+        weights = without_sites(mixing_matrix(adjacency, "uniform"), active)
+        comm.mix(theta, weights, averager)
+        sent += message_count(weights)
+    return sent

@@ -1,8 +1,22 @@
-"""Mixing rules: the weights W (N x N, rows sum to 1) of gossip averaging theta_i <- sum_j W_ij theta_j."""
+"""Mixing rules: the weights W (N x N, rows sum to 1) of gossip averaging theta_i <- sum_j W_ij theta_j.
+
+The rules are pure functions of the graph (and of what they score). Each is registered under its
+`gossip.mixing` name as `rule(adjacency, experiment) -> W`, the experiment giving rules that depend
+on the training (influence, FOMO) the population, optimizer and data; `distributed=True` marks the
+rules computed from the graph alone, which run when the sites are spread over processes.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
+
+from gossiplab.config import Config, documented, register_section
+from gossiplab.data.federation import sample_held_out
+from gossiplab.registry import MIXING_RULES
 
 
 def uniform(adjacency: torch.Tensor) -> torch.Tensor:
@@ -73,11 +87,63 @@ def fomo(adjacency: torch.Tensor, losses: torch.Tensor, distances: torch.Tensor)
 
 
 def mixing_matrix(adjacency: torch.Tensor, rule: str) -> torch.Tensor:
-    if rule == "uniform":
-        return uniform(adjacency)
-    if rule == "metropolis":
-        return metropolis(adjacency)
-    raise ValueError(f"unknown gossip.mixing '{rule}'")
+    """W of a registered rule computed from the graph alone (uniform, metropolis)."""
+    return MIXING_RULES.get(rule)(adjacency, None)
+
+
+@MIXING_RULES.register("uniform", distributed=True)
+def uniform_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    return uniform(adjacency)
+
+
+@MIXING_RULES.register("metropolis", distributed=True)
+def metropolis_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    return metropolis(adjacency)
+
+
+@MIXING_RULES.register("influence")
+def influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """`influence` over uniform weights, from the sites' latest gradients and step size."""
+    return influence(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
+
+
+@dataclass
+class FomoConfig:
+    """[fomo]: the validation sample FOMO scores the models on."""
+
+    val_batch: int = documented(32, "validation images per site scoring every model, drawn once")
+
+    def problems(self, config: Config) -> list[str]:
+        return [] if self.val_batch >= 1 else [f"field 'fomo.val_batch' = {self.val_batch}: must be >= 1"]
+
+
+register_section("fomo", FomoConfig)
+
+
+def fomo_problems(config: Config) -> list[str]:
+    if config.data.val_fraction > 0:
+        return []
+    return [f"field 'data.val_fraction' = {config.data.val_fraction}: must be > 0 with gossip.mixing = 'fomo' "
+            "(the weights come from each site's validation loss of its neighbours' models)"]  # fmt: skip
+
+
+@MIXING_RULES.register("fomo", problems=fomo_problems)
+def fomo_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """`fomo` with every model scored on every site's fixed validation sample (`fomo.val_batch`
+    images each, drawn from the seed, the same sample every round)."""
+    config, federation, population = experiment.config, experiment.federation, experiment.population
+    num_sites, batch = config.num_sites, config.fomo.val_batch
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    x, y = sample_held_out(federation.val_x, federation.val_y, federation.val_site, num_sites, batch, generator)
+    x, y = x.flatten(0, 1), y.flatten()
+    owner = torch.arange(num_sites).repeat_interleave(batch)
+    theta = population.theta
+    logits = population.logits(theta, x)  # [models, samples, classes]
+    if population.class_mask is not None:
+        logits.masked_fill_(~population.class_mask[owner], -torch.inf)
+    ce = F.cross_entropy(logits.transpose(1, 2), y.expand(len(theta), -1), reduction="none")
+    losses = ce.view(len(theta), num_sites, batch).mean(2).T  # [site i, model j]
+    return fomo(adjacency, losses, torch.cdist(theta, theta))
 
 
 def spectral_gap(weights: torch.Tensor) -> float:

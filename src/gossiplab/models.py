@@ -9,6 +9,10 @@ trainable image embedding against frozen text embeddings of class names. On froz
 (`model.backbone` not "pixels") the trainable part is an MLP on the cached features; with
 `model.zero_shot_init` it is a residual on the encoder's zero-shot embedding, with its last layer
 starting at zero, so that step 0 is exactly the zero-shot classifier.
+
+The body is a registered model (`model.name`): `factory(model_config, input_shape, out_features)
+-> nn.Module` mapping an input batch to `out_features` numbers (class logits, or the text-space
+embedding under the text head). A user's `nn.Module` registers the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gossiplab.config import ModelConfig
+from gossiplab.registry import MODELS
 
 
 def mlp(input_shape: tuple[int, ...], hidden: list[int], num_classes: int) -> nn.Module:
@@ -151,15 +156,26 @@ def build_model(
         body = mlp((input_shape[0] - zero_shot_dim,), config.hidden, out)
         body[-1] = ZeroInitLinear(body[-1].in_features, out)
         encoder: nn.Module = ZeroShotResidual(zero_shot_dim, body)
-    elif config.name == "mlp":
-        encoder = mlp(input_shape, config.hidden, out)
-    elif config.name == "resnet20":
-        encoder = ResNet20(input_shape[0], out, config.width)
     else:
-        encoder = cnn(input_shape, config.channels, out)
+        encoder = MODELS.get(config.name)(config, input_shape, out)
     if config.head == "linear":
         return encoder
     return TextEmbeddingHead(encoder, class_embeddings, config.logit_scale)
+
+
+@MODELS.register("mlp")
+def build_mlp(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    return mlp(input_shape, config.hidden, out_features)
+
+
+@MODELS.register("cnn")
+def build_cnn(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    return cnn(input_shape, config.channels, out_features)
+
+
+@MODELS.register("resnet20")
+def build_resnet20(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    return ResNet20(input_shape[0], out_features, config.width)
 
 
 def has_convolutions(module: nn.Module) -> bool:

@@ -23,6 +23,7 @@ class StackedSGD:
 
     def __init__(self, shape: torch.Size, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.shape = torch.Size(shape)
         self.momentum_buffer = torch.zeros(shape) if momentum > 0 else None
 
     @torch.no_grad()
@@ -74,6 +75,7 @@ class StackedAdam:
     ):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled_weight_decay
+        self.shape = torch.Size(shape)
         self.steps = 0
         self.exp_avg = torch.zeros(shape)
         self.exp_avg_sq = torch.zeros(shape)

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from gossiplab.config import Config, build_config
+from gossiplab.config import Config, read_run_config
 from gossiplab.mixing import mixing_matrix, spectral_gap
 from gossiplab.plots import plt
+from gossiplab.registry import MIXING_RULES
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
 from gossiplab.topology import build_adjacency, is_time_varying
 
@@ -48,13 +49,20 @@ def summary_values(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def plot_graph(config: Config, run_dir: Path) -> list[Path]:
-    """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W)."""
+def plot_graph(config: Config, run_dir: Path, graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
+    """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W):
+    `graph`, the adjacency and W the run used; else (redrawing from files) the configured graph
+    of round 0 with its rule, or the uniform base of a rule that depends on the training."""
     gossip, n = config.gossip, config.num_sites
-    adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
-    # influence, L2C and FOMO weights depend on the training: show their uniform base
-    rule = "uniform" if gossip.mixing in ("influence", "l2c", "meta-l2c", "fomo") else gossip.mixing
-    weights = mixing_matrix(adjacency, rule)
+    rule = gossip.mixing
+    if graph is not None:
+        adjacency, weights = graph
+        shown = f"{config.gossip.algorithm}: {rule}" if config.gossip.algorithm != "dsgd" else rule
+    else:
+        adjacency = build_adjacency(gossip.topology, n, 0, config.seed, gossip.p)
+        computable = MIXING_RULES.property(rule, "distributed", False)  # computed from the graph alone
+        weights = mixing_matrix(adjacency, rule if computable else "uniform")
+        shown = rule if computable else f"uniform (the base {rule} reweights)"
     when = "round 0 of a time-varying graph" if is_time_varying(gossip.topology) else "static"
     written = []
     if n <= MAX_DRAWN_SITES:
@@ -76,8 +84,7 @@ def plot_graph(config: Config, run_dir: Path) -> list[Path]:
     ax.set(
         xlabel="sender j",
         ylabel="receiver i",
-        title=f"{rule} mixing matrix{f' ({gossip.mixing} reweights it)' if rule != gossip.mixing else ''}, "
-        f"spectral gap {spectral_gap(weights):.3f}",
+        title=f"{shown} mixing matrix, spectral gap {spectral_gap(weights):.3f}",
     )
     written.append(_save(fig, run_dir / "mixing.png"))
     return written
@@ -152,9 +159,15 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write_outputs(run_dir: Path, config: Config, rows: list[dict[str, Any]], summary: dict[str, Any]) -> list[Path]:
-    """Every plot and the HTML report of a run."""
-    paths = plot_run(run_dir, rows, summary) + plot_graph(config, run_dir)
+def write_outputs(
+    run_dir: Path,
+    config: Config,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[Path]:
+    """Every plot and the HTML report of a run (`graph`: the adjacency and W of its first round)."""
+    paths = plot_run(run_dir, rows, summary) + plot_graph(config, run_dir, graph)
     return [*paths, write_html(run_dir, config, rows, summary)]
 
 
@@ -167,7 +180,7 @@ def replot(run_dir: Path) -> list[Path]:
             "holds the rows it logged"
         )
     rows = read_metrics(run_dir / "metrics.jsonl")
-    return write_outputs(run_dir, build_config(path=run_dir / "config.toml"), rows, summary)
+    return write_outputs(run_dir, read_run_config(run_dir / "config.toml"), rows, summary)
 
 
 def _image(path: Path, caption: str) -> str:

@@ -3,6 +3,10 @@
 `adjacency[i, j]` is True when site i receives site j's parameters (no self-loops; the mixing
 rule adds the self-weight). Every graph is a pure function of (name, N, round, seed, p), so
 every process of a distributed run derives the same graph for round r without talking.
+
+A topology is registered under its `gossip.topology` name as `graph(num_sites, round_index, seed,
+p) -> [N, N] bool`; `time_varying` says whether the graph changes from round to round. A user's
+graph (a fixed adjacency matrix, or one per round) registers the same way.
 """
 
 from __future__ import annotations
@@ -12,12 +16,16 @@ import math
 import numpy as np
 import torch
 
+from gossiplab.registry import TOPOLOGIES
 
-def complete(num_sites: int) -> torch.Tensor:
+
+@TOPOLOGIES.register("complete", time_varying=False)
+def complete(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0) -> torch.Tensor:
     return ~torch.eye(num_sites, dtype=torch.bool)
 
 
-def ring(num_sites: int) -> torch.Tensor:
+@TOPOLOGIES.register("ring", time_varying=False)
+def ring(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0) -> torch.Tensor:
     """Each site exchanges with its two ring neighbours i-1 and i+1 (one neighbour when N = 2)."""
     adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
     if num_sites > 1:
@@ -27,7 +35,8 @@ def ring(num_sites: int) -> torch.Tensor:
     return adjacency
 
 
-def exponential(num_sites: int) -> torch.Tensor:
+@TOPOLOGIES.register("exponential", time_varying=False)
+def exponential(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0) -> torch.Tensor:
     """Static exponential graph (Ying et al. 2021): site i receives from i - 2^k mod N, k = 0..log2(N-1).
 
     Directed and circulant, so uniform weights over the closed in-neighbourhood are doubly stochastic.
@@ -41,7 +50,8 @@ def exponential(num_sites: int) -> torch.Tensor:
     return adjacency
 
 
-def one_peer_exponential(num_sites: int, round_index: int) -> torch.Tensor:
+@TOPOLOGIES.register("one-peer-exponential", time_varying=True)
+def one_peer_exponential(num_sites: int, round_index: int, seed: int = 0, p: float = 1.0) -> torch.Tensor:
     """One-peer exponential graph (Ying et al. 2021): in round r, site i receives from i + 2^(r mod L).
 
     L = ceil(log2 N). Each site sends to one peer and receives from one; with uniform weights
@@ -56,6 +66,7 @@ def one_peer_exponential(num_sites: int, round_index: int) -> torch.Tensor:
     return adjacency
 
 
+@TOPOLOGIES.register("random-one-peer", time_varying=True)
 def random_one_peer(num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:
     """Random one-peer gossip: each round, active sites are paired by a random perfect matching.
 
@@ -75,18 +86,9 @@ def random_one_peer(num_sites: int, round_index: int, seed: int, p: float = 1.0)
 
 
 def build_adjacency(name: str, num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:
-    if name == "complete":
-        return complete(num_sites)
-    if name == "ring":
-        return ring(num_sites)
-    if name == "exponential":
-        return exponential(num_sites)
-    if name == "one-peer-exponential":
-        return one_peer_exponential(num_sites, round_index)
-    if name == "random-one-peer":
-        return random_one_peer(num_sites, round_index, seed, p)
-    raise ValueError(f"unknown gossip.topology '{name}'")
+    """The graph of round `round_index` of the registered topology `name`."""
+    return TOPOLOGIES.get(name)(num_sites, round_index, seed, p)
 
 
 def is_time_varying(name: str) -> bool:
-    return name in ("random-one-peer", "one-peer-exponential")
+    return bool(TOPOLOGIES.property(name, "time_varying", True))

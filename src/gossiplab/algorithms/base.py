@@ -1,0 +1,95 @@
+"""The algorithm protocol: what a decentralized method adds to the loop (DESIGN section 3).
+
+The loop (gossiplab.loop) calls an algorithm unconditionally and names none:
+
+    every step:  gradients of all sites (the engine)
+                 adjust_gradients(x, y, state)          SGP's push-sum scaling, Ditto's proximal
+                                                        term, gradient tracking, ...
+                 the optimizer step on [N, P]
+                 if the schedule fires:
+                     W = mixing(round, adjacency, state)  default: the configured mixing rule
+                     communicate(W, state, comm)          default: theta <- W theta (DSGD)
+    evaluation:  merged_model(active, state, comm)       the counterfactual merged model
+    the end:     summary(state, run_dir)                 extra summary fields and files
+
+`init()` gives the state, in the spirit of Optax: a dict of tensors and of objects with
+`state_dict()`/`load_state_dict()`. It is what the checkpoint saves, and resume restores it in
+place, so an algorithm's own buffers may alias its tensors. An algorithm registers under its
+`gossip.algorithm` name; `problems(config)` holds its cross-field rules, and `distributed` says
+whether it runs when the sites are spread over processes (only `comm.mix` and `comm.gather`
+cross processes). The options it needs come from a config section it declares
+(`gossiplab.config.register_section`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from gossiplab.merge import GossipAverager
+
+if TYPE_CHECKING:
+    from gossiplab.assembly import Experiment
+    from gossiplab.config import Config
+
+
+class Algorithm:
+    """A decentralized method as hooks on the loop; this base class is DSGD (Lian et al. 2017):
+    a local SGD step, then theta <- W theta with the configured mixing rule."""
+
+    distributed: ClassVar[bool] = False  # runs with the sites spread over processes
+    communicate_before_step: ClassVar[bool] = False  # mix before the optimizer step (CDSGD)
+
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
+
+    @staticmethod
+    def problems(config: Config) -> list[str]:
+        """What this algorithm cannot run with, each naming the field, the value and what is allowed."""
+        return []
+
+    def init(self) -> dict[str, Any]:
+        return {}
+
+    def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return self.experiment.mixing_rule(adjacency, self.experiment)
+
+    def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
+        """Change `population.grad` [N, P] before the optimizer step (the batch is [N, B, ...])."""
+
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+        theta = self.experiment.population.theta
+        comm.mix(theta, weights, self.averager(theta))
+
+    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor | None:
+        """The counterfactual merged model [1, P]; None: the uniform mean of the active rows."""
+        return None
+
+    def summary(self, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        return {}
+
+    def averager(self, theta: torch.Tensor) -> GossipAverager:
+        """The in-place gossip averager for theta's shape (its buffers are made once)."""
+        cached = self.__dict__.get("_averager")
+        if cached is None or cached.shape != theta.shape:
+            cached = self.__dict__["_averager"] = GossipAverager(theta.shape)
+        return cached
+
+
+def restore(state: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Load a checkpoint's algorithm state into `state` in place (tensors copied, objects loaded)."""
+    for key, value in saved.items():
+        current = state.get(key)
+        if isinstance(current, torch.Tensor):
+            current.copy_(value)
+        elif hasattr(current, "load_state_dict"):
+            current.load_state_dict(value)
+        else:
+            state[key] = value
+
+
+def saved(state: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint stores of the algorithm state."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}

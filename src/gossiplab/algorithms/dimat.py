@@ -1,0 +1,63 @@
+"""DIMAT (Saadati et al. 2024): gossip that merges neighbours by aligning their hidden units first.
+
+theta_i <- sum_j W_ij P_ij(theta_j) (DIMAT eq. 2-4), P_ij the permutation of j's units that best
+matches i's (gossiplab.merge.MatchedMerge): by activations on a fixed sample of i's own training
+data ("dimat", activation matching), or by weights alone ("weight-matching", Git Re-Basin). Under a
+matched merge each site keeps its own unit order, so the counterfactual merged model aligns every
+row to the first before averaging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gossiplab.algorithms.base import Algorithm
+from gossiplab.config import Config, documented, register_section
+from gossiplab.merge import MatchedMerge
+from gossiplab.permutation import permutation_spec
+from gossiplab.registry import ALGORITHMS
+
+
+@dataclass
+class DimatConfig:
+    """[dimat]"""
+
+    match_samples: int = documented(256, "training images per site that activations are matched on")
+
+    def problems(self, config: Config) -> list[str]:
+        if self.match_samples >= 2:
+            return []
+        return [f"field 'dimat.match_samples' = {self.match_samples}: must be >= 2 (samples per site to match on)"]
+
+
+register_section("dimat", DimatConfig)
+
+
+@ALGORITHMS.register("dimat")
+class ActivationMatching(Algorithm):
+    method = "activation-matching"
+
+    def init(self) -> dict[str, Any]:
+        experiment = self.experiment
+        population, federation, config = experiment.population, experiment.federation, experiment.config
+        spec = permutation_spec(population.module, federation.image_shape)
+        match_inputs = None
+        if self.method == "activation-matching":  # a fixed sample of each site's own training data
+            generator = torch.Generator().manual_seed(config.seed + 1)
+            match_inputs, _ = federation.sample_batch(config.dimat.match_samples, generator)
+        self.merge = MatchedMerge(population, spec, self.method, match_inputs)
+        return {}
+
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+        comm.mix(self.experiment.population.theta, weights, self.merge)
+
+    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor:
+        return self.merge.merged_model(self.experiment.population.theta, active)
+
+
+@ALGORITHMS.register("weight-matching")
+class WeightMatching(ActivationMatching):
+    method = "weight-matching"

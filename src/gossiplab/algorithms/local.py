@@ -1,0 +1,22 @@
+"""Local training only: no site ever receives another's parameters, whatever the schedule says
+(the label-skew baseline; MAZEL's "local" rows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gossiplab.algorithms.base import Algorithm
+from gossiplab.registry import ALGORITHMS
+
+
+@ALGORITHMS.register("local")
+class Local(Algorithm):
+    distributed = True
+
+    def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        return torch.eye(len(adjacency))
+
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+        pass

@@ -1,0 +1,36 @@
+"""SGP, stochastic gradient push (Assran et al. 2019), push-sum gossip (Kempe et al. 2003) for
+directed graphs.
+
+Each sender j splits its mass equally among itself and its out-neighbours (P_ij = 1 / (outdeg_j +
+1), column stochastic) and a push-sum weight w travels with it: x <- P x, w <- P w; sites evaluate
+and differentiate the de-biased z = x / w. theta holds z, so the gradient is divided by w for x to
+take the SGD step. On regular graphs w stays 1 and SGP is DSGD.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from gossiplab.algorithms.base import Algorithm
+from gossiplab.registry import ALGORITHMS
+
+
+@ALGORITHMS.register("sgp")
+class SGP(Algorithm):
+    def init(self) -> dict[str, Any]:
+        return {"push_sum_weights": torch.ones(len(self.experiment.population.theta))}
+
+    def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
+        self.experiment.population.grad.div_(state["push_sum_weights"][:, None])
+
+    @torch.no_grad()
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+        theta, push_sum_weights = self.experiment.population.theta, state["push_sum_weights"]
+        links = weights != 0
+        links.diagonal().fill_(True)
+        column_stochastic = links.float() / links.sum(0, keepdim=True)
+        mass = push_sum_weights[:, None] * theta
+        push_sum_weights.copy_(column_stochastic @ push_sum_weights)
+        theta.copy_(column_stochastic @ mass / push_sum_weights[:, None])

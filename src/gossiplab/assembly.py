@@ -1,0 +1,213 @@
+"""Assembly: the parts of one experiment built from its config, and their contract checked.
+
+An `Experiment` holds every part of a run; each can be swapped from Python before the run. The
+Runner checks the parts against each other before step 1 (`check_experiment`) and records, in
+`config.toml` and `summary.json`, the parts that ran (`record_parts`), a user's by qualified name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from gossiplab.config import Config, ConfigError
+from gossiplab.data.federation import Federation, build_federation
+from gossiplab.encoders import frozen_parts
+from gossiplab.memory import ResourceError, available_memory
+from gossiplab.models import build_model
+from gossiplab.optim import build_optimizer
+from gossiplab.population import Population
+from gossiplab.registry import ALGORITHMS, MIXING_RULES, qualified_name
+from gossiplab.schedule import GossipSchedule
+from gossiplab.topology import build_adjacency
+
+ROW_SUM_TOLERANCE = 1e-4
+
+
+class PartMismatch(ConfigError):
+    """Parts of an experiment that do not fit together (sizes, W's shape or dtype, rows of W)."""
+
+
+@dataclass
+class Experiment:
+    """Everything one run is made of, built from a config; every part can be swapped before a run.
+
+    topology(round) -> adjacency [N, N] bool; mixing_rule(adjacency, experiment) -> W [N, N]
+    (rows sum to 1); algorithm: the hooks the loop calls (gossiplab.algorithms), built on this
+    experiment; state: the algorithm's state, made by `algorithm.init()` when the run starts.
+    """
+
+    config: Config
+    federation: Federation
+    population: Population
+    optimizer: Any
+    schedule: GossipSchedule
+    topology: Callable[[int], torch.Tensor]
+    mixing_rule: Callable[[torch.Tensor, Any], torch.Tensor]
+    algorithm: Any = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Numbers every layer outputs for one input: the per-sample activation memory, in floats."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        total += output.numel()
+
+    leaves = [m for m in module.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    with torch.no_grad():
+        module(torch.zeros(1, *input_shape))
+    for hook in hooks:
+        hook.remove()
+    return total
+
+
+def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
+    """Bytes the run will hold: [N, P] buffers (parameters, gradients, optimizer state; gossip
+    works in cache-sized blocks), training activations (forward and backward), and the data."""
+    n = config.num_sites
+    p = sum(t.numel() for t in module.parameters())
+    # SGD: a momentum buffer if any; Adam(W): exp_avg and exp_avg_sq (the fused update needs no more)
+    optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 2
+    activations = activation_count(module, federation.image_shape)
+    data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
+    return {
+        "population buffers": (2 + optimizer_rows) * n * p * 4,
+        "activations": 3 * n * config.train.batch_size * activations * 4 + 2**16 * activations * 4,
+        "data": data,
+    }
+
+
+def check_memory(estimate: dict[str, int], available: int) -> None:
+    total = sum(estimate.values())
+    if total > available:
+        parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in estimate.items())
+        raise ResourceError(
+            f"the run needs about {total / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available; "
+            "lower num_sites, the model size (model.hidden / model.channels) or train.batch_size"
+        )
+
+
+def build_data_and_model(config: Config, console: Console | None = None) -> tuple[Federation, torch.nn.Module]:
+    """The sites' data (frozen features in place of images when the model has a pretrained
+    backbone) and one site's model (with the text head over the prompted class names)."""
+    frozen = frozen_parts(config.model, console)
+    federation = build_federation(config, frozen.inputs if frozen and frozen.image else None)
+    class_embeddings = frozen.class_embeddings(federation.class_names) if config.model.head == "text" else None
+    zero_shot_dim = frozen.zero_shot_dim if frozen else 0
+    module = build_model(config.model, federation.image_shape, federation.num_classes, class_embeddings, zero_shot_dim)
+    return federation, module
+
+
+def build_experiment(config: Config, console: Console | None = None, sites: slice | None = None) -> Experiment:
+    """The experiment of `config`; with `sites`, this process's population holds only that block
+    of the sites (one process of a distributed run), each initialised as in the whole population."""
+    sites = sites or slice(0, config.num_sites)
+    federation, module = build_data_and_model(config, console)
+    check_memory(memory_estimate(config, federation, module), available_memory())
+    population = Population(
+        module,
+        sites.stop - sites.start,
+        seed=config.seed,
+        init=config.model.init,
+        strategy=config.train.engine,
+        class_mask=federation.class_mask()[sites] if config.model.head == "text" else None,
+        first_site=sites.start,
+    )
+    gossip = config.gossip
+    experiment = Experiment(
+        config=config,
+        federation=federation,
+        population=population,
+        optimizer=build_optimizer(config.train, population.theta.shape),
+        schedule=GossipSchedule.from_config(gossip, config.train.steps),
+        topology=functools.partial(build_adjacency, gossip.topology, config.num_sites, seed=config.seed, p=gossip.p),
+        mixing_rule=MIXING_RULES.get(gossip.mixing),
+    )
+    experiment.algorithm = ALGORITHMS.get(gossip.algorithm)(experiment)
+    return experiment
+
+
+def topology_name(topology: Callable[[int], torch.Tensor]) -> str:
+    """The gossip.topology name of a topology part: the registered graph a `build_adjacency`
+    partial draws, else the part's qualified name."""
+    if isinstance(topology, functools.partial) and topology.func is build_adjacency:
+        return topology.args[0]
+    return qualified_name(topology)
+
+
+def part_names(experiment: Experiment) -> dict[str, str]:
+    """The parts that run, as a config names them (a user's unregistered part by qualified name)."""
+    return {
+        "gossip.algorithm": ALGORITHMS.name_of(type(experiment.algorithm)),
+        "gossip.topology": topology_name(experiment.topology),
+        "gossip.mixing": MIXING_RULES.name_of(experiment.mixing_rule),
+    }
+
+
+def record_parts(experiment: Experiment, config: Config) -> list[str]:
+    """Write the parts that run into `config` (the run's copy, so config.toml re-runs them), adding
+    the module of a user's part to `plugins`; returns the names that cannot be re-run from a
+    config (a lambda, a function of a script run as __main__)."""
+    unresolvable = []
+    for key, name in part_names(experiment).items():
+        section, leaf = key.split(".")
+        setattr(getattr(config, section), leaf, name)
+        module = name.rpartition(".")[0]
+        if "<" in name or module == "__main__":
+            unresolvable.append(f"{key} = {name!r}")
+        elif module and not module.startswith("gossiplab") and module not in config.plugins:
+            config.plugins.append(module.split(".<")[0])
+    return unresolvable
+
+
+def check_mixing_matrix(weights: Any, num_sites: int, part: str) -> None:
+    """W must be a float32 [N, N] tensor of finite weights whose rows sum to 1."""
+    problem = None
+    if not isinstance(weights, torch.Tensor):
+        problem = f"returned {type(weights).__name__}, not a tensor"
+    elif weights.shape != (num_sites, num_sites):
+        problem = f"returned W of shape {list(weights.shape)}, not [{num_sites}, {num_sites}]"
+    elif weights.dtype != torch.float32:
+        problem = f"returned W of dtype {weights.dtype}; the population is float32 (use .float())"
+    elif not bool(torch.isfinite(weights).all()):
+        problem = "returned W with NaN or infinite weights"
+    else:
+        worst = float((weights.sum(1) - 1).abs().max())
+        if worst > ROW_SUM_TOLERANCE:
+            problem = f"returned W whose rows do not sum to 1 (off by up to {worst:.3g})"
+    if problem:
+        raise PartMismatch(f"mixing ({part}) {problem}")
+
+
+def check_experiment(experiment: Experiment, sites: slice) -> None:
+    """Before step 1: the parts fit together. Sizes of population, optimizer, data and algorithm
+    agree; the first graph and its W have the right shape, dtype and rows."""
+    population, n = experiment.population, experiment.config.num_sites
+    names = part_names(experiment)
+    rows, shape = sites.stop - sites.start, population.theta.shape
+    problems = []
+    if shape[0] != rows:
+        problems.append(f"population has {shape[0]} rows for {rows} sites (num_sites = {n})")
+    if getattr(experiment.optimizer, "shape", shape) != shape:
+        problems.append(f"optimizer is built for {list(experiment.optimizer.shape)}, the population is {list(shape)}")
+    if experiment.federation.num_sites != n:
+        problems.append(f"federation has {experiment.federation.num_sites} sites, num_sites = {n}")
+    algorithm = experiment.algorithm
+    if getattr(algorithm, "experiment", None) is not experiment:
+        problems.append(f"algorithm ({names['gossip.algorithm']}) was built for another experiment")
+    adjacency = experiment.topology(0)
+    if not isinstance(adjacency, torch.Tensor) or adjacency.dtype != torch.bool or adjacency.shape != (n, n):
+        got = f"{adjacency.dtype} {list(adjacency.shape)}" if isinstance(adjacency, torch.Tensor) else adjacency
+        problems.append(f"topology ({names['gossip.topology']}) gave {got!s:.60}, not a bool [{n}, {n}] adjacency")
+    if problems:
+        raise PartMismatch("the experiment's parts do not fit: " + "; ".join(problems))
+    check_mixing_matrix(algorithm.mixing(0, adjacency, experiment.state), n, names["gossip.mixing"])
