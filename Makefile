@@ -35,7 +35,7 @@ $(BIN)/python:
 # --no-compile: byte-compiling every installed file (torch's thousands) took half the install (42 -> 21 s);
 # Python compiles the modules it imports on first use instead.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,tensorboard,encoders]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[test,tensorboard,encoders,frames]'
 	$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements-data.txt
 	touch $@
 
@@ -50,6 +50,6 @@ run: install
 
 test: install
 	@dpkg -s $(TEST_DEBIAN) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(TEST_DEBIAN); }
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 	$(BIN)/python -m pytest -q

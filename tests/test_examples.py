@@ -1,0 +1,124 @@
+"""The researcher tasks of examples/, run through the public API with no edit to the library."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gossiplab
+from gossiplab.data.sources import SOURCES, SourceInfo, dataset_from_arrays, register_source
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SHORT = ["num_sites=8", "train.steps=60", "eval.every=30", "gossip.every=10"]
+
+
+@pytest.fixture(autouse=True)
+def examples_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_mixing_rule_on_current_parameters_is_named_in_toml_and_reruns_from_config_toml(tmp_path, gossiplab_main):
+    config_file = tmp_path / "inverse.toml"
+    config_file.write_text(
+        'plugins = ["inverse_distance_mixing"]\nnum_sites = 8\n'
+        '[gossip]\nmixing = "inverse-distance"\nevery = 10\n[train]\nsteps = 60\n[eval]\nevery = 30\n'
+    )
+    code, _, err = gossiplab_main("run", "--config", str(config_file), "--run-dir", str(tmp_path / "first"), "--quiet")
+    assert code == 0, err
+    first = gossiplab.Result.load(tmp_path / "first")
+    assert first.final["parts"]["gossip.mixing"] == "inverse-distance" and first.final["ala"] > 0.5
+    code, _, err = gossiplab_main("run", "--config", str(tmp_path / "first" / "config.toml"),
+                                  "--run-dir", str(tmp_path / "again"), "--quiet")  # fmt: skip
+    assert code == 0, err
+    assert metrics(tmp_path / "first") == metrics(tmp_path / "again")
+    uniform = gossiplab.run("default", SHORT, run_dir=tmp_path / "uniform")
+    assert uniform.final["consensus_distance"] != first.final["consensus_distance"]  # the weights did differ
+
+
+def test_a_user_adjacency_matrix_and_a_time_varying_graph(tmp_path):
+    import user_graphs
+
+    assert user_graphs.two_cliques(8, 0, 0, 1.0).sum() == 2 * 4 * 3 + 2
+    cliques = gossiplab.run("default", [*SHORT, "plugins=['user_graphs']", "gossip.topology=two-cliques"],
+                            run_dir=tmp_path / "cliques")  # fmt: skip
+    assert cliques.final["communication"]["peers_per_round_R"] == pytest.approx(26 / 8)
+    pairs = gossiplab.run("default", [*SHORT, "plugins=['user_graphs']", "gossip.topology=alternating-pairs"],
+                          run_dir=tmp_path / "pairs")  # fmt: skip
+    assert pairs.final["communication"]["peers_per_round_R"] == 1.0
+    even, odd = user_graphs.alternating_pairs(8, 0, 0, 1.0), user_graphs.alternating_pairs(8, 1, 0, 1.0)
+    assert even[0, 1] and odd[0, 7] and not (even & odd).any()
+    assert (
+        pairs.final["consensus_distance"]
+        < gossiplab.run("local-only", SHORT, run_dir=tmp_path / "local").final["consensus_distance"]
+    )
+
+
+def test_a_user_network_trains_on_real_data(tmp_path):
+    result = gossiplab.run(
+        "default", ["num_sites=4", "train.steps=100", "eval.every=50", "plugins=['user_model']",
+                    "model.name=small-convnet"], run_dir=tmp_path / "convnet"
+    )  # fmt: skip
+    assert result.final["parts"]["model.name"] == "small-convnet"
+    assert result.final["num_parameters"] == 8 * 9 + 8 + 8 * 7 * 7 * 10 + 10
+    assert result.final["ala"] > 0.7  # Fashion-MNIST, Dirichlet(0.1) label skew: few classes per site
+
+
+def test_a_proximal_term_in_the_local_step(tmp_path):
+    plain = gossiplab.run("default", SHORT, run_dir=tmp_path / "plain")
+    off = gossiplab.run("default", [*SHORT, "plugins=['proximal']", "gossip.algorithm=dsgd-prox", "prox.mu=0"],
+                        run_dir=tmp_path / "off")  # fmt: skip
+    assert metrics(off.run_dir) == metrics(plain.run_dir)  # mu = 0 is DSGD exactly
+    pulled = gossiplab.run("default", [*SHORT, "plugins=['proximal']", "gossip.algorithm=dsgd-prox", "prox.mu=1"],
+                           run_dir=tmp_path / "pulled")  # fmt: skip
+    assert pulled.config.prox.mu == 1.0
+    assert pulled.final["consensus_distance"] < 0.5 * plain.final["consensus_distance"]
+
+
+SITES = 4
+POINTS = np.random.default_rng(0).integers(0, 256, size=(SITES // 2, 4, 4), dtype=np.uint8)
+
+
+def one_point_source(site: int) -> SourceInfo:
+    """Site `site` holds one image (shared with its pair site) with one label: its gradient is the
+    same for every batch, and the pair's labels conflict, so the average loss has a finite minimum
+    (log 2, both logits equal on every image) that no single site's loss has."""
+    images = np.repeat(POINTS[site // 2][None], 64, axis=0)
+    labels = np.full(64, site % 2)
+    name = f"one-point-{site}"
+    return SourceInfo(name, lambda: dataset_from_arrays(name, images, labels, images, labels, ["a", "b"]), "", "", "")
+
+
+def test_gradient_tracking_reaches_the_exact_minimiser_where_dsgd_keeps_a_bias(tmp_path):
+    """Every site's model at the minimum of the average loss F (F* = log 2) and in consensus under
+    gradient tracking; DSGD with the same constant step leaves each site off the minimum, pulled
+    towards its own label."""
+    for site in range(SITES):
+        if f"one-point-{site}" not in SOURCES:
+            register_source(one_point_source(site))
+    problem = [
+        f"num_sites={SITES}", f"data.sources={[f'one-point-{s}' for s in range(SITES)]}", "data.partition=by_domain",
+        "data.image_size=4", "data.val_fraction=0", "data.min_site_samples=1", "model.hidden=[]",
+        "train.steps=500", "train.lr=0.02", "train.momentum=0", "eval.every=500", "gossip.topology=ring",
+        "gossip.mixing=metropolis", "gossip.every=1", "plugins=['gradient_tracking']",
+    ]  # fmt: skip
+    gap, spread = {}, {}
+    for algorithm in ("dsgd", "gradient-tracking"):
+        config = gossiplab.build_config("default", [*problem, f"gossip.algorithm={algorithm}"])
+        experiment = gossiplab.build_experiment(config)
+        gossiplab.run(config, run_dir=tmp_path / algorithm, experiment=experiment)
+        population = experiment.population
+        x, y = experiment.federation.sample_batch(1, torch.Generator().manual_seed(0))  # every site's one point
+        average_loss = [float(population.site_losses(row.expand_as(population.theta), x, y).mean())
+                        for row in population.theta]  # fmt: skip
+        gap[algorithm] = max(average_loss) - float(np.log(2))
+        spread[algorithm] = float(population.theta.std(0).max())
+    assert gap["gradient-tracking"] < 1e-6 and spread["gradient-tracking"] < 1e-6, (gap, spread)
+    assert gap["dsgd"] > 1e-4 and spread["dsgd"] > 1e-3, (gap, spread)
