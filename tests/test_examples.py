@@ -61,6 +61,17 @@ def test_a_user_adjacency_matrix_and_a_time_varying_graph(tmp_path):
     )
 
 
+def test_an_installed_package_offers_its_parts_under_an_entry_point_name(tmp_path, monkeypatch):
+    """A package declares `[gossiplab.plugins] my-graphs = user_graphs`; a config names `my-graphs`."""
+    dist = tmp_path / "site" / "my_graphs-1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-graphs\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[gossiplab.plugins]\nmy-graphs = user_graphs\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    config = gossiplab.build_config("default", [*SHORT, "plugins=['my-graphs']", "gossip.topology=two-cliques"])
+    assert config.plugins == ["my-graphs"] and config.gossip.topology == "two-cliques"
+
+
 def test_a_user_network_trains_on_real_data(tmp_path):
     result = gossiplab.run(
         "default", ["num_sites=4", "train.steps=100", "eval.every=50", "plugins=['user_model']",

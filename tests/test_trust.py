@@ -152,7 +152,7 @@ def test_killed_after_logging_a_row_but_before_its_checkpoint_resumes_without_du
     for name in ("reference", "killed"):
         (tmp_path / name).mkdir()
     Runner(config, tmp_path / "reference", show_progress=False).run()
-    real_save = Runner._save_checkpoint
+    real_save = Runner.save_checkpoint
 
     def save_unless_step_40(runner):
         if runner.step != 40:
@@ -162,10 +162,10 @@ def test_killed_after_logging_a_row_but_before_its_checkpoint_resumes_without_du
         if row["step"] == 40:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Runner, "_save_checkpoint", save_unless_step_40)
+    monkeypatch.setattr(Runner, "save_checkpoint", save_unless_step_40)
     with pytest.raises(KeyboardInterrupt):
         Runner(config, tmp_path / "killed", show_progress=False).run(on_evaluation=kill_at_40)
-    monkeypatch.setattr(Runner, "_save_checkpoint", real_save)
+    monkeypatch.setattr(Runner, "save_checkpoint", real_save)
     Runner(config, tmp_path / "killed", resume=True, show_progress=False).run()
     reference = (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
     resumed = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()

@@ -69,8 +69,9 @@ def worker() -> None:
     step_s, exchange_s = 0.0, 0.0
     for index, matrix in enumerate(weights):
         if index == spec["warmup"]:
-            wire = loopback_bytes()  # before the barrier: no process sends a timed round before this reading
-            comm.sum(torch.zeros(1))  # everyone starts the timed rounds together
+            comm.sum(torch.zeros(1))  # every process is done with the warm-up rounds' exchanges
+            wire = loopback_bytes()
+            comm.sum(torch.zeros(1))  # everyone starts the timed rounds together, after this reading
             started, handed = time.perf_counter(), comm.bytes_sent
             step_s = exchange_s = 0.0
         tick = time.perf_counter()

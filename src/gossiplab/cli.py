@@ -218,6 +218,30 @@ def presets() -> None:
 
 
 @app.command()
+def parts(
+    plugins: Annotated[list[str] | None, typer.Argument(help="plug-in modules whose parts to list as well")] = None,
+) -> None:
+    """List the parts a config can name: algorithms, topologies, mixing rules and models."""
+    from gossiplab.config import load_builtin_parts
+    from gossiplab.plugins import import_plugins
+    from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES
+
+    load_builtin_parts()
+    try:
+        import_plugins(plugins or [], untrusted=[])
+    except ConfigError as error:
+        _fail(str(error))
+    titles = ("algorithms", "topologies", "mixing rules", "models")
+    for title, registry in zip(titles, (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS), strict=True):
+        rows = {}
+        for name in registry.names():
+            doc = (registry.get(name).__doc__ or "").strip().split("\n")[0].removesuffix(".")
+            across = " (runs across processes)" if registry.property(name, "distributed", False) else ""
+            rows[name] = f"{doc}{across}"
+        console.print(_listing(f"{title} ({registry.field})", rows))
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
     """Redraw a finished run's plots, write its self-contained report.html, print its final metrics."""
     from gossiplab.report import replot

@@ -35,105 +35,270 @@ ENGINES = ("auto", "linear", "vmap", "loop")
 INITS = ("shared", "independent")
 
 
-def documented(default: Any, doc: str) -> Any:
-    """A config field with its documentation (the configuration reference is generated from it)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field and what is allowed."""
 
 
+def documented(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
+    """A config field with its documentation and, for a fixed set, its allowed values: the
+    configuration reference is generated from them, and `validate` checks the choices."""
+    metadata = {"doc": doc, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def problem(config: Any, path: str, allowed: str) -> str:
+    """'field PATH = VALUE: ALLOWED', the value read from the config."""
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return f"field '{path}' = {value!r}: {allowed}"
+
+
+def problems_of(config: Any, checks: list[tuple[bool, str, str]]) -> list[str]:
+    """The failed checks (ok, 'section.key', what is allowed) as messages."""
+    return [problem(config, path, allowed) for ok, path, allowed in checks if not ok]
+
+
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["fashion-mnist"])
-    partition: str = "dirichlet"
-    alpha: float = 0.1
-    min_site_samples: int = 64
-    samples_per_site: int = 0
-    classes_per_site: int = 2
-    shards_per_class: int = 0
-    sites_per_source: list[int] = field(default_factory=list)
-    within_source: str = "iid"
-    val_fraction: float = 0.1
-    image_size: int = 28
-    channels: int = 1
-    train_per_source: int = 0
-    test_per_source: int = 0
+    """[data]: where the sites' data comes from and how it is split over them."""
+
+    sources: list[str] = documented(
+        ["fashion-mnist"], "source names (`gossiplab data`), or paths to an `.npz` file / image folder"
+    )
+    partition: str = documented("dirichlet", "how the data is split over the sites", PARTITIONS)
+    alpha: float = documented(0.1, "dirichlet: the concentration (smaller: more label skew), > 0")
+    min_site_samples: int = documented(64, "dirichlet: redraw until every site has at least this many samples")
+    samples_per_site: int = documented(0, "dirichlet: a fixed number of samples per site (0: split all the data)")
+    classes_per_site: int = documented(2, "shards: M classes per site")
+    shards_per_class: int = documented(0, "shards: P shards per class (0: derived from num_sites)")
+    sites_per_source: list[int] = documented([], "by_domain: sites per source ([]: one each)")
+    within_source: str = documented("iid", "by_domain: how a source is split over its sites", WITHIN_SOURCE)
+    val_fraction: float = documented(0.1, "each site's validation share, in [0, 1)")
+    image_size: int = documented(28, "the common image size every source is brought to")
+    channels: int = documented(1, "the common number of channels, 1 or 3")
+    train_per_source: int = documented(
+        0,
+        "cap each source at a fixed random subset of training images (0: all; independent of `seed`, so cached "
+        "features serve every seed)",
+    )
+    test_per_source: int = documented(0, "the same for test images (0: all)")
+
+    def problems(self, config: Any) -> list[str]:
+        checks = [
+            (len(self.sources) >= 1, "data.sources", "must name at least one source"),
+            (self.alpha > 0, "data.alpha", "must be > 0"),
+            (self.min_site_samples >= 1, "data.min_site_samples", "must be >= 1"),
+            (self.samples_per_site >= 0, "data.samples_per_site", "must be >= 0 (0: split all the data)"),
+            (self.classes_per_site >= 1, "data.classes_per_site", "must be >= 1"),
+            (self.shards_per_class >= 0, "data.shards_per_class", "must be >= 0 (0: derived from num_sites)"),
+            (0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)"),
+            (self.image_size >= 4, "data.image_size", "must be >= 4"),
+            (self.channels in (1, 3), "data.channels", "must be 1 or 3"),
+            (self.train_per_source >= 0, "data.train_per_source", "must be >= 0 (0: all training images)"),
+            (self.test_per_source >= 0, "data.test_per_source", "must be >= 0 (0: all test images)"),
+        ]
+        if self.partition == "by_domain":
+            per_source = self.sites_per_source or [1] * len(self.sources)
+            checks += [
+                (len(per_source) == len(self.sources) and all(k >= 1 for k in per_source), "data.sites_per_source",
+                 f"must list one count >= 1 per source ({len(self.sources)} sources), or be empty for one site each"),
+                (sum(per_source) == config.num_sites, "num_sites",
+                 f"must equal the sites of data.sites_per_source with partition 'by_domain' ({sum(per_source)})"),
+            ]  # fmt: skip
+        from gossiplab.data.sources import SOURCES, is_local
+
+        unknown = [s for s in self.sources if s not in SOURCES and not is_local(s)]
+        allowed = f"{unknown} unknown: use {', '.join(SOURCES)}, or a path to an .npz file or a folder"
+        checks.append((not unknown, "data.sources", allowed))
+        return problems_of(config, checks)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [200, 200])
-    channels: list[int] = field(default_factory=lambda: [16, 32])
-    init: str = "shared"
-    width: int = 1
-    backbone: str = "pixels"
-    feature_size: int = 64
-    clip_path: str = ""
-    head: str = "linear"
-    text_encoder: str = "minilm-l6"
-    prompt: str = "a photo of a {}."
-    logit_scale: float = 20.0
-    zero_shot_init: bool = False
+    """[model]: each site's network (a registered model), its frozen backbone and its head."""
+
+    name: str = documented(
+        "mlp", "the network: `mlp`, `cnn` (GroupNorm CNN), `resnet20` (GroupNorm), or a user's registered model"
+    )
+    hidden: list[int] = documented([200, 200], "mlp: hidden widths ([]: linear)")
+    channels: list[int] = documented([16, 32], "cnn: channels per convolution block")
+    init: str = documented("shared", "one initialisation for all sites, or one each", INITS)
+    width: int = documented(1, "resnet20: width multiplier")
+    backbone: str = documented(
+        "pixels", "train on images, or on the cached features of a frozen pretrained encoder", BACKBONES
+    )
+    feature_size: int = documented(64, "pixels fed to the frozen image encoder, >= 32")
+    clip_path: str = documented("", "a local CLIP folder (`save_pretrained`), for a CLIP encoder")
+    head: str = documented(
+        "linear",
+        "`linear` (MDSL: one head over the union label space) / `text` (MAZEL: cosine to each site's own class-name "
+        "embeddings)",
+        HEADS,
+    )
+    text_encoder: str = documented("minilm-l6", "the frozen text encoder of the class names", TEXT_ENCODERS)
+    prompt: str = documented("a photo of a {}.", "the prompt template, `{}` where the class name goes")
+    logit_scale: float = documented(20.0, "s in logits = s cos(v, t_k), > 0")
+    zero_shot_init: bool = documented(False, "start from the encoder's zero-shot embedding (ConSE for EfficientNet)")
+
+    def problems(self, config: Any) -> list[str]:
+        return problems_of(config, [
+            (all(h >= 1 for h in self.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)"),
+            (self.width >= 1, "model.width", "must be >= 1 (ResNet-20 width multiplier)"),
+            (self.feature_size >= 32, "model.feature_size", "must be >= 32 (pixels fed to the frozen image encoder)"),
+            (self.logit_scale > 0, "model.logit_scale", "must be > 0"),
+            (self.prompt.count("{}") == 1, "model.prompt", "must contain '{}' exactly once, where the class name goes"),
+            (self.backbone == "pixels" or self.name == "mlp", "model.name",
+             f"must be 'mlp' with model.backbone = '{self.backbone}' (the trainable part sits on feature vectors)"),
+            ("clip" not in (self.backbone, self.text_encoder if self.head == "text" else "") or bool(self.clip_path),
+             "model.clip_path",
+             "must name a local folder holding a CLIP saved with save_pretrained when a CLIP encoder is used"),
+            (not self.zero_shot_init or (self.head == "text" and self.backbone != "pixels"), "model.zero_shot_init",
+             "needs model.head = 'text' and a pretrained model.backbone (efficientnet-lite0 or clip)"),
+            (len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels",
+             "must be a non-empty list of channel counts >= 1"),
+        ])  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 32
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    engine: str = "auto"
-    on_divergence: str = "stop"
-    threads: int = 0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    """[train]: the local steps every site takes."""
+
+    steps: int = documented(2000, "local steps T, >= 1")
+    batch_size: int = documented(32, "images per site per step, >= 1")
+    optimizer: str = documented("sgd", "the stacked optimizer of every site", OPTIMIZERS)
+    lr: float = documented(0.05, "learning rate, > 0")
+    momentum: float = documented(0.9, "sgd: heavy-ball momentum, in [0, 1)")
+    weight_decay: float = documented(0.0, "L2 (sgd, adam) or decoupled (adamw) weight decay, >= 0")
+    beta1: float = documented(0.9, "adam(w): first-moment decay, in [0, 1)")
+    beta2: float = documented(0.999, "adam(w): second-moment decay, in [0, 1)")
+    eps: float = documented(1e-8, "adam(w): epsilon, > 0")
+    engine: str = documented(
+        "auto", "how the N gradients are computed (`linear`: plain MLPs only; `gossiplab bench` measures them)", ENGINES
+    )
+    on_divergence: str = documented(
+        "stop", "a site with a NaN/Inf loss: stop the run, or drop the site and go on", ("stop", "drop")
+    )
+    threads: int = documented(0, "PyTorch threads (0: its default)")
+    lr_schedule: str = documented("constant", '`warmup-constant` is MAZEL\'s "uniform with warmup"', LR_SCHEDULES)
+    warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
+
+    def problems(self, config: Any) -> list[str]:
+        model = config.model
+        return problems_of(config, [
+            (self.steps >= 1, "train.steps", "must be >= 1"),
+            (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
+            (self.lr > 0, "train.lr", "must be > 0"),
+            (0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)"),
+            (self.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+            (0 <= self.beta1 < 1, "train.beta1", "must be in [0, 1)"),
+            (0 <= self.beta2 < 1, "train.beta2", "must be in [0, 1)"),
+            (self.eps > 0, "train.eps", "must be > 0"),
+            (self.engine != "linear" or (model.name == "mlp" and model.head == "linear"), "train.engine",
+             "'linear' is for plain MLPs (model.name = 'mlp', model.head = 'linear'); use auto, vmap or loop"),
+            (0 <= self.warmup_steps < self.steps, "train.warmup_steps", f"must be in [0, train.steps={self.steps})"),
+            (self.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)"),
+        ])  # fmt: skip
 
 
 @dataclass
 class GossipConfig:
-    """When and how sites communicate; `algorithm`, `topology` and `mixing` name registered parts."""
+    """[gossip]: when and how sites communicate; `algorithm`, `topology` and `mixing` name registered parts."""
 
-    algorithm: str = "dsgd"
-    topology: str = "random-one-peer"
-    p: float = 1.0
-    mixing: str = "uniform"
-    schedule: str = "every"
-    every: int = 10
-    steps: list[int] = field(default_factory=list)
-    window_start: int = 0
-    window_end: int = 0
-    final_merge: str = "none"
-    final_merge_rounds: int = 0
-    rounds: int = 0
-    stage_split: float = 0.5
-    early_share: float = 0.67
-    warmup_fraction: float = 0.1
+    algorithm: str = documented(
+        "dsgd",
+        "what a round does: `dsgd` (D-PSGD)/`cdsgd` (mix before the step)/`sgp` (push-sum)/`dimat` "
+        "(activation-matched merge)/`weight-matching`/`ditto` (with FedAvg's global track)/`l2c`/`meta-l2c` "
+        "(learned weights)/`local` (no communication), or a user's registered algorithm",
+    )
+    topology: str = documented(
+        "random-one-peer",
+        "the graph of each round: `complete`/`ring`/`exponential`/`one-peer-exponential`/`random-one-peer`, or a "
+        "user's registered graph",
+    )
+    p: float = documented(1.0, "random-one-peer: each site's probability of taking part in a round, in (0, 1]")
+    mixing: str = documented(
+        "uniform",
+        "W from the graph: `uniform`/`metropolis`/`influence` (DICE one-hop influence)/`fomo`, or a user's "
+        "registered rule",
+    )
+    schedule: str = documented("every", "when rounds happen", SCHEDULES)
+    every: int = documented(10, "every/window: steps between rounds, >= 1")
+    steps: list[int] = documented([], "steps: the steps that gossip")
+    window_start: int = documented(0, "window: first step of the window")
+    window_end: int = documented(0, "window: last step of the window")
+    final_merge: str = documented(
+        "none", "one global merge after the last step: exact, or k rounds of uniform gossip on that graph", FINAL_MERGES
+    )
+    final_merge_rounds: int = documented(0, "k for a gossip final merge (0: ceil(log2 N))")
+    rounds: int = documented(0, "uniform/two-stage/cosine: the fixed total of gossip rounds, in [1, steps/2]")
+    stage_split: float = documented(0.5, "two-stage: end of the early stage, in (0, 1)")
+    early_share: float = documented(0.67, "two-stage: share of the rounds in the early stage, in (0, 1)")
+    warmup_fraction: float = documented(0.1, "cosine: warmup share of the steps, in [0, 1)")
+
+    def problems(self, config: Any) -> list[str]:
+        steps = config.train.steps
+        checks = [
+            (0 < self.p <= 1, "gossip.p", "must be in (0, 1]"),
+            (self.every >= 1, "gossip.every", "must be >= 1"),
+            (all(1 <= s <= steps for s in self.steps), "gossip.steps",
+             f"every step must be in [1, train.steps={steps}]"),
+            (self.schedule != "steps" or len(self.steps) > 0, "gossip.steps",
+             "must list at least one step when gossip.schedule = 'steps'"),
+            (self.schedule != "window" or 1 <= self.window_start <= self.window_end <= steps, "gossip.window_start",
+             f"with gossip.window_end={self.window_end} must satisfy 1 <= window_start <= window_end <= "
+             f"train.steps={steps} when gossip.schedule = 'window'"),
+            (self.schedule not in ROUND_SCHEDULES or 1 <= self.rounds <= steps // 2, "gossip.rounds",
+             f"must be in [1, train.steps/2 = {steps // 2}] for gossip.schedule = '{self.schedule}' "
+             "(the total number of gossip rounds, spread over the steps)"),
+            (0 < self.stage_split < 1, "gossip.stage_split", "must be in (0, 1) (end of the early stage)"),
+            (0 < self.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)"),
+            (0 <= self.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)"),
+            (self.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))"),
+        ]  # fmt: skip
+        return problems_of(config, checks)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 100
-    tensorboard: bool = False
+    """[eval]: how often every model is evaluated (and checkpointed)."""
+
+    every: int = documented(100, "steps between evaluations (and checkpoints), >= 1")
+    tensorboard: bool = documented(False, "also log every metric to RUN/tensorboard (the `tensorboard` extra)")
+
+    def problems(self, config: Any) -> list[str]:
+        return problems_of(config, [
+            (self.every >= 1, "eval.every", "must be >= 1"),
+            (not self.tensorboard or importlib.util.find_spec("tensorboardX") is not None, "eval.tensorboard",
+             "needs the tensorboard extra: pip install 'gossiplab[tensorboard]'"),
+        ])  # fmt: skip
 
 
 @dataclass
 class DistributedConfig:
-    """Used only when several processes run the experiment (torchrun); see gossiplab.distributed."""
+    """[distributed]: used only when several processes run the experiment (torchrun); see gossiplab.distributed."""
 
-    timeout_s: float = 60.0
-    on_failure: str = "drop"
-    secret_env: str = "GOSSIPLAB_JOIN_SECRET"
-    secret_file: str = ""
+    timeout_s: float = documented(60.0, "seconds before an unanswered exchange counts as a lost peer")
+    on_failure: str = documented(
+        "drop",
+        "a lost peer: drop its sites and go on, or stop (also: a process refused for the join secret)",
+        ("drop", "stop"),
+    )
+    secret_env: str = documented(
+        "GOSSIPLAB_JOIN_SECRET", "the environment variable that holds the join secret (never the secret itself)"
+    )
+    secret_file: str = documented("", "or a file that holds it")
+
+    def problems(self, config: Any) -> list[str]:
+        return problems_of(config, [
+            (self.timeout_s > 0, "distributed.timeout_s", "must be > 0 (seconds)"),
+            (bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.secret_env)), "distributed.secret_env",
+             "must name the environment variable that holds the join secret (never the secret itself)"),
+            (not self.secret_file or Path(self.secret_file).expanduser().is_file(), "distributed.secret_file",
+             "must be a readable file holding the join secret, or empty"),
+        ])  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {}  # config sections declared by parts (algorithms, mixing rules): name -> dataclass
@@ -149,19 +314,38 @@ def register_section(name: str, section: type) -> type:
     return section
 
 
-def section_reference(builtin_only: bool = True) -> list[str]:
-    """The configuration reference rows (Markdown) of the parts' own sections, from their
-    declarations: key, default, documentation. The README's key table holds them verbatim."""
+def config_reference(builtin_only: bool = True) -> list[str]:
+    """The configuration reference as Markdown table rows, generated from the declarations of the
+    fields (default, documentation, allowed values): the core sections, then the parts' own
+    (`register_section`). The README's key table is exactly these rows (a test keeps it so)."""
     load_builtin_parts()
+    hints = typing.get_type_hints(Config)
+    tables = [("", Config)] + [(f"{name}.", kind) for name, kind in hints.items() if dataclasses.is_dataclass(kind)]
+    tables += [(f"{name}.", section) for name, section in SECTIONS.items()
+               if not builtin_only or section.__module__.startswith("gossiplab.")]  # fmt: skip
     rows = []
-    for name, section in SECTIONS.items():
-        if builtin_only and not section.__module__.startswith("gossiplab."):
-            continue
-        for item in dataclasses.fields(section):
+    for prefix, table in tables:
+        for item in dataclasses.fields(table):
+            if "doc" not in item.metadata:
+                continue
             default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
             shown = f"`{default}`" if isinstance(default, str) and default else json.dumps(default)
-            rows.append(f"| `{name}.{item.name}` | {shown} | {item.metadata.get('doc', '')} |")
+            choices = item.metadata.get("choices")
+            allowed = f"{'/'.join(f'`{c}`' for c in choices)}: " if choices else ""
+            rows.append(f"| `{prefix}{item.name}` | {shown} | {allowed}{item.metadata['doc']} |")
     return rows
+
+
+def choice_problems(config: Config) -> list[str]:
+    """Every field declared with a fixed set of allowed values holds one of them."""
+    errors = []
+    sections = [(f"{f.name}.", getattr(config, f.name)) for f in dataclasses.fields(config)]
+    for prefix, table in [("", config)] + [(p, t) for p, t in sections if dataclasses.is_dataclass(t)]:
+        for item in dataclasses.fields(table):
+            choices = item.metadata.get("choices")
+            if choices and getattr(table, item.name) not in choices:
+                errors.append(problem(config, f"{prefix}{item.name}", f"must be one of {', '.join(choices)}"))
+    return errors
 
 
 def load_builtin_parts() -> None:
@@ -171,11 +355,18 @@ def load_builtin_parts() -> None:
 
 @dataclass
 class Config:
-    name: str = "default"
-    description: str = "16 sites, Fashion-MNIST, Dirichlet(0.1) label skew, MLP, DSGD with random one-peer gossip"
-    seed: int = 0
-    num_sites: int = 16
-    plugins: list[str] = field(default_factory=list)
+    name: str = documented("default", "the run's name (its directory under `runs/`)")
+    description: str = documented(
+        "16 sites, Fashion-MNIST, Dirichlet(0.1) label skew, MLP, DSGD with random one-peer gossip",
+        "a line saying what the experiment is",
+    )
+    seed: int = documented(0, "every random choice (initialisation, data split, batches, graphs) derives from it")
+    num_sites: int = documented(16, "N, the number of sites, >= 1")
+    plugins: list[str] = documented(
+        [],
+        "importable module names (never file paths) imported before the config is checked, so it can name the parts "
+        "they register",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -196,8 +387,20 @@ class Config:
         raise AttributeError(f"Config has no section or field '{name}'")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config as TOML tables: the core sections, the built-in parts' sections, and the
+        sections of the plug-ins this config names (a section some other code registered in the
+        same process is left out, so the file reads back wherever its own plug-ins import)."""
         table = dataclasses.asdict(self)
-        return table | table.pop("sections")
+        sections = table.pop("sections")
+        return table | {name: values for name, values in sections.items() if self._owns_section(name)}
+
+    def _owns_section(self, name: str) -> bool:
+        from gossiplab.plugins import entry_point_modules
+
+        module = SECTIONS[name].__module__
+        packaged = entry_point_modules() if self.plugins else {}
+        owners = ["gossiplab", *(packaged.get(p, p) for p in self.plugins)]
+        return any(module == owner or module.startswith(f"{owner}.") for owner in owners)
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -431,155 +634,18 @@ def part_problems(config: Config) -> list[str]:
 
 
 def validate(config: Config) -> None:
-    """Refuse every impossible value up front, naming the field, the value and what is allowed."""
-    errors: list[str] = []
-
-    def need(ok: bool, path: str, allowed: str) -> None:
-        if not ok:
-            value: Any = config
-            for part in path.split("."):
-                value = getattr(value, part)
-            errors.append(f"field '{path}' = {value!r}: {allowed}")
-
-    def one_of(path: str, choices: tuple[str, ...]) -> None:
-        value: Any = config
-        for part in path.split("."):
-            value = getattr(value, part)
-        need(value in choices, path, f"must be one of {', '.join(choices)}")
-
-    need(config.num_sites >= 1, "num_sites", "must be >= 1")
-    need(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63) (a 64-bit seed)")
+    """Refuse every impossible value up front, naming the field, the value and what is allowed:
+    the declared choices, each section's own `problems`, and the named parts' rules."""
     name = Path(config.name)
-    need(bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name,
-         "name", "must be a relative name without '..' (it names the run's directory under runs/)")  # fmt: skip
-    data = config.data
-    need(len(data.sources) >= 1, "data.sources", "must name at least one source")
-    one_of("data.partition", PARTITIONS)
-    one_of("data.within_source", WITHIN_SOURCE)
-    need(data.alpha > 0, "data.alpha", "must be > 0")
-    need(data.min_site_samples >= 1, "data.min_site_samples", "must be >= 1")
-    need(data.samples_per_site >= 0, "data.samples_per_site", "must be >= 0 (0: split all the data)")
-    need(data.classes_per_site >= 1, "data.classes_per_site", "must be >= 1")
-    need(data.shards_per_class >= 0, "data.shards_per_class", "must be >= 0 (0: derived from num_sites)")
-    need(0 <= data.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
-    need(data.image_size >= 4, "data.image_size", "must be >= 4")
-    need(data.channels in (1, 3), "data.channels", "must be 1 or 3")
-    need(data.train_per_source >= 0, "data.train_per_source", "must be >= 0 (0: all training images)")
-    need(data.test_per_source >= 0, "data.test_per_source", "must be >= 0 (0: all test images)")
-    if data.partition == "by_domain":
-        per_source = data.sites_per_source or [1] * len(data.sources)
-        need(
-            len(per_source) == len(data.sources) and all(k >= 1 for k in per_source),
-            "data.sites_per_source",
-            f"must list one count >= 1 per source ({len(data.sources)} sources), or be empty for one site each",
-        )
-        need(
-            sum(per_source) == config.num_sites,
-            "num_sites",
-            f"must equal the sites of data.sites_per_source with partition 'by_domain' ({sum(per_source)})",
-        )
-    one_of("model.init", INITS)
-    need(all(h >= 1 for h in config.model.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)")
-    model = config.model
-    need(model.width >= 1, "model.width", "must be >= 1 (ResNet-20 width multiplier)")
-    one_of("model.backbone", BACKBONES)
-    one_of("model.head", HEADS)
-    one_of("model.text_encoder", TEXT_ENCODERS)
-    need(model.feature_size >= 32, "model.feature_size", "must be >= 32 (pixels fed to the frozen image encoder)")
-    need(model.logit_scale > 0, "model.logit_scale", "must be > 0")
-    need(model.prompt.count("{}") == 1, "model.prompt", "must contain '{}' exactly once, where the class name goes")
-    need(
-        model.backbone == "pixels" or model.name == "mlp",
-        "model.name",
-        f"must be 'mlp' with model.backbone = '{model.backbone}' (the trainable part sits on feature vectors)",
-    )
-    need(
-        "clip" not in (model.backbone, model.text_encoder if model.head == "text" else "") or bool(model.clip_path),
-        "model.clip_path",
-        "must name a local folder holding a CLIP saved with save_pretrained when a CLIP encoder is used",
-    )
-    need(
-        not model.zero_shot_init or (model.head == "text" and model.backbone != "pixels"),
-        "model.zero_shot_init",
-        "needs model.head = 'text' and a pretrained model.backbone (efficientnet-lite0 or clip)",
-    )
-    need(
-        len(config.model.channels) >= 1 and all(c >= 1 for c in config.model.channels),
-        "model.channels",
-        "must be a non-empty list of channel counts >= 1",
-    )
-    need(config.train.steps >= 1, "train.steps", "must be >= 1")
-    need(config.train.batch_size >= 1, "train.batch_size", "must be >= 1")
-    one_of("train.optimizer", OPTIMIZERS)
-    need(config.train.lr > 0, "train.lr", "must be > 0")
-    need(0 <= config.train.momentum < 1, "train.momentum", "must be in [0, 1)")
-    need(config.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(0 <= config.train.beta1 < 1, "train.beta1", "must be in [0, 1)")
-    need(0 <= config.train.beta2 < 1, "train.beta2", "must be in [0, 1)")
-    need(config.train.eps > 0, "train.eps", "must be > 0")
-    one_of("train.engine", ENGINES)
-    need(config.train.engine != "linear" or (model.name == "mlp" and model.head == "linear"), "train.engine",
-         "'linear' is for plain MLPs (model.name = 'mlp', model.head = 'linear'); use auto, vmap or loop")  # fmt: skip
-    one_of("train.lr_schedule", LR_SCHEDULES)
-    need(
-        0 <= config.train.warmup_steps < config.train.steps,
-        "train.warmup_steps",
-        f"must be in [0, train.steps={config.train.steps})",
-    )
-    one_of("train.on_divergence", ("stop", "drop"))
-    need(config.train.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)")
-    need(0 < config.gossip.p <= 1, "gossip.p", "must be in (0, 1]")
-    one_of("gossip.schedule", SCHEDULES)
-    need(config.gossip.every >= 1, "gossip.every", "must be >= 1")
-    need(
-        all(1 <= s <= config.train.steps for s in config.gossip.steps),
-        "gossip.steps",
-        f"every step must be in [1, train.steps={config.train.steps}]",
-    )
-    need(
-        config.gossip.schedule != "steps" or len(config.gossip.steps) > 0,
-        "gossip.steps",
-        "must list at least one step when gossip.schedule = 'steps'",
-    )
-    if config.gossip.schedule == "window":
-        need(
-            1 <= config.gossip.window_start <= config.gossip.window_end <= config.train.steps,
-            "gossip.window_start",
-            f"with gossip.window_end={config.gossip.window_end} must satisfy 1 <= window_start <= window_end <= "
-            f"train.steps={config.train.steps} when gossip.schedule = 'window'",
-        )
-    if config.gossip.schedule in ROUND_SCHEDULES:
-        need(
-            1 <= config.gossip.rounds <= config.train.steps // 2,
-            "gossip.rounds",
-            f"must be in [1, train.steps/2 = {config.train.steps // 2}] for gossip.schedule = "
-            f"'{config.gossip.schedule}' (the total number of gossip rounds, spread over the steps)",
-        )
-    need(0 < config.gossip.stage_split < 1, "gossip.stage_split", "must be in (0, 1) (end of the early stage)")
-    need(0 < config.gossip.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)")
-    need(0 <= config.gossip.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)")
-    one_of("gossip.final_merge", FINAL_MERGES)
-    need(config.gossip.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))")
-    need(config.eval.every >= 1, "eval.every", "must be >= 1")
-    need(config.distributed.timeout_s > 0, "distributed.timeout_s", "must be > 0 (seconds)")
-    one_of("distributed.on_failure", ("drop", "stop"))
-    need(bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", config.distributed.secret_env)), "distributed.secret_env",
-         "must name the environment variable that holds the join secret (never the secret itself)")  # fmt: skip
-    need(not config.distributed.secret_file or Path(config.distributed.secret_file).expanduser().is_file(),
-         "distributed.secret_file", "must be a readable file holding the join secret, or empty")  # fmt: skip
-    need(
-        not config.eval.tensorboard or importlib.util.find_spec("tensorboardX") is not None,
-        "eval.tensorboard",
-        "needs the tensorboard extra: pip install 'gossiplab[tensorboard]'",
-    )
+    errors = problems_of(config, [
+        (config.num_sites >= 1, "num_sites", "must be >= 1"),
+        (0 <= config.seed < 2**63, "seed", "must be in [0, 2**63) (a 64-bit seed)"),
+        (bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name,
+         "name", "must be a relative name without '..' (it names the run's directory under runs/)"),
+    ])  # fmt: skip
+    errors += choice_problems(config)
+    for section in (config.data, config.model, config.train, config.gossip, config.eval, config.distributed):
+        errors += section.problems(config)
     errors += part_problems(config)
-    from gossiplab.data.sources import SOURCES, is_local
-
-    unknown = [s for s in data.sources if s not in SOURCES and not is_local(s)]
-    need(
-        not unknown,
-        "data.sources",
-        f"{unknown} unknown: use {', '.join(SOURCES)}, or a path to an .npz file or a folder",
-    )
     if errors:
         raise ConfigError("\n".join(errors))

@@ -93,17 +93,19 @@ def mixing_matrix(adjacency: torch.Tensor, rule: str) -> torch.Tensor:
 
 @MIXING_RULES.register("uniform", distributed=True)
 def uniform_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """Equal weights over the closed in-neighbourhood."""
     return uniform(adjacency)
 
 
 @MIXING_RULES.register("metropolis", distributed=True)
 def metropolis_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """Metropolis-Hastings weights (Xiao & Boyd 2004): symmetric and doubly stochastic on any graph."""
     return metropolis(adjacency)
 
 
 @MIXING_RULES.register("influence")
 def influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
-    """`influence` over uniform weights, from the sites' latest gradients and step size."""
+    """Influence-weighted (DICE one-hop influence, as in MAZEL): from the latest gradients and step size."""
     return influence(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
 
 
@@ -129,8 +131,10 @@ def fomo_problems(config: Config) -> list[str]:
 
 @MIXING_RULES.register("fomo", problems=fomo_problems)
 def fomo_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
-    """`fomo` with every model scored on every site's fixed validation sample (`fomo.val_batch`
-    images each, drawn from the seed, the same sample every round)."""
+    """FOMO (Zhang et al. 2021): weights from each neighbour's first-order gain on validation data.
+
+    Every model is scored on every site's fixed validation sample (`fomo.val_batch` images
+    each, drawn from the seed, the same sample every round)."""
     config, federation, population = experiment.config, experiment.federation, experiment.population
     num_sites, batch = config.num_sites, config.fomo.val_batch
     generator = torch.Generator().manual_seed(config.seed + 2)

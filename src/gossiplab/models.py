@@ -165,16 +165,19 @@ def build_model(
 
 @MODELS.register("mlp")
 def build_mlp(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """Fully connected ReLU layers of widths `model.hidden`."""
     return mlp(input_shape, config.hidden, out_features)
 
 
 @MODELS.register("cnn")
 def build_cnn(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """Convolution, GroupNorm, ReLU and max-pool blocks of `model.channels`, then a linear layer."""
     return cnn(input_shape, config.channels, out_features)
 
 
 @MODELS.register("resnet20")
 def build_resnet20(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
+    """ResNet-20 with GroupNorm, `model.width` times wider."""
     return ResNet20(input_shape[0], out_features, config.width)
 
 

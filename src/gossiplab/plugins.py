@@ -1,6 +1,8 @@
 """User plug-ins: modules a config names (`plugins = ["my_module"]`), imported before the config is
-checked, so that the parts they register (`gossiplab.data.sources.register_source`) can be named in
-the same config, and a run of user code re-runs from its own config.toml.
+checked, so that the parts they register (topologies, mixing rules, algorithms, models, data
+sources) can be named in the same config, and a run of user code re-runs from its own config.toml.
+An installed package can offer its module under a plug-in name of its own, an entry point in the
+group `gossiplab.plugins` (`my-package = "my_package.gossip"`); the config then names that.
 
 A config is data that may come from someone else; importing a module runs its code. So a plug-in is
 an importable module name only (never a file path), a module that would be found inside the folder
@@ -11,6 +13,7 @@ imports, and from where, before importing them.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import re
 import sys
@@ -19,6 +22,12 @@ from pathlib import Path
 from gossiplab.config import ConfigError
 
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+ENTRY_POINTS = "gossiplab.plugins"
+
+
+def entry_point_modules() -> dict[str, str]:
+    """Plug-in name -> module, as installed packages declare them (entry point group gossiplab.plugins)."""
+    return {point.name: point.module for point in importlib.metadata.entry_points(group=ENTRY_POINTS)}
 
 
 def module_location(name: str) -> Path | None:
@@ -35,7 +44,9 @@ def import_plugins(names: list[str], untrusted: list[Path]) -> None:
     """Import the plug-in modules `names`, refusing any that is not a module name or that lives
     under one of the `untrusted` folders; announces each on standard error before importing it."""
     errors, found = [], {}
-    for name in names:
+    packaged = entry_point_modules()
+    for requested in names:
+        name = packaged.get(requested, requested)  # an installed package's plug-in name -> its module
         if not MODULE_NAME.fullmatch(name):
             errors.append(f"'{name}' is not a module name (a plug-in is named as for import, never by a file path)")
             continue

@@ -21,6 +21,7 @@ from gossiplab.registry import TOPOLOGIES
 
 @TOPOLOGIES.register("complete", time_varying=False)
 def complete(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0) -> torch.Tensor:
+    """Every site receives from every other."""
     return ~torch.eye(num_sites, dtype=torch.bool)
 
 

@@ -38,6 +38,8 @@ register_section("dimat", DimatConfig)
 
 @ALGORITHMS.register("dimat")
 class ActivationMatching(Algorithm):
+    """DIMAT (Saadati et al. 2024): neighbours' units aligned by activation matching, then averaged."""
+
     method = "activation-matching"
 
     def init(self) -> dict[str, Any]:
@@ -60,4 +62,6 @@ class ActivationMatching(Algorithm):
 
 @ALGORITHMS.register("weight-matching")
 class WeightMatching(ActivationMatching):
+    """Weight matching (Git Re-Basin, Ainsworth et al. 2023): units aligned from the weights alone, then averaged."""
+
     method = "weight-matching"

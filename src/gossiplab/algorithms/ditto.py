@@ -39,6 +39,8 @@ register_section("ditto", DittoConfig)
 
 @ALGORITHMS.register("ditto")
 class Ditto(Algorithm):
+    """Ditto (Li et al. 2021): personal models pulled towards a FedAvg-style global track."""
+
     def init(self) -> dict[str, Any]:
         population, config = self.experiment.population, self.experiment.config
         self.global_track = Population(population.module, population.num_sites, seed=0, strategy=population.strategy,

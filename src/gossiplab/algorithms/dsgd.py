@@ -10,12 +10,15 @@ from gossiplab.registry import ALGORITHMS
 
 @ALGORITHMS.register("dsgd")
 class DSGD(Algorithm):
+    """D-PSGD (Lian et al. 2017): a local step, then theta <- W theta."""
+
     distributed = True
 
 
 @ALGORITHMS.register("cdsgd")
 class CDSGD(Algorithm):
-    """Consensus-based distributed SGD (Jiang et al. 2017): x_i <- sum_j W_ij x_j - lr g_i(x_i),
-    the gradient taken at the point before mixing: gossip runs between the gradient and the step."""
+    """Consensus-based distributed SGD (Jiang et al. 2017): gossip between the gradient and the step.
+
+    x_i <- sum_j W_ij x_j - lr g_i(x_i), the gradient taken at the point before mixing."""
 
     communicate_before_step = True

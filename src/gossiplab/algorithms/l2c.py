@@ -50,6 +50,8 @@ register_section("l2c", L2CConfig)
 
 @ALGORITHMS.register("l2c")
 class L2C(Algorithm):
+    """L2C (Li et al. 2022): mixing weights learned from each site's validation loss, then pruned."""
+
     learned_mixing = LearnedMixing
 
     @staticmethod
@@ -96,4 +98,6 @@ class L2C(Algorithm):
 
 @ALGORITHMS.register("meta-l2c")
 class MetaL2C(L2C):
+    """meta-L2C (Li et al. 2022, section 3.3): weights from an attention encoder shared by all sites."""
+
     learned_mixing = MetaLearnedMixing

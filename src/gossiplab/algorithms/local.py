@@ -13,6 +13,8 @@ from gossiplab.registry import ALGORITHMS
 
 @ALGORITHMS.register("local")
 class Local(Algorithm):
+    """Local training only: no site receives another's parameters."""
+
     distributed = True
 
     def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:

@@ -19,6 +19,8 @@ from gossiplab.registry import ALGORITHMS
 
 @ALGORITHMS.register("sgp")
 class SGP(Algorithm):
+    """Stochastic gradient push (Assran et al. 2019): push-sum gossip for directed graphs."""
+
     def init(self) -> dict[str, Any]:
         return {"push_sum_weights": torch.ones(len(self.experiment.population.theta))}
 
