@@ -197,6 +197,8 @@ class Runner:
                 atomic_write(self.metrics_path, b"")
             return
         state = next(state for state in states if state["step"] == agreed)
+        if "algorithm" not in state:  # written before algorithms kept their own state (gossiplab 0.1 of 2026-12)
+            raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by an earlier gossiplab; start the run anew")
         written, current = upgrade_keys(flatten(state["config"])), flatten(self.config.to_dict())
         differing = differing_fields(written, current)
         if differing:
