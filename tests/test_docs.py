@@ -1,26 +1,46 @@
-"""Every example in the README runs: Python blocks as they are, the command-line walk through in
-order (with `train.steps=20 eval.every=10` appended to each `gossiplab run`, a smaller data subset
-to runs of the frozen-encoder presets, and `--dry-run` added to `gossiplab sweep NAME`), so the
-docs cannot rot."""
+"""Every example in the README and the documentation site runs: Python blocks as they are, the
+command-line walk-through in order, page by page (with `train.steps=20 eval.every=10` appended to
+each `gossiplab run`, a smaller data subset to runs of the frozen-encoder presets, and `--dry-run`
+added to `gossiplab sweep NAME`), so the docs cannot rot. The site builds with `mkdocs build
+--strict` (a broken link fails) from the walk-through's runs, and a real browser opens it."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from gossiplab.bench_distributed import free_port
 from gossiplab.cli import app
 from gossiplab.data.sources import SOURCES
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
-BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, re.S)
+ROOT = Path(__file__).parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def nav_pages(nav: list) -> list[str]:
+    """The site's pages in the order of its navigation (mkdocs.yml)."""
+    pages = []
+    for entry in nav:
+        value = next(iter(entry.values())) if isinstance(entry, dict) else entry
+        pages += nav_pages(value) if isinstance(value, list) else [value]
+    return pages
+
+
+PAGES = ["README.md"] + [f"docs/{page}" for page in nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])]
+FENCE = re.compile(r"```(\w+)\n(.*?)```", re.S)
+BLOCKS = [(language, code, page) for page in PAGES for language, code in FENCE.findall((ROOT / page).read_text())]
+# the walk-through's runs whose plots the site shows (docs/hooks.py FIGURES), by figure folder
+FIGURE_RUNS = {"default": "demo", "single-merge": "merge", "dimat": "dimat-*", "l2c": "l2c", "mazel": "mazel-8site-*"}
 SHORTEN = ["train.steps=20", "eval.every=10"]
 # runs of a frozen-encoder preset embed every image once: on test_mazel.py's subset, whose cached
 # features then serve both (the presets' 17,000 images took a minute to embed on a fresh machine)
@@ -29,7 +49,7 @@ FEATURE_SUBSET = ["data.train_per_source=400", "data.test_per_source=150"]
 
 def cli_lines(program: str = "gossiplab") -> list[list[str]]:
     lines = []
-    for language, code in BLOCKS:
+    for language, code, _page in BLOCKS:
         for line in code.replace("\\\n", " ").splitlines() if language == "bash" else []:
             words = shlex.split(line, comments=True)
             if words[:1] == [program]:
@@ -39,34 +59,83 @@ def cli_lines(program: str = "gossiplab") -> list[list[str]]:
 
 def test_the_readme_has_examples():
     assert len(cli_lines()) >= 10
-    assert sum(1 for language, _ in BLOCKS if language == "python") >= 3
+    assert sum(1 for language, _, _ in BLOCKS if language == "python") >= 3
 
 
-def test_command_line_walk_through(tmp_path, monkeypatch):
-    """In this process, through the CLI's own command definitions (each line as a subprocess spent
+@pytest.fixture(scope="module")
+def walked(tmp_path_factory) -> Path:
+    """The command-line walk-through of every page, in order, in a folder of its own: returns it.
+    In this process, through the CLI's own command definitions (each line as a subprocess spent
     most of its time starting Python and loading the data again); the subprocess entry point is
     tested in test_config.py and test_security.py."""
-    monkeypatch.chdir(tmp_path)
-    threads = torch.get_num_threads()
-    for words in cli_lines():
-        args = words[1:]
-        if args[:1] == ["run"] and "--dry-run" not in args:
-            args += [*SHORTEN, "--quiet"]
-            if any(a.startswith("mazel-") for a in args):
-                args += FEATURE_SUBSET
-        if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
-            args += ["--dry-run"]
-        result = CliRunner().invoke(app, args)
-        torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
-        assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"
-    assert (tmp_path / "runs" / "demo" / "report.html").is_file()
-    assert (tmp_path / "runs" / "merge" / "landscape_loss.png").is_file()
-    assert (tmp_path / "runs" / "demo" / "metrics.jsonl").read_bytes() == (
-        tmp_path / "runs" / "demo-again" / "metrics.jsonl"
+    folder = tmp_path_factory.mktemp("walk")
+    threads, cwd = torch.get_num_threads(), Path.cwd()
+    os.chdir(folder)
+    try:
+        for words in cli_lines():
+            args = words[1:]
+            if args[:1] == ["run"] and "--dry-run" not in args:
+                args += [*SHORTEN, "--quiet"]
+                if any(a.startswith("mazel-") for a in args):
+                    args += FEATURE_SUBSET
+            if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
+                args += ["--dry-run"]
+            result = CliRunner().invoke(app, args)
+            torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
+            assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"
+    finally:
+        os.chdir(cwd)
+    return folder
+
+
+def test_command_line_walk_through(walked):
+    assert (walked / "runs" / "demo" / "report.html").is_file()
+    assert (walked / "runs" / "merge" / "landscape_loss.png").is_file()
+    assert (walked / "runs" / "demo" / "metrics.jsonl").read_bytes() == (
+        walked / "runs" / "demo-again" / "metrics.jsonl"
     ).read_bytes()
 
 
-@pytest.mark.parametrize("index", [i for i, (language, _) in enumerate(BLOCKS) if language == "python"])
+def test_the_site_builds_strictly_and_a_browser_shows_its_pages(walked, tmp_path):
+    """`mkdocs build --strict` (broken links and anchors fail), the figures from the walk-through's
+    runs, the generated references; then the front page and a tutorial in headless chromium."""
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    for folder, pattern in FIGURE_RUNS.items():
+        (figures / folder).symlink_to(sorted((walked / "runs").glob(pattern))[0])
+    site = tmp_path / "site"
+    build = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "GOSSIPLAB_DOCS_RUNS": str(figures), "NO_MKDOCS_2_WARNING": "1"},
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    configuration = (site / "reference" / "configuration" / "index.html").read_text()
+    assert all(f"<code>{key}</code>" in configuration for key in ("gossip.algorithm", "l2c.prune_round", "train.lr"))
+    assert "--run-dir" in (site / "reference" / "cli" / "index.html").read_text()
+    assert "adjust_gradients" in (site / "reference" / "api" / "index.html").read_text()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: make test installs it")
+        pytest.skip("chromium not installed (make test installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    for page, heading, images in (
+        ("index.html", "Where to start", 1),
+        ("tutorials/dimat/index.html", "DIMAT: merging neighbours by activation matching", 2),
+    ):
+        dom = subprocess.run([browser, *flags, "--dump-dom", (site / page).as_uri()],
+                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
+        assert heading in dom, page
+        sources = re.findall(r'<img[^>]*src="([^"]+\.png)"', dom)
+        assert len(sources) >= images, (page, sources)
+        for source in sources:  # every figure the page shows is a real PNG in the site
+            path = (site / page).parent / source
+            assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000, path
+
+
+@pytest.mark.parametrize("index", [i for i, (language, _, _) in enumerate(BLOCKS) if language == "python"])
 def test_python_example(index, tmp_path, monkeypatch):
     """Each block as a script of its own, run in this process (a fresh namespace, its own folder);
     what a block registers (a plug-in's data source) is taken back afterwards."""
@@ -79,7 +148,7 @@ def test_python_example(index, tmp_path, monkeypatch):
     sources = dict(SOURCES)
     threads = torch.get_num_threads()
     try:
-        exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__main__"})
+        exec(compile(code, f"{BLOCKS[index][2]} python block {index}", "exec"), {"__name__": "__main__"})
     finally:
         SOURCES.clear()
         SOURCES.update(sources)

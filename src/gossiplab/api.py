@@ -57,6 +57,7 @@ class Result:
 
     @property
     def plots(self) -> list[Path]:
+        """The run's PNG plots (accuracy, consensus, accuracy matrix, topology, mixing, ...)."""
         return sorted(self.run_dir.glob("*.png"))
 
     def accuracy_matrices(self) -> dict[int, torch.Tensor]:

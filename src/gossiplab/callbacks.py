@@ -26,6 +26,8 @@ ACCURACY_MATRICES = "accuracy_matrices"
 
 
 class Callback:
+    """Hooks around the loop; subclass and override the ones you need (each does nothing here)."""
+
     def on_start(self, runner: Runner) -> None:
         """Before the first step of this process's loop (also after a resume)."""
 

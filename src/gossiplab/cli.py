@@ -587,3 +587,8 @@ def main() -> None:
         errors.print_exception()
         errors.print(BUG_REPORT.format(version=__version__, torch=torch.__version__, python=platform.python_version()))
         sys.exit(1)
+
+
+# the command tree as a click command (typer builds on click): the documentation's command-line
+# reference is generated from it
+click_command = typer.main.get_command(app)

@@ -123,6 +123,7 @@ register_section("fomo", FomoConfig)
 
 
 def fomo_problems(config: Config) -> list[str]:
+    """FOMO scores models on validation data, so the sites must hold some."""
     if config.data.val_fraction > 0:
         return []
     return [f"field 'data.val_fraction' = {config.data.val_fraction}: must be > 0 with gossip.mixing = 'fomo' "

@@ -57,6 +57,7 @@ class Registry(Generic[T]):
         return add if part is None else add(part)
 
     def names(self) -> list[str]:
+        """The registered names, in registration order."""
         return list(self._parts)
 
     def __contains__(self, name: str) -> bool:
@@ -72,6 +73,7 @@ class Registry(Generic[T]):
         return target if callable(target) else None
 
     def get(self, name: str) -> T:
+        """The part a config names; an unknown name is refused naming the field and the choices."""
         part = self._resolve(name)
         if part is None:
             raise UnknownPart(

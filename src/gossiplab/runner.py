@@ -153,6 +153,7 @@ class Runner:
 
     @property
     def metrics_path(self) -> Path:
+        """RUN/metrics.jsonl."""
         return self.run_dir / "metrics.jsonl"
 
     def save_checkpoint(self) -> None:
@@ -240,6 +241,7 @@ class Runner:
         self.loss_count += 1
 
     def mean_loss(self) -> float:
+        """The mean training loss of the active sites since the last evaluation."""
         return self.loss_sum / self.loss_count
 
     def zero_dropped(self, rows: torch.Tensor) -> None:
@@ -249,6 +251,7 @@ class Runner:
             rows[~mine] = 0.0
 
     def count_round(self, adjacency: torch.Tensor, weights: torch.Tensor) -> None:
+        """Count a gossip round's messages (one per off-diagonal non-zero of W); keep the first round's graph."""
         self.gossip_messages += merge.message_count(weights)
         if self._first_round is None:
             self._first_round = (adjacency, weights)
@@ -286,6 +289,7 @@ class Runner:
         return row, matrix
 
     def stop_if_requested(self, checkpointed: bool) -> None:
+        """After a step: on request (Ctrl-C), save a checkpoint unless this step wrote one, and stop."""
         if not self._stop_requested:
             return
         if not checkpointed:  # a second checkpoint of one step would push out the older fallback

@@ -92,4 +92,5 @@ def build_adjacency(name: str, num_sites: int, round_index: int, seed: int, p: f
 
 
 def is_time_varying(name: str) -> bool:
+    """Whether the registered topology's graph changes from round to round."""
     return bool(TOPOLOGIES.property(name, "time_varying", True))

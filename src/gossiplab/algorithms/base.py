@@ -51,15 +51,19 @@ class Algorithm:
         return []
 
     def init(self) -> dict[str, Any]:
+        """The algorithm's state when the run starts (what checkpoints save); DSGD has none."""
         return {}
 
     def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """W [N, N] of round `round_index` on its graph; default: the experiment's mixing rule."""
         return self.experiment.mixing_rule(adjacency, self.experiment)
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         """Change `population.grad` [N, P] before the optimizer step (the batch is [N, B, ...])."""
 
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+        """One communication round with W; default: theta <- W theta, in place, through `comm`
+        (which exchanges the rows other processes hold)."""
         theta = self.experiment.population.theta
         comm.mix(theta, weights, self.averager(theta))
 
@@ -68,6 +72,7 @@ class Algorithm:
         return None
 
     def summary(self, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        """Extra fields for summary.json (and files of its own in the run directory)."""
         return {}
 
     def averager(self, theta: torch.Tensor) -> GossipAverager:

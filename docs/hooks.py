@@ -1,0 +1,52 @@
+"""MkDocs hooks: the pages that must not drift from the code are generated when the site is built.
+
+- `<!-- config-reference -->` becomes the configuration reference (gossiplab.config.config_reference).
+- Before the build, short real runs of each study's preset write the figures the pages show into
+  docs/generated/ (not committed): the default, the single global merge, DIMAT, L2C and MAZEL.
+  With GOSSIPLAB_DOCS_RUNS set to a folder of finished run directories named like FIGURES' keys,
+  their plots are taken instead (the tests hand over the runs of the pages' own walk-through).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+FIGURES = {  # folder -> (preset, overrides, plots the pages show); short runs: the site builds in the tests
+    "default": ("default", ["train.steps=200", "eval.every=25"], ["accuracy", "consensus", "accuracy_matrix", "topology", "mixing"]),
+    "single-merge": ("final-merge-only", ["train.steps=200", "eval.every=25"], ["accuracy", "accuracy_matrix"]),
+    "dimat": ("dimat", ["train.steps=200", "eval.every=25", "gossip.every=50"], ["accuracy", "accuracy_matrix"]),
+    "l2c": ("l2c", ["train.steps=300", "eval.every=50", "gossip.every=50", "l2c.prune_round=3"], ["accuracy", "learned_weights"]),
+    "mazel": ("mazel-8site", ["train.steps=100", "eval.every=25", "gossip.every=25", "data.train_per_source=400",
+                              "data.test_per_source=150"], ["accuracy", "accuracy_matrix"]),
+}  # fmt: skip
+
+
+def on_pre_build(config) -> None:
+    import gossiplab
+
+    generated = Path(config["docs_dir"]) / "generated"
+    given = Path(os.environ["GOSSIPLAB_DOCS_RUNS"]) if os.environ.get("GOSSIPLAB_DOCS_RUNS") else None
+    for folder, (preset, overrides, plots) in FIGURES.items():
+        target = generated / folder
+        target.mkdir(parents=True, exist_ok=True)
+        if given is not None and all((given / folder / f"{plot}.png").is_file() for plot in plots):
+            source = given / folder
+        elif all((target / f"{plot}.png").is_file() for plot in plots):
+            continue
+        else:
+            source = Path(tempfile.mkdtemp()) / "run"
+            gossiplab.run(preset, overrides, run_dir=source)
+        for plot in plots:
+            shutil.copyfile(source / f"{plot}.png", target / f"{plot}.png")
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if "<!-- config-reference -->" in markdown:
+        from gossiplab.config import config_reference
+
+        header = "| key | default | meaning and allowed values |\n|---|---|---|\n"
+        markdown = markdown.replace("<!-- config-reference -->", header + "\n".join(config_reference()))
+    return markdown
