@@ -1,11 +1,15 @@
 """Every example in the README and the documentation site runs: Python blocks as they are, the
 command-line walk-through in order, page by page (with `train.steps=20 eval.every=10` appended to
-each `gossiplab run`, a smaller data subset to runs of the frozen-encoder presets, and `--dry-run`
-added to `gossiplab sweep NAME`), so the docs cannot rot. The site builds with `mkdocs build
---strict` (a broken link fails) from the walk-through's runs, and a real browser opens it."""
+each `gossiplab run`, a smaller data subset to runs of the frozen-encoder presets, `--dry-run`
+added to `gossiplab sweep NAME ...`; a bare `gossiplab sweep NAME` has its name checked, since
+tests/test_environment.py dry-runs every sweep), so the docs cannot rot. The site builds with
+`mkdocs build --strict` (a broken link fails) from the walk-through's runs, and a real browser
+opens it."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import re
 import shlex
@@ -22,6 +26,7 @@ from typer.testing import CliRunner
 from gossiplab.bench_distributed import free_port
 from gossiplab.cli import app
 from gossiplab.data.sources import SOURCES
+from gossiplab.sweep import sweep_names
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -78,6 +83,9 @@ def walked(tmp_path_factory) -> Path:
                 args += [*SHORTEN, "--quiet"]
                 if any(a.startswith("mazel-") for a in args):
                     args += FEATURE_SUBSET
+            if args[:1] == ["sweep"] and len(args) == 2:  # dry-run by test_environment, every sweep
+                assert args[1] in sweep_names(), shlex.join(words)
+                continue
             if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
                 args += ["--dry-run"]
             result = CliRunner().invoke(app, args)
@@ -164,3 +172,26 @@ def test_one_machine_torchrun_example(tmp_path):
     assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
     run_dir = tmp_path / words[words.index("--run-dir") + 1]
     assert (run_dir / "summary.json").is_file() and (run_dir / "rank3" / "checkpoint.pt").is_file()
+
+
+def test_every_object_of_the_api_reference_has_docstrings():
+    """mkdocstrings renders an object without a docstring silently: every object the API
+    reference page shows, and its public methods, functions and properties, must have one."""
+    missing = []
+    for path in re.findall(r"^::: ([\w.]+)", (ROOT / "docs" / "reference" / "api.md").read_text(), re.M):
+        module, _, name = path.rpartition(".")
+        try:
+            target = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            target = importlib.import_module(path)
+        members = []
+        if inspect.ismodule(target):
+            members = [(n, m) for n, m in vars(target).items() if getattr(m, "__module__", None) == target.__name__]
+        elif inspect.isclass(target):
+            members = list(vars(target).items())
+        missing += [path] if not (target.__doc__ or "").strip() else []
+        for member_name, member in members:
+            documented = inspect.isfunction(member) or inspect.isclass(member) or isinstance(member, property)
+            if not member_name.startswith("_") and documented and not (member.__doc__ or "").strip():
+                missing.append(f"{path}.{member_name}")
+    assert missing == [], f"no docstring: {missing}"
