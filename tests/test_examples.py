@@ -133,3 +133,12 @@ def test_gradient_tracking_reaches_the_exact_minimiser_where_dsgd_keeps_a_bias(t
         spread[algorithm] = float(population.theta.std(0).max())
     assert gap["gradient-tracking"] < 1e-6 and spread["gradient-tracking"] < 1e-6, (gap, spread)
     assert gap["dsgd"] > 1e-4 and spread["dsgd"] > 1e-3, (gap, spread)
+
+
+def test_a_plugin_section_goes_only_into_the_config_toml_of_configs_naming_its_plugin():
+    """Once imported, the `[prox]` section exists in every config of the process, but only a config
+    that names `proximal` writes it: the others' config.toml must read back where it is not installed."""
+    import proximal  # noqa: F401
+
+    assert "prox" not in gossiplab.build_config("default").to_dict()
+    assert gossiplab.build_config("default", ["plugins=['proximal']"]).to_dict()["prox"] == {"mu": 0.1}

@@ -165,7 +165,7 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
         if "<" in name or module == "__main__":
             unresolvable.append(f"{key} = {name!r}")
         elif module and not module.startswith("gossiplab") and module not in config.plugins:
-            config.plugins.append(module.split(".<")[0])
+            config.plugins.append(module)
     return unresolvable
 
 

@@ -317,10 +317,8 @@ def register_section(name: str, section: type) -> type:
 def config_reference(builtin_only: bool = True) -> list[str]:
     """The configuration reference as Markdown table rows, generated from the declarations of the
     fields (default, documentation, allowed values): the core sections, then the parts' own
-    (`register_section`). The README's key table is exactly these rows (a test keeps it so)."""
-    load_builtin_parts()
-    hints = typing.get_type_hints(Config)
-    tables = [("", Config)] + [(f"{name}.", kind) for name, kind in hints.items() if dataclasses.is_dataclass(kind)]
+    (`register_section`). The site's configuration page is these rows (docs/hooks.py)."""
+    tables = core_tables(Config())  # (making a Config registers the built-in parts' sections)
     tables += [(f"{name}.", section) for name, section in SECTIONS.items()
                if not builtin_only or section.__module__.startswith("gossiplab.")]  # fmt: skip
     rows = []
@@ -336,11 +334,17 @@ def config_reference(builtin_only: bool = True) -> list[str]:
     return rows
 
 
+def core_tables(config: Config) -> list[tuple[str, Any]]:
+    """The config's own fields and its core sections, as (key prefix, dataclass): ("", config),
+    ("data.", config.data), ...; the parts' sections are in `config.sections`."""
+    sections = [(f"{f.name}.", getattr(config, f.name)) for f in dataclasses.fields(config)]
+    return [("", config)] + [(prefix, table) for prefix, table in sections if dataclasses.is_dataclass(table)]
+
+
 def choice_problems(config: Config) -> list[str]:
     """Every field declared with a fixed set of allowed values holds one of them."""
     errors = []
-    sections = [(f"{f.name}.", getattr(config, f.name)) for f in dataclasses.fields(config)]
-    for prefix, table in [("", config)] + [(p, t) for p, t in sections if dataclasses.is_dataclass(t)]:
+    for prefix, table in core_tables(config):
         for item in dataclasses.fields(table):
             choices = item.metadata.get("choices")
             if choices and getattr(table, item.name) not in choices:
@@ -390,17 +394,18 @@ class Config:
         """The config as TOML tables: the core sections, the built-in parts' sections, and the
         sections of the plug-ins this config names (a section some other code registered in the
         same process is left out, so the file reads back wherever its own plug-ins import)."""
-        table = dataclasses.asdict(self)
-        sections = table.pop("sections")
-        return table | {name: values for name, values in sections.items() if self._owns_section(name)}
-
-    def _owns_section(self, name: str) -> bool:
         from gossiplab.plugins import entry_point_modules
 
-        module = SECTIONS[name].__module__
-        packaged = entry_point_modules() if self.plugins else {}
+        table = dataclasses.asdict(self)
+        sections = table.pop("sections")
+        packaged = entry_point_modules() if self.plugins else {}  # scanned once, not per section
         owners = ["gossiplab", *(packaged.get(p, p) for p in self.plugins)]
-        return any(module == owner or module.startswith(f"{owner}.") for owner in owners)
+
+        def owned(name: str) -> bool:
+            module = SECTIONS[name].__module__
+            return any(module == owner or module.startswith(f"{owner}.") for owner in owners)
+
+        return table | {name: values for name, values in sections.items() if owned(name)}
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
@@ -644,7 +649,7 @@ def validate(config: Config) -> None:
          "name", "must be a relative name without '..' (it names the run's directory under runs/)"),
     ])  # fmt: skip
     errors += choice_problems(config)
-    for section in (config.data, config.model, config.train, config.gossip, config.eval, config.distributed):
+    for _, section in core_tables(config)[1:]:
         errors += section.problems(config)
     errors += part_problems(config)
     if errors:

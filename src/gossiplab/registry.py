@@ -60,9 +60,6 @@ class Registry(Generic[T]):
         """The registered names, in registration order."""
         return list(self._parts)
 
-    def __contains__(self, name: str) -> bool:
-        return self._resolve(name) is not None
-
     def _resolve(self, name: str) -> T | None:
         if name in self._parts:
             return self._parts[name]
