@@ -31,7 +31,7 @@ class GradientTracking(Algorithm):
         return ["field 'train.optimizer': gradient-tracking needs plain SGD (train.momentum = 0, weight_decay = 0)"]
 
     def init(self) -> dict:
-        theta = self.experiment.population.theta
+        theta = self.experiment.population.parameters
         return {"tracker": torch.zeros_like(theta), "previous_gradient": torch.zeros_like(theta)}
 
     def communicate(self, weights, state, comm) -> None:

@@ -29,7 +29,8 @@ class ProximalDSGD(DSGD):
 
     def adjust_gradients(self, x, y, state) -> None:
         population = self.experiment.population
-        population.grad.add_(population.theta - state["anchor"], alpha=self.experiment.config.prox.mu)
+        anchor = state["anchor"][:, : population.num_parameters]
+        population.grad.add_(population.parameters - anchor, alpha=self.experiment.config.prox.mu)
 
     def communicate(self, weights, state, comm) -> None:
         super().communicate(weights, state, comm)

@@ -19,16 +19,22 @@ TORCH_OPTIMIZERS = {
 }
 
 
+def state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters, then floating buffers and BatchNorm's counter: a population row's layout."""
+    buffers = [b for name, b in model.named_buffers() if b.is_floating_point() or name.endswith("num_batches_tracked")]
+    return [*model.parameters(), *buffers]
+
+
 def flat_parameters(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
+    return torch.cat([t.detach().to(torch.get_default_dtype()).flatten() for t in state_tensors(model)])
 
 
 def load_flat(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
+        for t in state_tensors(model):
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def reference_training(
@@ -37,22 +43,32 @@ def reference_training(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     optimizer: str,
     mixing: list[torch.Tensor | None],
+    random_streams: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Train N independent copies site by site; after step t, gossip with mixing[t] if given.
+    """Train N independent copies site by site in train mode; after step t, gossip with mixing[t]
+    if given. With `random_streams` (one CPU generator state per site), site i's random layers
+    draw from stream i, which it advances.
 
-    Gossip mixes each parameter tensor of each model from the others' state dicts, one by one.
-    Returns the final flat parameters [N, P] and each step's per-site losses.
+    Gossip mixes each floating tensor of each model's state dict (parameters and BatchNorm
+    statistics) from the others', one by one; BatchNorm's step counter is the same on every site
+    and is kept. Returns the final flat states [N, P + B] and each step's per-site losses.
     """
-    models = [copy.deepcopy(module) for _ in range(len(initial))]
+    models = [copy.deepcopy(module).train() for _ in range(len(initial))]
     for model, row in zip(models, initial, strict=True):
         load_flat(model, row)
     optimizers = [TORCH_OPTIMIZERS[optimizer](model.parameters()) for model in models]
+    streams = None if random_streams is None else random_streams.clone()
     losses = []
     for (x, y), weights in zip(batches, mixing, strict=True):
         step_losses = []
         for i, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
             opt.zero_grad()
-            loss = F.cross_entropy(model(x[i]), y[i])
+            with torch.random.fork_rng(devices=[]):
+                if streams is not None:
+                    torch.set_rng_state(streams[i].clone())
+                loss = F.cross_entropy(model(x[i]), y[i])
+                if streams is not None:
+                    streams[i] = torch.get_rng_state()
             loss.backward()
             opt.step()
             step_losses.append(loss.detach())
@@ -60,6 +76,11 @@ def reference_training(
         if weights is not None:
             states = [copy.deepcopy(model.state_dict()) for model in models]
             for i, model in enumerate(models):
-                mixed = {k: sum(weights[i, j] * states[j][k] for j in range(len(models))) for k in states[i]}
+                mixed = {
+                    k: sum(weights[i, j] * states[j][k] for j in range(len(models)))
+                    if states[i][k].is_floating_point()
+                    else states[i][k]
+                    for k in states[i]
+                }
                 model.load_state_dict(mixed)
     return torch.stack([flat_parameters(m) for m in models]), losses

@@ -64,8 +64,8 @@ def test_a_thousand_sites_fit_and_run_with_memory_linear_in_sites(tmp_path):
     experiment = build_experiment(config)
     half = build_config("default", [*overrides, "num_sites=500"])
     module = experiment.population.module
-    big = memory_estimate(config, experiment.federation, module)["population buffers"]
-    small = memory_estimate(half, experiment.federation, module)["population buffers"]
+    big = memory_estimate(config, experiment.federation, module)["population"]
+    small = memory_estimate(half, experiment.federation, module)["population"]
     assert big == 2 * small  # N x P x (optimizer state): nothing grows like N^2
     (tmp_path / "run").mkdir()
     summary = Runner(config, tmp_path / "run", show_progress=False, experiment=experiment).run()

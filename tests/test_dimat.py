@@ -31,6 +31,8 @@ ARCHITECTURES = [
     ("cnn", (1, 28, 28), {}),
     ("resnet20", (3, 16, 16), {"width": 1}),
     ("resnet20", (1, 12, 12), {"width": 2}),
+    ("resnet20", (3, 16, 16), {"norm": "batch", "dropout": 0.2}),
+    ("cnn", (1, 28, 28), {"norm": "batch"}),
 ]
 
 
@@ -40,17 +42,21 @@ def population_of(name: str, shape: tuple[int, ...], sites: int = 2, **model) ->
 
 
 def outputs(population: Population, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return torch.func.functional_call(population.module, population.views(row), (x,))
+    """Eval mode: BatchNorm on the row's running statistics, no dropout."""
+    with population.evaluating():
+        return torch.func.functional_call(population.module, population.views(row), (x,))
 
 
 @pytest.mark.parametrize(("name", "shape", "model"), ARCHITECTURES)
 def test_permuting_hidden_units_leaves_the_function_unchanged(name, shape, model):
     population = population_of(name, shape, **model)
+    population.theta[:, population.num_parameters :].uniform_(0.5, 1.5)  # BatchNorm statistics, not 0 and 1
     spec = permutation_spec(population.module, shape)
     perms = random_permutations(spec, torch.Generator().manual_seed(3))
     index = permuted_index(spec, population.names, population.shapes, perms)
-    assert torch.equal(index.sort().values, torch.arange(population.num_parameters))  # a permutation of P
-    assert not torch.equal(index, torch.arange(population.num_parameters))
+    width = population.theta.shape[1]
+    assert torch.equal(index.sort().values, torch.arange(width))  # a permutation of the row
+    assert not torch.equal(index, torch.arange(width))
     x = torch.randn(6, *shape)
     theta = population.theta[0]
     torch.testing.assert_close(
@@ -152,8 +158,16 @@ def push_sum(theta: torch.Tensor) -> tuple[SGP, dict]:
         ["gossip.algorithm=weight-matching", "gossip.topology=complete"],
         ["gossip.algorithm=sgp", "gossip.topology=exponential"],
         ["gossip.algorithm=cdsgd", "gossip.topology=ring", "gossip.every=1"],
+        [
+            "gossip.algorithm=dimat",
+            "gossip.topology=ring",
+            "model.name=cnn",
+            "model.channels=[8]",
+            "model.norm=batch",
+            "model.dropout=0.2",
+        ],
     ],
-    ids=["dimat-ring", "wm-complete", "sgp", "cdsgd"],
+    ids=["dimat-ring", "wm-complete", "sgp", "cdsgd", "dimat-batchnorm-dropout"],
 )
 def test_dimat_and_baselines_run_end_to_end_and_resume_exactly(tmp_path, overrides):
     common = ["num_sites=4", "data.partition=iid", "train.steps=40", "eval.every=20", "gossip.every=10"]

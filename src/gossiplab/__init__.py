@@ -7,11 +7,12 @@ from gossiplab.callbacks import Callback
 from gossiplab.config import Config, ConfigError, build_config, load_preset
 from gossiplab.evaluation import evaluate
 from gossiplab.population import Population
-from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES
+from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
 from gossiplab.runner import Runner
 
 __all__ = [
     "ALGORITHMS",
+    "LOSSES",
     "MIXING_RULES",
     "MODELS",
     "TOPOLOGIES",

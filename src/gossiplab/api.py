@@ -19,6 +19,7 @@ import torch
 from gossiplab.assembly import Experiment
 from gossiplab.callbacks import ACCURACY_MATRICES, Callback
 from gossiplab.config import Config, ConfigError, apply_values, build_config, parse_override, read_run_config, validate
+from gossiplab.registry import LOSSES, qualified_name
 from gossiplab.rundir import read_metrics, read_summary
 from gossiplab.runner import Runner
 from gossiplab.safeload import load_tensors
@@ -85,12 +86,21 @@ def run(
     on_step: Callable[[Runner], None] | None = None,
     callbacks: list[Callback] | None = None,
     progress: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Result:
     """Run a preset (by name) or a Config, with key=value overrides, into `run_dir`
     (default runs/NAME-TIME). `experiment` runs parts built with `build_experiment` and swapped;
     its own config is the run's, so overrides (which could not reach parts already built) and a
     different config are refused. `on_step(runner)`, `on_evaluation(runner, row)` and
-    `callbacks` (gossiplab.callbacks.Callback) act during the run."""
+    `callbacks` (gossiplab.callbacks.Callback) act during the run. `loss_fn(logits, targets)`
+    (the batch's mean loss) replaces cross-entropy: it is registered under its qualified name,
+    which the run's config.toml records as `train.loss`."""
+    if loss_fn is not None:
+        if experiment is not None:
+            raise ConfigError("`loss_fn` would not reach a pre-built experiment: set train.loss before building it")
+        name = qualified_name(loss_fn)
+        LOSSES.register(name, loss_fn)
+        overrides = [*(overrides or []), f"train.loss={name}"]
     if experiment is not None:
         if overrides:
             raise ConfigError(

@@ -17,12 +17,13 @@ from rich.console import Console
 
 from gossiplab.config import Config, ConfigError
 from gossiplab.data.federation import Federation, build_federation
+from gossiplab.devices import available_device_memory, resolve_device
 from gossiplab.encoders import frozen_parts
 from gossiplab.memory import ResourceError, available_memory
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
-from gossiplab.population import Population
-from gossiplab.registry import ALGORITHMS, MIXING_RULES, qualified_name
+from gossiplab.population import Population, state_entries
+from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, qualified_name
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
 
@@ -71,29 +72,47 @@ def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> i
 
 
 def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
-    """Bytes the run will hold: [N, P] buffers (parameters, gradients, optimizer state; gossip
-    works in cache-sized blocks), training activations (forward and backward), and the data."""
+    """Bytes the run will hold: the [N, P + B] population (parameters and the model's buffers, such
+    as BatchNorm statistics), [N, P] gradients and optimizer state (gossip works in cache-sized
+    blocks), training activations (forward and backward), and the data."""
     n = config.num_sites
     p = sum(t.numel() for t in module.parameters())
+    b = sum(value.numel() for _, value in state_entries(module)) - p
     # SGD: a momentum buffer if any; Adam(W): exp_avg and exp_avg_sq (the fused update needs no more)
     optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 2
     activations = activation_count(module, federation.image_shape)
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
-        "population buffers": (2 + optimizer_rows) * n * p * 4,
+        "population": n * (p + b) * 4,
+        "gradients and optimizer state": (1 + optimizer_rows) * n * p * 4,
         "activations": 3 * n * config.train.batch_size * activations * 4 + 2**16 * activations * 4,
         "data": data,
     }
 
 
-def check_memory(estimate: dict[str, int], available: int) -> None:
+def check_memory(estimate: dict[str, int], available: int, where: str = "") -> None:
+    """Refuse a run whose estimate exceeds the memory available (on the device `where`, if named)."""
     total = sum(estimate.values())
     if total > available:
         parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in estimate.items())
         raise ResourceError(
-            f"the run needs about {total / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available; "
+            f"the run needs about {total / 2**30:.1f} GiB ({parts}) but {available / 2**30:.1f} GiB is available"
+            f"{f' on {where}' if where else ''}; "
             "lower num_sites, the model size (model.hidden / model.channels) or train.batch_size"
         )
+
+
+def check_run_memory(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
+    """The run's memory estimate, checked against the free memory of its device (of the machine
+    on the CPU); returns the estimate."""
+    device = resolve_device(config.train.device)
+    on_device = available_device_memory(device)
+    estimate = memory_estimate(config, federation, module)
+    if on_device is None:
+        check_memory(estimate, available_memory())
+    else:
+        check_memory(estimate, on_device, str(device))
+    return estimate
 
 
 def build_data_and_model(config: Config, console: Console | None = None) -> tuple[Federation, torch.nn.Module]:
@@ -112,7 +131,9 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
     of the sites (one process of a distributed run), each initialised as in the whole population."""
     sites = sites or slice(0, config.num_sites)
     federation, module = build_data_and_model(config, console)
-    check_memory(memory_estimate(config, federation, module), available_memory())
+    device = resolve_device(config.train.device)
+    check_run_memory(config, federation, module)
+    federation.to(device)
     population = Population(
         module,
         sites.stop - sites.start,
@@ -121,13 +142,15 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
         strategy=config.train.engine,
         class_mask=federation.class_mask()[sites] if config.model.head == "text" else None,
         first_site=sites.start,
+        loss=LOSSES.get(config.train.loss),
+        device=device,
     )
     gossip = config.gossip
     experiment = Experiment(
         config=config,
         federation=federation,
         population=population,
-        optimizer=build_optimizer(config.train, population.theta.shape),
+        optimizer=build_optimizer(config.train, population.parameters.shape),
         schedule=GossipSchedule.from_config(gossip, config.train.steps),
         topology=functools.partial(build_adjacency, gossip.topology, config.num_sites, seed=config.seed, p=gossip.p),
         mixing_rule=MIXING_RULES.get(gossip.mixing),
@@ -150,6 +173,7 @@ def part_names(experiment: Experiment) -> dict[str, str]:
         "gossip.algorithm": ALGORITHMS.name_of(type(experiment.algorithm)),
         "gossip.topology": topology_name(experiment.topology),
         "gossip.mixing": MIXING_RULES.name_of(experiment.mixing_rule),
+        "train.loss": LOSSES.name_of(experiment.population.loss),
     }
 
 
@@ -193,7 +217,7 @@ def check_experiment(experiment: Experiment, sites: slice) -> None:
     agree; the first graph and its W have the right shape, dtype and rows."""
     population, n = experiment.population, experiment.config.num_sites
     names = part_names(experiment)
-    rows, shape = sites.stop - sites.start, population.theta.shape
+    rows, shape = sites.stop - sites.start, population.parameters.shape
     problems = []
     if shape[0] != rows:
         problems.append(f"population has {shape[0]} rows for {rows} sites (num_sites = {n})")

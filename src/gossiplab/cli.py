@@ -91,11 +91,10 @@ def paper_table(title: str, groups: dict[str, list[dict[str, Any]]]) -> Table:
 
 def _print_dry_run(config: Config) -> None:
     """The resolved config, the sites and the memory estimate: everything checked, nothing run."""
-    from gossiplab.assembly import available_memory, build_data_and_model, check_memory, memory_estimate
+    from gossiplab.assembly import build_data_and_model, check_run_memory
 
     federation, module = build_data_and_model(config, errors)
-    estimate = memory_estimate(config, federation, module)
-    check_memory(estimate, available_memory())
+    estimate = check_run_memory(config, federation, module)
     console.print(config.to_toml(), highlight=False, markup=False)
     parameters = sum(p.numel() for p in module.parameters())
     console.print(

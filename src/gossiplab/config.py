@@ -33,6 +33,9 @@ PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
 ENGINES = ("auto", "linear", "vmap", "loop")
 INITS = ("shared", "independent")
+NORMS = ("group", "batch", "none")
+KERNELS = ("auto", "numba", "torch")
+NORMALIZATION_GOSSIP = ("average", "local")
 
 
 class ConfigError(ValueError):
@@ -142,11 +145,15 @@ class ModelConfig:
     prompt: str = documented("a photo of a {}.", "the prompt template, `{}` where the class name goes")
     logit_scale: float = documented(20.0, "s in logits = s cos(v, t_k), > 0")
     zero_shot_init: bool = documented(False, "start from the encoder's zero-shot embedding (ConSE for EfficientNet)")
+    norm: str = documented("group", "cnn/resnet20 normalisation: GroupNorm, BatchNorm (per-site statistics) or none",
+                           NORMS)  # fmt: skip
+    dropout: float = documented(0.0, "dropout before the last layer (mlp, cnn, resnet20), in [0, 1)")
 
     def problems(self, config: Any) -> list[str]:
         return problems_of(config, [
             (all(h >= 1 for h in self.hidden), "model.hidden", "must be a list of sizes >= 1 ([] = linear)"),
             (self.width >= 1, "model.width", "must be >= 1 (ResNet-20 width multiplier)"),
+            (0 <= self.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (self.feature_size >= 32, "model.feature_size", "must be >= 32 (pixels fed to the frozen image encoder)"),
             (self.logit_scale > 0, "model.logit_scale", "must be > 0"),
             (self.prompt.count("{}") == 1, "model.prompt", "must contain '{}' exactly once, where the class name goes"),
@@ -184,10 +191,19 @@ class TrainConfig:
     threads: int = documented(0, "PyTorch threads (0: its default)")
     lr_schedule: str = documented("constant", '`warmup-constant` is MAZEL\'s "uniform with warmup"', LR_SCHEDULES)
     warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
+    loss: str = documented("cross-entropy", "loss(logits, targets): `cross-entropy`, or a user's registered loss")
+    device: str = documented("cpu", "where the run's tensors live: cpu, cuda, cuda:K, mps or auto")
+    kernels: str = documented("auto", "gossip kernels: compiled (numba, CPU only) or torch-only; auto: numba on CPU",
+                              KERNELS)  # fmt: skip
 
     def problems(self, config: Any) -> list[str]:
-        model = config.model
+        from gossiplab.devices import device_problem
+
+        model, device = config.model, device_problem(self.device)
         return problems_of(config, [
+            (device is None, "train.device", str(device)),
+            (self.kernels != "numba" or self.device == "cpu", "train.kernels",
+             "'numba' runs on the CPU only (train.device = 'cpu'); use auto or torch"),
             (self.steps >= 1, "train.steps", "must be >= 1"),
             (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.lr > 0, "train.lr", "must be > 0"),
@@ -237,6 +253,10 @@ class GossipConfig:
     stage_split: float = documented(0.5, "two-stage: end of the early stage, in (0, 1)")
     early_share: float = documented(0.67, "two-stage: share of the rounds in the early stage, in (0, 1)")
     warmup_fraction: float = documented(0.1, "cosine: warmup share of the steps, in [0, 1)")
+    normalization: str = documented(
+        "average", "normalisation layers (affine parameters, BatchNorm statistics): gossiped like the rest, or kept "
+        "local as in FedBN", NORMALIZATION_GOSSIP,
+    )  # fmt: skip
 
     def problems(self, config: Any) -> list[str]:
         steps = config.train.steps
@@ -616,7 +636,7 @@ def _import_plugins(names: Any, untrusted: tuple[Path, ...]) -> None:
 def part_problems(config: Config) -> list[str]:
     """The named parts exist, and what they say of the config: each registered section's own
     `problems(config)`, and the chosen algorithm's and mixing rule's cross-field rules."""
-    from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
+    from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
 
     errors = []
     for registry, name in (
@@ -624,6 +644,7 @@ def part_problems(config: Config) -> list[str]:
         (TOPOLOGIES, config.gossip.topology),
         (MIXING_RULES, config.gossip.mixing),
         (MODELS, config.model.name),
+        (LOSSES, config.train.loss),
     ):
         try:
             registry.get(name)

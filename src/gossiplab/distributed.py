@@ -130,6 +130,12 @@ class SingleProcess:
         pass
 
 
+def backend_for(device: str) -> str:
+    """gloo for CPU tensors; on CUDA, NCCL for the CUDA tensors (the population's rows) and gloo
+    for the CPU ones (losses, hits, the config check)."""
+    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+
+
 def launched_distributed() -> bool:
     """True when a launcher (torchrun, srun wrappers) started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -415,7 +421,11 @@ class ProcessGroup:
         self.store = admit(store, self.rank, self.world_size, secret, config_digest(config), timeout, self.on_failure)
         try:
             dist.init_process_group(
-                "gloo", store=self.store, rank=self.rank, world_size=self.world_size, timeout=timeout
+                backend_for(config.train.device),
+                store=self.store,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timeout,
             )
         except RuntimeError as error:  # torch.distributed.DistError and gloo connection failures
             raise JoinRefused(
@@ -502,7 +512,7 @@ class ProcessGroup:
     @exchange
     def mix(self, theta: torch.Tensor, weights: torch.Tensor, operator: Callable) -> int:
         """theta_i <- sum_j W_ij theta_j for this block's sites; returns the bytes this process sent.
-        `operator`'s class (the run's GossipAverager) mixes the extended block, one per block size."""
+        `operator.resized` (the run's GossipAverager) mixes the extended block, one per block size."""
         lo, hi = self.sites.start, self.sites.stop
         needs = weights != 0  # [i, j]: site i reads site j
         peers = [r for r in self.members if r != self.rank]
@@ -515,14 +525,14 @@ class ProcessGroup:
             extended_sites = torch.nonzero(wanted).flatten()
         if len(extended_sites) not in self._averagers:  # buffers and mixer per extended-block size, reused
             shape = torch.Size((len(extended_sites), theta.shape[1]))
-            self._averagers[len(extended_sites)] = (torch.empty(shape), type(operator)(shape))
+            self._averagers[len(extended_sites)] = (torch.empty(shape, device=theta.device), operator.resized(shape))
         extended, averager = self._averagers[len(extended_sites)]
         position = {int(s): k for k, s in enumerate(extended_sites)}
         own = slice(position[lo], position[lo] + (hi - lo))
         extended[own] = theta
         sent = 0
         if dense:
-            send = torch.zeros(self._padded(), theta.shape[1])
+            send = torch.zeros(self._padded(), theta.shape[1], device=theta.device)
             send[: hi - lo] = theta
             received = [torch.empty_like(send) for _ in self.members]
             self._wait([self.group.allgather([received], [send])])

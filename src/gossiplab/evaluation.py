@@ -25,12 +25,14 @@ def evaluate(
     active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
     allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
-    correct = comm.gather(population.predict(theta, federation.test_x, allowed) == federation.test_y)
+    correct = comm.gather((population.predict(theta, federation.test_x, allowed) == federation.test_y).cpu())
     mean = merge.merged_model(theta, active, comm)
     merged = experiment.algorithm.merged_model(active, experiment.state, comm)
     merged = mean if merged is None else merged
-    merged_correct = population.predict(merged, federation.test_x, allowed) == federation.test_y
-    # per-site squared distances, row sums (a reduction over all of [N, P] would split across
-    # threads in a thread-count dependent order), gathered: the consensus distance of the active sites
-    consensus = float(comm.gather((theta - mean).square().sum(1))[active].mean())
+    merged_correct = (population.predict(merged, federation.test_x, allowed) == federation.test_y).cpu()
+    # per-site squared distances of the parameters, row sums (a reduction over all of [N, P] would
+    # split across threads in a thread-count dependent order), gathered: the consensus distance of
+    # the active sites
+    distances = (population.parameters - mean[:, : population.num_parameters]).square().sum(1)
+    consensus = float(comm.gather(distances.cpu())[active].mean())
     return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)

@@ -76,7 +76,7 @@ class LearnedMixing:
     def aggregate(self, theta: torch.Tensor) -> torch.Tensor:
         """theta^(t+1) = theta^t - W Delta, differentiable in the learnable parameters (theta holds
         theta^(t+1/2))."""
-        return self.round_start - self.weights(theta) @ (self.round_start - theta)
+        return self.round_start - self.weights(theta).to(theta.device) @ (self.round_start - theta)
 
     def validation_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """sum_i L(theta_i^(t+1)(alpha); validation batch of i): L2C eq. 3's objective."""

@@ -39,7 +39,7 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
             communicate(runner)
         optimizer.lr = learning_rate(config.train, runner.step)
         algorithm.adjust_gradients(x, y, experiment.state)
-        optimizer.step(population.theta, population.grad)
+        optimizer.step(population.parameters, population.grad)
         runner.zero_dropped(population.theta)
         if not algorithm.communicate_before_step:
             communicate(runner)
@@ -52,7 +52,13 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
 
 
 def communicate(runner: Runner) -> None:
-    """A gossip round if the schedule fires at this step; the global merge if it is the last."""
+    """A gossip round if the schedule fires at this step; the global merge if it is the last.
+    With gossip.normalization = 'local' (FedBN) normalisation layers stay out of both."""
+    with runner.experiment.population.keeping_local(runner.local_columns):
+        exchange(runner)
+
+
+def exchange(runner: Runner) -> None:
     experiment, step = runner.experiment, runner.step
     schedule, algorithm = experiment.schedule, experiment.algorithm
     if schedule.gossips_at(step):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gossiplab import kernels
+from gossiplab import kernels as compiled
 from gossiplab.distributed import SingleProcess
 from gossiplab.mixing import mixing_matrix
 from gossiplab.topology import build_adjacency
@@ -32,6 +32,9 @@ class GossipAverager:
     The crossover width and the block sizes were measured with `gossiplab bench` (the compiled
     sparse pass loses to GEMM from about 16 neighbours per row at N = 32, 32 at N = 64). Nothing
     of size [N, P] is allocated.
+
+    `kernels = "torch"` (the only choice off the CPU, selectable on it) leaves out the compiled
+    sparse pass: sparse W take the GEMM path too, equal to the compiled pass up to rounding.
     """
 
     CACHE_FLOATS = 2**17  # GEMM blocks: measured best of 2**15..2**21
@@ -41,22 +44,29 @@ class GossipAverager:
     SPARSE_MIN_COLUMNS = 512  # and of 128..2048 (short row pieces cost more than the cache misses)
     SPARSE_WIDTH = 8
 
-    def __init__(self, shape: torch.Size):
-        self.shape = torch.Size(shape)
+    def __init__(self, shape: torch.Size, kernels: str = "numba", device: torch.device | str = "cpu"):
+        self.shape, self.kernels, self.device = torch.Size(shape), kernels, torch.device(device)
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
-        self._sparse = kernels.SparseMixer(
-            num_sites, min(self.num_parameters, max(self.SPARSE_MIN_COLUMNS, self.SPARSE_CACHE_FLOATS // num_sites))
-        )
-        self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters))
+        if kernels == "numba":
+            columns = max(self.SPARSE_MIN_COLUMNS, self.SPARSE_CACHE_FLOATS // num_sites)
+            self._sparse = compiled.SparseMixer(num_sites, min(self.num_parameters, columns))
+        self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters), device=self.device)
+
+    def resized(self, shape: torch.Size) -> GossipAverager:
+        """An averager like this one for another shape (a process's extended block of rows)."""
+        return GossipAverager(shape, self.kernels, self.device)
 
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         num_sites = len(weights)
-        width = kernels.row_width(weights.numpy())
-        if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
-            self._sparse(theta, weights, width)
-        elif bool((weights == weights[:1]).all()):
+        if self.kernels == "numba":
+            width = compiled.row_width(weights.numpy())
+            if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
+                self._sparse(theta, weights, width)
+                return
+        weights = weights.to(self.device)
+        if bool((weights == weights[:1]).all()):
             mixed = self._mixed[: self.num_parameters].view(1, -1)
             torch.mm(weights[:1], theta, out=mixed)
             theta.copy_(mixed.expand_as(theta))
@@ -122,14 +132,15 @@ class MatchedMerge:
                 for j in senders
             ]
         else:
-            x = self.match_inputs[receiver]
-            reference = permutation.activations(population.module, spec, population.views(theta[receiver]), x)
-            perms = [
-                permutation.match_activations(
-                    reference, permutation.activations(population.module, spec, population.views(theta[j]), x), spec
-                )
-                for j in senders
-            ]
+            x = self.match_inputs[receiver].to(theta.device)
+            with population.evaluating():  # BatchNorm on running statistics, which it must not update
+                reference = permutation.activations(population.module, spec, population.views(theta[receiver]), x)
+                perms = [
+                    permutation.match_activations(
+                        reference, permutation.activations(population.module, spec, population.views(theta[j]), x), spec
+                    )
+                    for j in senders
+                ]
         return [permutation.permuted_index(spec, population.names, population.shapes, p) for p in perms]
 
     @torch.no_grad()
@@ -167,7 +178,7 @@ def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: An
         global_merge(theta, active, comm)
         return 2 * (int(active.sum()) - 1)
     rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
-    averager = GossipAverager(theta.shape)
+    averager = GossipAverager(theta.shape, config.train.kernels, theta.device)
     sent = 0
     for round_index in range(rounds):
         adjacency = build_adjacency(gossip.final_merge, num_sites, round_index, config.seed)

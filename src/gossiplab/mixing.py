@@ -148,7 +148,8 @@ def fomo_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
         logits.masked_fill_(~population.class_mask[owner], -torch.inf)
     ce = F.cross_entropy(logits.transpose(1, 2), y.expand(len(theta), -1), reduction="none")
     losses = ce.view(len(theta), num_sites, batch).mean(2).T  # [site i, model j]
-    return fomo(adjacency, losses, torch.cdist(theta, theta))
+    parameters = population.parameters
+    return fomo(adjacency, losses.cpu(), torch.cdist(parameters, parameters).cpu())
 
 
 def spectral_gap(weights: torch.Tensor) -> float:

@@ -1,7 +1,10 @@
 """Backbones and heads, built as plain `nn.Module`s and called functionally on rows of the population.
 
-No BatchNorm: it neither vmaps cleanly nor averages well across sites (DESIGN section 2), so
-the CNN normalises with GroupNorm, like the L2C paper's CNN.
+The CNN and ResNet-20 normalise with GroupNorm by default, like the L2C paper's CNN
+(`model.norm`); BatchNorm (`model.norm = "batch"`, as in the DIMAT paper and code) keeps its
+running statistics per site, in the site's row of the population (gossiplab.population), and
+gossip averages them or keeps them local (`gossip.normalization`). `model.dropout` adds dropout
+before the last layer.
 
 Two heads (MAZEL section 3.3-3.5): `model.head = "linear"` is MDSL's classifier over the label
 space all sites must share; `model.head = "text"` is MAZEL's `TextEmbeddingHead`, scoring the
@@ -28,49 +31,64 @@ from gossiplab.config import ModelConfig
 from gossiplab.registry import MODELS
 
 
-def mlp(input_shape: tuple[int, ...], hidden: list[int], num_classes: int) -> nn.Module:
+def dropout_layer(p: float) -> list[nn.Module]:
+    """[Dropout(p)], or nothing at p = 0 (so that a plain MLP stays a plain linear stack)."""
+    return [nn.Dropout(p)] if p > 0 else []
+
+
+def normalization(kind: str, channels: int, groups: int) -> nn.Module:
+    """GroupNorm over `groups` groups, BatchNorm, or nothing (`model.norm`)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    return nn.GroupNorm(groups, channels) if kind == "group" else nn.Identity()
+
+
+def mlp(input_shape: tuple[int, ...], hidden: list[int], num_classes: int, dropout: float = 0.0) -> nn.Module:
     widths = [math.prod(input_shape), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for w_in, w_out in itertools.pairwise(widths):
         layers += [nn.Linear(w_in, w_out), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], num_classes))
+    return nn.Sequential(*layers, *dropout_layer(dropout), nn.Linear(widths[-1], num_classes))
 
 
-def cnn(input_shape: tuple[int, ...], channels: list[int], num_classes: int) -> nn.Module:
-    """5x5 conv -> GroupNorm -> ReLU -> 2x2 max-pool blocks, then one linear classifier.
+def cnn(
+    input_shape: tuple[int, ...], channels: list[int], num_classes: int, norm: str = "group", dropout: float = 0.0
+) -> nn.Module:
+    """5x5 conv -> GroupNorm (or BatchNorm) -> ReLU -> 2x2 max-pool blocks, then one linear classifier.
 
-    The convolutions carry no bias: GroupNorm subtracts it again, so its gradient is rounding
-    noise, which Adam would turn into full-size steps.
+    The convolutions carry no bias: the normalisation subtracts it again, so its gradient is
+    rounding noise, which Adam would turn into full-size steps (with `norm = "none"` they have one).
     """
     in_channels, height, width = input_shape
     layers: list[nn.Module] = []
     for out_channels in channels:
         layers += [
-            nn.Conv2d(in_channels, out_channels, 5, padding=2, bias=False),
-            nn.GroupNorm(min(4, out_channels), out_channels),
+            nn.Conv2d(in_channels, out_channels, 5, padding=2, bias=norm == "none"),
+            normalization(norm, out_channels, min(4, out_channels)),
             nn.ReLU(),
             nn.MaxPool2d(2),
         ]
         in_channels, height, width = out_channels, height // 2, width // 2
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_channels * height * width, num_classes))
+    classifier = nn.Linear(in_channels * height * width, num_classes)
+    return nn.Sequential(*layers, nn.Flatten(), *dropout_layer(dropout), classifier)
 
 
 class BasicBlock(nn.Module):
-    """conv3x3 -> GN -> ReLU -> conv3x3 -> GN, plus the shortcut (1x1 conv + GN when the shape
-    changes, "option B"), then ReLU."""
+    """conv3x3 -> norm -> ReLU -> conv3x3 -> norm, plus the shortcut (1x1 conv + norm when the
+    shape changes, "option B"), then ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int, norm: str = "group"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.norm1 = nn.GroupNorm(groups, out_channels)
+        self.norm1 = normalization(norm, out_channels, groups)
         self.relu1 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.norm2 = normalization(norm, out_channels, groups)
         self.relu2 = nn.ReLU()
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.GroupNorm(groups, out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), normalization(norm, out_channels, groups)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,28 +98,32 @@ class BasicBlock(nn.Module):
 
 class ResNet20(nn.Module):
     """ResNet-20 for small images (He et al. 2016, section 4.2): a 3x3 stem, 3 stages of 3 basic
-    blocks at widths (16, 32, 64) x `width`, global average pooling, one linear layer. GroupNorm
-    replaces BatchNorm, as in the DIMAT paper's decentralized runs."""
+    blocks at widths (16, 32, 64) x `width`, global average pooling, (dropout,) one linear layer.
+    Normalised by GroupNorm by default; the DIMAT paper and its code use BatchNorm (`norm = "batch"`)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 1, groups: int = 4):
+    def __init__(
+        self, in_channels: int, num_classes: int, width: int = 1, groups: int = 4, norm: str = "group",
+        dropout: float = 0.0,
+    ):  # fmt: skip
         super().__init__()
         widths = [16 * width, 32 * width, 64 * width]
         self.stem = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
-        self.stem_norm = nn.GroupNorm(groups, widths[0])
+        self.stem_norm = normalization(norm, widths[0], groups)
         self.stem_relu = nn.ReLU()
         blocks, channels = [], widths[0]
         for stage, out_channels in enumerate(widths):
             for index in range(3):
                 stride = 2 if stage > 0 and index == 0 else 1
-                blocks.append(BasicBlock(channels, out_channels, stride, groups))
+                blocks.append(BasicBlock(channels, out_channels, stride, groups, norm))
                 channels = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem_relu(self.stem_norm(self.stem(x)))
-        return self.fc(self.pool(self.blocks(x)).flatten(1))
+        return self.fc(self.dropout(self.pool(self.blocks(x)).flatten(1)))
 
 
 class ZeroInitLinear(nn.Linear):
@@ -166,20 +188,25 @@ def build_model(
 @MODELS.register("mlp")
 def build_mlp(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
     """Fully connected ReLU layers of widths `model.hidden`."""
-    return mlp(input_shape, config.hidden, out_features)
+    return mlp(input_shape, config.hidden, out_features, config.dropout)
 
 
 @MODELS.register("cnn")
 def build_cnn(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
-    """Convolution, GroupNorm, ReLU and max-pool blocks of `model.channels`, then a linear layer."""
-    return cnn(input_shape, config.channels, out_features)
+    """Convolution, normalisation, ReLU and max-pool blocks of `model.channels`, then a linear layer."""
+    return cnn(input_shape, config.channels, out_features, config.norm, config.dropout)
 
 
 @MODELS.register("resnet20")
 def build_resnet20(config: ModelConfig, input_shape: tuple[int, ...], out_features: int) -> nn.Module:
-    """ResNet-20 with GroupNorm, `model.width` times wider."""
-    return ResNet20(input_shape[0], out_features, config.width)
+    """ResNet-20 (GroupNorm or BatchNorm), `model.width` times wider."""
+    return ResNet20(input_shape[0], out_features, config.width, norm=config.norm, dropout=config.dropout)
 
 
 def has_convolutions(module: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def has_random_layers(module: nn.Module) -> bool:
+    """Dropout of any kind: layers whose training-mode output is random."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules())

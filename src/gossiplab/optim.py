@@ -7,11 +7,30 @@ Optimizer state is local to each site and is never gossiped, as in DSGD.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
 from gossiplab.config import TrainConfig
+
+
+def on_contiguous_rows(step: Callable) -> Callable:
+    """torch's fused kernels read and write their tensors as contiguous memory: a strided view
+    (the parameter columns of a population whose rows also hold buffers) came back with its rows
+    shifted. Such a view is updated through a contiguous copy."""
+
+    @functools.wraps(step)
+    def update(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
+        if theta.is_contiguous():
+            return step(self, theta, grad)
+        work = theta.contiguous()
+        step(self, work, grad)
+        theta.copy_(work)
+        return None
+
+    return update
 
 
 class StackedSGD:
@@ -27,6 +46,7 @@ class StackedSGD:
         self.momentum_buffer = torch.zeros(shape) if momentum > 0 else None
 
     @torch.no_grad()
+    @on_contiguous_rows
     def step(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """One fused pass over [N, P] (torch's fused CPU/GPU SGD kernel): three separate in-place
         ops would each stream all of theta, grad and the buffer through memory again."""
@@ -81,6 +101,7 @@ class StackedAdam:
         self.exp_avg_sq = torch.zeros(shape)
 
     @torch.no_grad()
+    @on_contiguous_rows
     def step(self, theta: torch.Tensor, grad: torch.Tensor) -> None:
         """One fused pass over [N, P] (torch's fused Adam / AdamW kernel, the update above)."""
         self.steps += 1

@@ -9,6 +9,8 @@ every architecture. Adding an architecture means writing its spec, not merge cod
 
 GroupNorm normalises groups of consecutive channels: permuting channels across groups changes the
 statistics, so a group's units are permuted only within their GroupNorm blocks (`blocks`).
+BatchNorm normalises each channel alone: its affine parameters and running statistics (buffers,
+in the same population row) move with the channel.
 """
 
 from __future__ import annotations
@@ -44,15 +46,27 @@ class PermutationSpec:
     groups: tuple[PermutationGroup, ...]
 
 
+def norm_axes(layer: nn.Module, name: str) -> list[Axis]:
+    """The per-channel entries of a normalisation layer: affine parameters, and BatchNorm's
+    running statistics; none for an Identity (`model.norm = "none"`)."""
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return [Axis(f"{name}.{entry}", 0) for entry in ("weight", "bias", "running_mean", "running_var")]
+    if isinstance(layer, nn.GroupNorm):
+        return [Axis(f"{name}.weight", 0), Axis(f"{name}.bias", 0)]
+    return []
+
+
 def _sequential_spec(sequential: nn.Sequential, prefix: str, input_shape: tuple[int, ...]) -> list[PermutationGroup]:
     """Spec of a Linear/Conv2d (-> GroupNorm) -> ReLU (-> pool) stack: every hidden layer but the output."""
     layers = list(sequential.named_children())
     weighted = [k for k, (_, m) in enumerate(layers) if isinstance(m, nn.Linear | nn.Conv2d)]
     shapes = {}
     x = torch.zeros(1, *input_shape)
-    for name, module in layers:
-        x = module(x)
-        shapes[name] = x.shape[1:]
+    with torch.no_grad():
+        for name, module in layers:
+            x = module.eval()(x) if isinstance(module, nn.modules.batchnorm._BatchNorm) else module(x)
+            module.train()
+            shapes[name] = x.shape[1:]
     groups = []
     for position, k in enumerate(weighted[:-1]):
         name, layer = layers[k]
@@ -61,8 +75,8 @@ def _sequential_spec(sequential: nn.Sequential, prefix: str, input_shape: tuple[
             axes.append(Axis(f"{prefix}{name}.bias", 0))
         blocks, activation = 1, name
         for later_name, later in layers[k + 1 : weighted[position + 1]]:
+            axes += norm_axes(later, f"{prefix}{later_name}")
             if isinstance(later, nn.GroupNorm):
-                axes += [Axis(f"{prefix}{later_name}.weight", 0), Axis(f"{prefix}{later_name}.bias", 0)]
                 blocks = later.num_groups
             if isinstance(later, nn.ReLU):
                 activation = later_name
@@ -79,10 +93,10 @@ def _resnet_spec(model: ResNet20, prefix: str) -> list[PermutationGroup]:
     block's inner width has its own."""
 
     def norm(name: str) -> list[Axis]:
-        return [Axis(f"{name}.weight", 0), Axis(f"{name}.bias", 0)]
+        return norm_axes(model.get_submodule(name.removeprefix(prefix)), name)
 
     groups = []
-    gn = model.stem_norm.num_groups
+    gn = model.stem_norm.num_groups if isinstance(model.stem_norm, nn.GroupNorm) else 1
     stream = [Axis(f"{prefix}stem.weight", 0), *norm(f"{prefix}stem_norm")]
     stream_activation, stream_size = f"{prefix}stem_relu", model.stem.out_channels
     for k, block in enumerate(model.blocks):

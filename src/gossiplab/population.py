@@ -20,11 +20,22 @@ flat leaf would materialise a full [N, P] zero gradient per slice):
 - "loop": a Python loop over sites, each calling the model on views of its own row and writing
   its gradient into its own row of `grad`. Fastest
   for convolutions on CPU, where grouped/vmapped convolutions lose about 2x (DESIGN section 2).
+
+A model's buffers (BatchNorm's running statistics) are per site too: each row of `theta` is the
+site's whole state, its P parameters then its B buffers, so gossip, merges, checkpoints and the
+distributed runtime carry the statistics with the weights; `parameters` is the [N, P] part the
+optimizer steps and `grad` matches it. Training runs the module in train mode (BatchNorm updates
+the statistics in place, in their columns of theta), evaluation in eval mode. Random layers
+(dropout) draw from per-site random streams in the loop strategy, so site i's draws are those of a
+lone `nn.Module` whose generator holds stream i; vmap draws for all its sites from one stream
+(`randomness="different"`): reproducible, independent across sites, but not per-site streams.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,7 +43,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from gossiplab.models import has_convolutions
+from gossiplab.models import has_convolutions, has_random_layers
+from gossiplab.registry import LOSSES
+
+LossFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES.register("cross-entropy", F.cross_entropy)
 
 
 def resolve_vector_math_dispatch() -> None:
@@ -66,30 +81,72 @@ def is_linear_stack(module: nn.Module) -> bool:
     )
 
 
-def choose_strategy(module: nn.Module, requested: str) -> str:
-    """'auto' picks the per-site loop for convolutional models on CPU, the written-out batched
-    matmuls for linear stacks and vmap otherwise."""
-    if requested == "linear" and not is_linear_stack(module):
-        raise ValueError("train.engine = 'linear' needs a plain linear stack (Linear and ReLU layers)")
+def choose_strategy(module: nn.Module, requested: str, loss: LossFunction = F.cross_entropy) -> str:
+    """'auto' picks the per-site loop for convolutional models on CPU and for models with random
+    layers (per-site random streams), the written-out batched matmuls for linear stacks trained on
+    cross-entropy (their backward pass is written for it) and vmap otherwise."""
+    linear = is_linear_stack(module) and loss is F.cross_entropy
+    if requested == "linear" and not linear:
+        raise ValueError(
+            "train.engine = 'linear' needs a plain linear stack (Linear and ReLU layers) and the cross-entropy loss"
+        )
     if requested != "auto":
         return requested
-    if has_convolutions(module):
+    if has_convolutions(module) or has_random_layers(module):
         return "loop"
-    return "linear" if is_linear_stack(module) else "vmap"
+    return "linear" if linear else "vmap"
+
+
+def state_entries(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a site's row holds: every parameter, then every floating-point buffer and BatchNorm's
+    step counter (held as a float). Other integer buffers are constants of the architecture."""
+    buffers = [
+        (name, b) for name, b in module.named_buffers() if b.is_floating_point() or name.endswith("num_batches_tracked")
+    ]
+    return [*module.named_parameters(), *buffers]
 
 
 def initial_parameters(module: nn.Module, seed: int) -> torch.Tensor:
-    """The module's default initialisation drawn under `seed`, flattened to [P]."""
+    """The module's default initialisation drawn under `seed`, flattened to [P + B] (its buffers
+    reset too: BatchNorm's statistics to mean 0, variance 1, count 0)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for layer in module.modules():
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
+            elif hasattr(layer, "reset_running_stats"):
+                layer.reset_running_stats()
+    return torch.cat(
+        [value.detach().to(torch.get_default_dtype()).flatten().cpu() for _, value in state_entries(module)]
+    )
+
+
+def random_stream(seed: int, device: torch.device) -> torch.Tensor:
+    """The state of `device`'s generator seeded with `seed`: one site's random stream."""
+    return torch.Generator(device).manual_seed(seed).get_state()
+
+
+@contextlib.contextmanager
+def drawing_from(stream: torch.Tensor, device: torch.device) -> Iterator[None]:
+    """Random layers inside draw from `stream` (a generator state, advanced in place); the
+    process's own random state is left as it was."""
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device], device_type=device.type):
+        if device.type == "cpu":
+            torch.set_rng_state(stream.clone())
+        else:
+            torch.get_device_module(device.type).set_rng_state(stream.clone(), device)
+        yield
+        after = (
+            torch.get_rng_state()
+            if device.type == "cpu"
+            else torch.get_device_module(device.type).get_rng_state(device)
+        )
+        stream.copy_(after)
 
 
 class Population:
-    """N copies of one architecture with parameters in `theta: [N, P]` and gradients in `grad: [N, P]`."""
+    """N copies of one architecture: each site's parameters and buffers in a row of `theta: [N, P + B]`,
+    its gradient in `grad: [N, P]`."""
 
     # vmap over chunks of sites whose parameters total about this many floats: a chunk's
     # parameters, gradients and activations stay in cache (measured with gossiplab bench)
@@ -107,25 +164,48 @@ class Population:
         strategy: str = "auto",
         class_mask: torch.Tensor | None = None,
         first_site: int = 0,
+        loss: LossFunction = F.cross_entropy,
+        device: torch.device | str = "cpu",
     ):
-        self.module = module
+        self.device = torch.device(device)
+        self.module = module.to(self.device).train()
+        self.loss = loss  # loss(logits [B, C], targets [B]) -> the batch's mean loss, a scalar
         # [N, C] bool: the classes each site may predict (its own label space, MAZEL); None: all.
-        self.class_mask = class_mask
+        self.class_mask = None if class_mask is None else class_mask.to(self.device)
         self.num_sites = num_sites
-        self.names = [name for name, _ in module.named_parameters()]
-        self.shapes = [p.shape for _, p in module.named_parameters()]
+        entries = state_entries(module)
+        self.names = [name for name, _ in entries]
+        self.shapes = [value.shape for _, value in entries]
         sizes = [math.prod(s) for s in self.shapes]
         self.slices = [slice(o, o + n) for o, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes, strict=True)]
-        self.num_parameters = sum(sizes)
-        self.theta = torch.empty(num_sites, self.num_parameters)
-        self.grad = torch.zeros(num_sites, self.num_parameters)
+        self.num_parameters = sum(p.numel() for p in module.parameters())
+        self.num_buffers = sum(sizes) - self.num_parameters
+        self.theta = torch.empty(num_sites, sum(sizes), device=self.device)
+        # the trainable part; the same tensor as theta when the model has no buffers
+        self.parameters = self.theta[:, : self.num_parameters] if self.num_buffers else self.theta
+        self.grad = torch.zeros(num_sites, self.num_parameters, device=self.device)
+        self._buffer_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (view of theta, the forward's own copy)
         if init == "shared":
             self.theta.copy_(initial_parameters(module, seed).expand(num_sites, -1))
         else:
             for i in range(num_sites):  # site first_site + i of the run, wherever it is held
                 site_seed = int(np.random.SeedSequence([seed, 1, first_site + i]).generate_state(1)[0])
                 self.theta[i] = initial_parameters(module, site_seed)
-        self.strategy = choose_strategy(module, strategy)
+        self.strategy = choose_strategy(module, strategy, loss)
+        # per-site random streams (the loop), or one for all sites (vmap); none without random layers
+        streams = (num_sites if self.strategy == "loop" else 1) if has_random_layers(module) else 0
+        self.random_streams = (
+            torch.stack(
+                [
+                    random_stream(
+                        int(np.random.SeedSequence([seed, 2, first_site + i]).generate_state(1)[0]), self.device
+                    )
+                    for i in range(streams)
+                ]
+            )
+            if streams
+            else torch.empty(0, dtype=torch.uint8)
+        )
         if self.strategy == "linear":
             chunks = -(-num_sites * self.num_parameters // self.LINEAR_CHUNK_FLOATS)  # equal chunks, as few as fit
             bounds = torch.arange(num_sites).tensor_split(chunks)
@@ -133,53 +213,165 @@ class Population:
             weights = [n for n in self.names if n.endswith(".weight")]
             self._linear_layers = [(w, w.removesuffix("weight") + "bias") for w in weights]  # input to output
         elif self.strategy == "vmap":
-            size = max(1, min(num_sites, self.VMAP_CHUNK_FLOATS // self.num_parameters))
+            size = max(1, min(num_sites, self.VMAP_CHUNK_FLOATS // self.theta.shape[1]))
             self._chunks = [
-                (sites, self._make_leaves(self.theta[sites]), list(self.views(self.grad[sites]).values()))
+                (sites, self._make_leaves(sites), list(self.views(self.grad[sites]).values()))
                 for sites in (slice(a, a + size) for a in range(0, num_sites, size))
             ]
         else:
-            self._site_leaves = [self._make_leaves(self.theta[i]) for i in range(num_sites)]
+            self._site_leaves = [self._make_leaves(i) for i in range(num_sites)]
 
     def views(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter views of rows [M, P] as name -> [M, *shape] (or of one row [P] as name -> shape)."""
+        """Views of rows [M, W] as name -> [M, *shape] (or of one row [W] as name -> shape): of
+        parameters and buffers for rows of theta, of parameters only for rows of `grad`."""
         lead = rows.shape[:-1]
         return {
-            n: rows[..., s].view(*lead, *shape)
+            n: rows[..., s].view((*lead, *shape))
             for n, s, shape in zip(self.names, self.slices, self.shapes, strict=True)
+            if s.stop <= rows.shape[-1]
         }
 
-    def _make_leaves(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-parameter views of `rows` as autograd leaves: the forward pass reads theta in place."""
-        return {name: view.requires_grad_() for name, view in self.views(rows.detach()).items()}
+    def _make_leaves(self, sites: int | slice) -> dict[str, torch.Tensor]:
+        """Per-parameter views of theta's `sites` rows as autograd leaves: the forward pass reads
+        theta in place. Each buffer is a tensor of its own instead, which BatchNorm updates in
+        place during the forward pass (an in-place write into theta, or into any storage several
+        buffers share, bumps the version counter that tensors saved for the backward share, and
+        autograd refuses the backward); `_buffers_updated` copies them from and back to theta."""
+        rows = self.theta[sites].detach()
+        leaves = {}
+        for name, view in self.views(rows).items():
+            if name in self.grad_names:
+                leaves[name] = view.requires_grad_()
+            else:
+                leaves[name] = view.clone()
+                self._buffer_pairs.append((view, leaves[name]))
+        return leaves
+
+    @property
+    def grad_names(self) -> list[str]:
+        return [n for n, s in zip(self.names, self.slices, strict=True) if s.stop <= self.num_parameters]
+
+    @contextlib.contextmanager
+    def _buffers_updated(self) -> Iterator[None]:
+        """Inside, `_buffers` holds the buffers of theta; after, theta holds their updated values."""
+        if not self._buffer_pairs:
+            yield
+            return
+        in_theta, own = (list(t) for t in zip(*self._buffer_pairs, strict=True))
+        torch._foreach_copy_(own, in_theta)
+        yield
+        torch._foreach_copy_(in_theta, own)
+
+    def normalization_columns(self) -> torch.Tensor:
+        """Columns of theta that belong to normalisation layers (BatchNorm, GroupNorm, LayerNorm,
+        InstanceNorm): their affine parameters and running statistics."""
+        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        prefixes = tuple(f"{name}." for name, m in self.module.named_modules() if isinstance(m, norms))
+        columns = [
+            torch.arange(s.start, s.stop)
+            for n, s in zip(self.names, self.slices, strict=True)
+            if n.startswith(prefixes)
+        ]
+        return torch.cat(columns) if columns else torch.empty(0, dtype=torch.long)
+
+    @contextlib.contextmanager
+    def keeping_local(self, columns: torch.Tensor) -> Iterator[None]:
+        """What happens inside leaves theta's `columns` as they were: FedBN's local normalisation
+        layers (Li et al. 2021) under any algorithm's communication."""
+        kept = self.theta[:, columns.to(self.device)].clone() if len(columns) else None
+        yield
+        if kept is not None:
+            self.theta[:, columns.to(self.device)] = kept
+
+    @torch.no_grad()
+    def reestimate_statistics(self, batches: list[torch.Tensor]) -> None:
+        """Reset every site's BatchNorm statistics and recompute them on its own batches
+        ([N, B, ...] each), as the cumulative average (momentum None) of their batch statistics:
+        DIMAT's code does this after each matched merge, whose averaged statistics belong to no
+        network. BatchNorm layers run in train mode, every other layer (dropout) in eval mode."""
+        norms = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        prefixes = tuple(f"{name}." for name, m in self.module.named_modules() if m in norms)
+        momenta = [m.momentum for m in norms]
+        self.module.eval()
+        for norm in norms:
+            norm.momentum = None
+            norm.train()
+        try:
+            for name, view in self.views(self.theta).items():
+                if name.startswith(prefixes) and not name.endswith(("weight", "bias")):
+                    view.fill_(1.0 if name.endswith("running_var") else 0.0)
+            for x in batches:
+                x = x.to(self.device)
+                for i in range(self.num_sites):
+                    self._forward(self.views(self.theta[i]), x[i])
+        finally:
+            for norm, momentum in zip(norms, momenta, strict=True):
+                norm.momentum = momentum
+            self.module.train()
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The module in eval mode inside (BatchNorm on running statistics, no dropout)."""
+        self.module.eval()
+        try:
+            yield
+        finally:
+            self.module.train()
 
     def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.module, params, (x,))
 
+    def _site_loss(self, params: dict, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One site's loss on its batch, over its own classes when it has a class mask."""
+        logits = self._forward(params, x)
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -torch.inf)
+        return self.loss(logits, y)
+
     def compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Write every site's gradient of its mean cross-entropy on its batch into `grad`; return the losses [N]."""
-        losses = torch.empty(self.num_sites)
+        """Write every site's gradient of its loss on its batch into `grad`; return the losses [N]."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self._buffers_updated():
+            return self._compute_gradients(x, y).cpu()
+
+    def _compute_gradients(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = torch.empty(self.num_sites, device=self.device)
         if self.strategy == "linear":
             for sites in self._linear_chunks:
                 losses[sites] = self._linear_stack_gradients(x[sites], y[sites], sites, self.views(self.grad[sites]))
             return losses
         if self.strategy == "vmap":
-            for sites, leaves, grad_views in self._chunks:
-                chunk_losses = self._vmapped_losses(leaves, x[sites], y[sites], sites)
-                grads = torch.autograd.grad(chunk_losses.sum(), list(leaves.values()))
-                for view, g in zip(grad_views, grads, strict=True):
-                    view.copy_(g)  # one strided pass; weight gradients come out transposed from bmm
-                losses[sites] = chunk_losses.detach()
+            with self._vmap_randomness() as randomness:
+                for sites, leaves, grad_views in self._chunks:
+                    chunk_losses = self._vmapped_losses(leaves, x[sites], y[sites], sites, randomness)
+                    grads = torch.autograd.grad(chunk_losses.sum(), [leaves[n] for n in self.grad_names])
+                    for view, g in zip(grad_views, grads, strict=True):
+                        view.copy_(g)  # one strided pass; weight gradients come out transposed from bmm
+                    losses[sites] = chunk_losses.detach()
             return losses
         for i, leaves in enumerate(self._site_leaves):
-            logits = self._forward(leaves, x[i])
-            if self.class_mask is not None:
-                logits = logits.masked_fill(~self.class_mask[i], -torch.inf)
-            loss = F.cross_entropy(logits, y[i])
-            grads = torch.autograd.grad(loss, list(leaves.values()))
+            stream = (
+                drawing_from(self.random_streams[i], self.device)
+                if len(self.random_streams)
+                else contextlib.nullcontext()
+            )
+            with stream:
+                loss = self._site_loss(leaves, x[i], y[i], None if self.class_mask is None else self.class_mask[i])
+            grads = torch.autograd.grad(loss, [leaves[n] for n in self.grad_names])
             torch.cat([g.flatten() for g in grads], out=self.grad[i])
             losses[i] = loss.detach()
         return losses
+
+    @contextlib.contextmanager
+    def _vmap_randomness(self) -> Iterator[str]:
+        """vmap's randomness mode: 'different' draws from the population's one stream."""
+        if not len(self.random_streams):
+            yield "error"
+            return
+        with drawing_from(self.random_streams[0], self.device):
+            yield "different"
 
     @torch.no_grad()
     def _linear_stack_gradients(
@@ -206,7 +398,7 @@ class Population:
         # first call gave one thread's half 1e-4 relative error in 3% of processes (see
         # resolve_vector_math_dispatch); log_softmax's exp was exact in those processes
         g = torch.softmax(logits, -1)
-        g.scatter_add_(-1, y.unsqueeze(-1), torch.full(y.unsqueeze(-1).shape, -1.0))
+        g.scatter_add_(-1, y.unsqueeze(-1), torch.full(y.unsqueeze(-1).shape, -1.0, device=g.device))
         g.div_(y.shape[1])
         for weight, bias in reversed(self._linear_layers):
             h = activations.pop()
@@ -216,34 +408,37 @@ class Population:
                 g = torch.ops.aten.threshold_backward(torch.bmm(g, theta[weight]), h, 0.0)
         return losses
 
-    def _vmapped_losses(self, params: dict, x: torch.Tensor, y: torch.Tensor, sites: slice) -> torch.Tensor:
-        """Mean cross-entropy of the stacked models `params` of `sites` on their own batches, each
+    def _vmapped_losses(
+        self, params: dict, x: torch.Tensor, y: torch.Tensor, sites: slice, randomness: str = "error"
+    ) -> torch.Tensor:
+        """Losses [sites] of the stacked models `params` of `sites` on their own batches, each
         over its site's own classes when a class mask is set."""
-        logits = vmap(self._forward)(params, x)
-        if self.class_mask is not None:
-            logits = logits.masked_fill(~self.class_mask[sites, None, :], -torch.inf)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+        mask = None if self.class_mask is None else self.class_mask[sites]
+        site_loss = vmap(self._site_loss, in_dims=(0, 0, 0, None if mask is None else 0), randomness=randomness)
+        return site_loss(params, x, y, mask)
 
     def site_losses(self, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy [N] of the models rows [N, P] (differentiable in them) on their own
-        batches x [N, B, ...]: what L2C differentiates through the aggregation."""
-        return self._vmapped_losses(self.views(rows), x, y, slice(None))
+        """Losses [N] of the models rows [N, W] (differentiable in them) on their own batches
+        x [N, B, ...], in eval mode: what L2C differentiates through the aggregation."""
+        with self.evaluating():
+            return self._vmapped_losses(self.views(rows), x.to(self.device), y.to(self.device), slice(None))
 
     @torch.no_grad()
     def logits(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Outputs [M, n, C] of the models rows [M, P] on shared inputs x [n, ...].
+        """Outputs [M, n, C] of the models rows [M, W] on shared inputs x [n, ...], in eval mode.
 
         Only the "vmap" strategy's models are vmapped here, all M at once on chunks of inputs: for
         MLPs and CNNs one model at a time on a chunk of inputs is already one large matmul per layer,
         and measured faster (16 MLPs on 2,000 inputs: 55 ms, vmapped 70 ms)."""
-        if self.strategy == "vmap":
-            chunk, params = max(16, 2**16 // len(rows)), self.views(rows)
-            forward = vmap(self._forward, in_dims=(0, None))
-            return torch.cat([forward(params, x[start : start + chunk]) for start in range(0, len(x), chunk)], 1)
-        return torch.stack([self._model_logits(row, x) for row in rows])
+        with self.evaluating():
+            if self.strategy == "vmap":
+                chunk, params = max(16, 2**16 // len(rows)), self.views(rows)
+                forward = vmap(self._forward, in_dims=(0, None))
+                return torch.cat([forward(params, x[start : start + chunk]) for start in range(0, len(x), chunk)], 1)
+            return torch.stack([self._model_logits(row, x) for row in rows])
 
     def _model_logits(self, row: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Outputs [n, C] of one model row [P] on x, EVAL_CHUNK_INPUTS inputs per forward pass: a
+        """Outputs [n, C] of one model row [W] on x, EVAL_CHUNK_INPUTS inputs per forward pass: a
         chunk size that does not shrink with the number of models (it was 2**16 / M inputs, and at
         M = 1,000 the fixed cost of 150,000 forward calls per evaluation took most of the run)."""
         params, chunk = self.views(row), self.EVAL_CHUNK_INPUTS
@@ -251,7 +446,7 @@ class Population:
 
     @torch.no_grad()
     def predict(self, rows: torch.Tensor, x: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
-        """Class predictions [M, n] of the models rows [M, P] on shared inputs x [n, ...]; with
+        """Class predictions [M, n] of the models rows [M, W] on shared inputs x [n, ...]; with
         `allowed` [n, C] bool, each input is classified among its allowed classes only. Models that
         are not vmapped are classified one at a time, never holding all M x n x C outputs."""
 
@@ -260,4 +455,5 @@ class Population:
 
         if self.strategy == "vmap":
             return classify(self.logits(rows, x))
-        return torch.stack([classify(self._model_logits(row, x)) for row in rows])
+        with self.evaluating():
+            return torch.stack([classify(self._model_logits(row, x)) for row in rows])

@@ -97,3 +97,4 @@ TOPOLOGIES: Registry[Callable[..., Any]] = Registry("topology", "gossip.topology
 MIXING_RULES: Registry[Callable[..., Any]] = Registry("mixing rule", "gossip.mixing")
 ALGORITHMS: Registry[type] = Registry("algorithm", "gossip.algorithm")
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
+LOSSES: Registry[Callable[..., Any]] = Registry("loss", "train.loss")

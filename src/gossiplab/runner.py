@@ -142,6 +142,9 @@ class Runner:
         self.loss_sum, self.loss_count = 0.0, 0  # mean training loss since the last evaluation
         self.site_loss_sum = torch.zeros(config.num_sites, dtype=torch.float64)  # and per site
         self.active = torch.ones(config.num_sites, dtype=torch.bool)  # sites not dropped for divergence
+        population = self.experiment.population
+        local = config.gossip.normalization == "local"
+        self.local_columns = population.normalization_columns() if local else torch.empty(0, dtype=torch.long)
         self.last_finite_loss = torch.full((config.num_sites,), float("nan"))
         self._last_matrix: torch.Tensor | None = None
         self._first_round: tuple[torch.Tensor, torch.Tensor] | None = None  # the graph and W drawn in mixing.png
@@ -171,6 +174,7 @@ class Runner:
             "active": self.active,
             "last_finite_loss": self.last_finite_loss,
             "theta": self.experiment.population.theta,
+            "random_streams": self.experiment.population.random_streams,
             "optimizer": self.experiment.optimizer.state_dict(),
             "algorithm": saved(self.experiment.state),
             "generator": self.generator.get_state(),
@@ -198,7 +202,7 @@ class Runner:
                 atomic_write(self.metrics_path, b"")
             return
         state = next(state for state in states if state["step"] == agreed)
-        if "algorithm" not in state:  # written before algorithms kept their own state (gossiplab 0.1 of 2026-12)
+        if "random_streams" not in state:  # written before sites kept buffers and random streams (2026-12)
             raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by an earlier gossiplab; start the run anew")
         written, current = upgrade_keys(flatten(state["config"])), flatten(self.config.to_dict())
         differing = differing_fields(written, current)
@@ -216,6 +220,7 @@ class Runner:
         self.merge_messages = state["merge_messages"]
         self.wall_time = state["wall_time"]
         self.experiment.population.theta.copy_(state["theta"])
+        self.experiment.population.random_streams.copy_(state["random_streams"])
         self.experiment.optimizer.load_state_dict(state["optimizer"])
         restore(self.experiment.state, state["algorithm"])
         self.generator.set_state(state["generator"])
@@ -399,7 +404,7 @@ class Runner:
         m sites, P parameters, T gossip rounds, R parameter vectors sent per site per round on
         average (peers), and the final merge's vectors (2 (m - 1) for an exact ring all-reduce).
         """
-        m, p = self.config.num_sites, self.experiment.population.num_parameters
+        m, p = self.config.num_sites, self.experiment.population.theta.shape[1]  # parameters and buffers
         rounds = self.experiment.schedule.rounds_until(self.config.train.steps)
         return {
             "sites_m": m,

@@ -79,7 +79,9 @@ class Algorithm:
         """The in-place gossip averager for theta's shape (its buffers are made once)."""
         cached = self.__dict__.get("_averager")
         if cached is None or cached.shape != theta.shape:
-            cached = self.__dict__["_averager"] = GossipAverager(theta.shape)
+            cached = self.__dict__["_averager"] = GossipAverager(
+                theta.shape, self.experiment.config.train.kernels, theta.device
+            )
         return cached
 
 

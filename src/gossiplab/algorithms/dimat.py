@@ -26,11 +26,20 @@ class DimatConfig:
     """[dimat]"""
 
     match_samples: int = documented(256, "training images per site that activations are matched on")
+    reestimate_batches: int = documented(
+        8, "BatchNorm models: batches of each site's own data its statistics are recomputed on after a merge "
+        "(0: keep the merged statistics)",
+    )  # fmt: skip
 
     def problems(self, config: Config) -> list[str]:
-        if self.match_samples >= 2:
-            return []
-        return [f"field 'dimat.match_samples' = {self.match_samples}: must be >= 2 (samples per site to match on)"]
+        problems = []
+        if self.match_samples < 2:
+            problems.append(
+                f"field 'dimat.match_samples' = {self.match_samples}: must be >= 2 (samples per site to match on)"
+            )
+        if self.reestimate_batches < 0:
+            problems.append(f"field 'dimat.reestimate_batches' = {self.reestimate_batches}: must be >= 0")
+        return problems
 
 
 register_section("dimat", DimatConfig)
@@ -51,10 +60,22 @@ class ActivationMatching(Algorithm):
             generator = torch.Generator().manual_seed(config.seed + 1)
             match_inputs, _ = federation.sample_batch(config.dimat.match_samples, generator)
         self.merge = MatchedMerge(population, spec, self.method, match_inputs)
-        return {}
+        return {"rounds": torch.zeros((), dtype=torch.long)}
 
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
-        comm.mix(self.experiment.population.theta, weights, self.merge)
+        """The matched merge; then, for BatchNorm models, each site's statistics recomputed on
+        `dimat.reestimate_batches` batches of its own training data (drawn from the seed and the
+        round: resumable)."""
+        population, config = self.experiment.population, self.experiment.config
+        comm.mix(population.theta, weights, self.merge)
+        state["rounds"] += 1
+        if population.num_buffers and config.dimat.reestimate_batches:
+            generator = torch.Generator().manual_seed(config.seed * 100_003 + int(state["rounds"]))
+            batches = [
+                self.experiment.federation.sample_batch(config.train.batch_size, generator, comm.sites)[0]
+                for _ in range(config.dimat.reestimate_batches)
+            ]
+            population.reestimate_statistics(batches)
 
     def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor:
         return self.merge.merged_model(self.experiment.population.theta, active)

@@ -49,16 +49,17 @@ class Ditto(Algorithm):
         return {
             "global": self.global_track.theta,
             "received": population.theta.clone(),  # w^t of every site
-            "optimizer": build_optimizer(config.train, population.theta.shape),
+            "optimizer": build_optimizer(config.train, population.parameters.shape),
         }
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         """The proximal gradient on the personal models; one step of the global track."""
         population, optimizer = self.experiment.population, state["optimizer"]
-        population.grad.add_(population.theta - state["received"], alpha=self.experiment.config.ditto.strength)
+        received = state["received"][:, : population.num_parameters]
+        population.grad.add_(population.parameters - received, alpha=self.experiment.config.ditto.strength)
         self.global_track.compute_gradients(x, y)
         optimizer.lr = self.experiment.optimizer.lr
-        optimizer.step(self.global_track.theta, self.global_track.grad)
+        optimizer.step(self.global_track.parameters, self.global_track.grad)
 
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:

@@ -78,6 +78,13 @@ class Federation:
         counts.index_put_((site, self.pool_y[self.train_index]), torch.tensor(1), accumulate=True)
         return counts
 
+    def to(self, device: torch.device) -> None:
+        """Move the training pool, the index arithmetic and the val/test sets to `device` (once:
+        batches are then gathered there); owners of val/test rows stay on the CPU for the metrics."""
+        for name in ("pool_x", "pool_y", "train_index", "train_offsets", "train_sizes", "val_x", "val_y",
+                     "test_x", "test_y"):  # fmt: skip
+            setattr(self, name, getattr(self, name).to(device))
+
     def sample_batch(
         self, batch_size: int, generator: torch.Generator, sites: slice = slice(None)
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +93,7 @@ class Federation:
         With `sites`, only that block's batches are built; the generator advances as for all N sites,
         so a process holding a block draws the same batches as the whole simulation.
         """
-        u = torch.rand(self.num_sites, batch_size, generator=generator)[sites]
+        u = torch.rand(self.num_sites, batch_size, generator=generator)[sites].to(self.pool_x.device)
         local = (u * self.train_sizes[sites, None]).long()
         index = self.train_index[self.train_offsets[sites, None] + local]
         return self.normalise(self.pool_x[index]), self.pool_y[index]
