@@ -22,7 +22,7 @@ def test_bench_reports_every_model_and_ratio(tmp_path):
     # piped, the table is printed whole: no cell cut to fit 80 columns
     assert "gossip complete / copy" in result.stdout and "…" not in result.stdout
     table = json.loads(out.read_text())
-    assert table["square_gemm_peak_gflops"] > 0
+    assert table["square_gemm_peak_gflops"] > 0 and table["device"] == "cpu"
     rows = {(r["model"], r["sites"]): r for r in table["rows"]}
     assert set(rows) == {(m, n) for m in ("mlp", "cnn", "head") for n in (2, 3)}
     assert rows[("cnn", 2)]["strategy"] == "loop" and rows[("cnn", 2)]["fraction_of_kernel_limit"] is None
@@ -49,6 +49,13 @@ def test_bench_refuses_bad_arguments():
         [sys.executable, "-m", "gossiplab", "bench", "--models", "mlp,transformer"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "--models mlp,transformer: allowed values are mlp, cnn, head" in result.stderr
+
+
+def test_bench_refuses_a_device_before_any_work(gossiplab_main):
+    code, _, err = gossiplab_main("bench", "--device", "tpu")
+    assert code == 2 and "--device tpu: unknown device; allowed: cpu, cuda, cuda:K, mps or auto" in err
+    code, _, err = gossiplab_main("bench", "--device", "auto", "--distributed")
+    assert code == 2 and "--device auto: --distributed times the CPU (gloo) runtime" in err
 
 
 def test_a_thousand_sites_fit_and_run_with_memory_linear_in_sites(tmp_path):

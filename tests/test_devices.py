@@ -3,6 +3,8 @@ any work, FedBN keeps normalisation layers local, and a user's loss trains throu
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -60,6 +62,17 @@ def test_a_cuda_run_matches_the_cpu_run(tmp_path):
         config = build_config("default", [*TINY, f"train.device={device}"])
         rows[device] = Runner(config, tmp_path / device, show_progress=False).run()
     assert abs(rows["cuda"]["ala"] - rows["cpu"]["ala"]) < 0.02
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_runs_on_cuda(gossiplab_main, tmp_path):
+    out = tmp_path / "bench.json"
+    code, _, err = gossiplab_main(
+        "bench", "--device", "cuda", "--models", "mlp,cnn", "--sites", "4", "--repeats", "1", "--seconds", "0.05",
+        "--json", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out.read_text())["device"] == "cuda"
 
 
 @pytest.mark.parametrize("normalization", ["average", "local"])

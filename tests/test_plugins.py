@@ -100,4 +100,5 @@ def test_a_run_keeps_every_accuracy_matrix_per_site_losses_and_a_frame(tmp_path)
     assert losses[0] is None and len(losses[2]) == 4
     assert sum(losses[2]) / 4 == pytest.approx(result.metrics["train_loss"][2], rel=1e-5)
     assert result.final["parts"] == {"gossip.algorithm": "dsgd", "gossip.topology": "random-one-peer",
-                                     "gossip.mixing": "uniform", "model.name": "mlp"}  # fmt: skip
+                                     "gossip.mixing": "uniform", "train.loss": "cross-entropy",
+                                     "model.name": "mlp"}  # fmt: skip

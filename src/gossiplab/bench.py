@@ -13,7 +13,8 @@ achieved GFLOP/s (the work done: forward, dW, and dX past the first layer) again
 shape-matched kernel limit (the bare batched matmuls of that work at the same shapes, timed in the
 same run) and against square-GEMM peak; and gossip time per round against one `copy_` of Theta (a
 memory-bandwidth bound), for a sparse (ring) and a dense (complete) graph. Nothing here is
-asserted by tests.
+asserted by tests. `device` runs all of it on that device (torch-only gossip kernels off the CPU),
+each timed call ending in a synchronisation, so that queued GPU work is counted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gossiplab.config import ModelConfig, TrainConfig
+from gossiplab.devices import resolve_kernels
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import uniform
 from gossiplab.models import build_model
@@ -74,12 +76,27 @@ def timed(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
     return elapsed / calls
 
 
-def interleaved(functions: dict[str, Callable[[], object]], repeats: int, min_seconds: float) -> dict[str, float]:
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn`, then a wait for the device's queued work (nothing to wait for on the CPU)."""
+    if device.type == "cpu":
+        return fn
+
+    def call() -> None:
+        fn()
+        torch.get_device_module(device.type).synchronize(device)
+
+    return call
+
+
+def interleaved(
+    functions: dict[str, Callable[[], object]], repeats: int, min_seconds: float, device: torch.device | None = None
+) -> dict[str, float]:
     """Median seconds per call of each function, measured in alternation."""
+    device = device or torch.device("cpu")
     samples: dict[str, list[float]] = {k: [] for k in functions}
     for _ in range(repeats):
         for name, fn in functions.items():
-            samples[name].append(timed(fn, min_seconds))
+            samples[name].append(timed(synchronized(fn, device), min_seconds))
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -103,7 +120,7 @@ def training_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     return 3 * sum(forward) - forward[0]
 
 
-def kernel_limit(module: nn.Module, sites: int, repeats: int, min_seconds: float) -> float | None:
+def kernel_limit(module: nn.Module, sites: int, repeats: int, min_seconds: float, device: torch.device) -> float | None:
     """GFLOP/s of the bare batched matmuls a linear stack's training step needs, at its own shapes
     and memory layouts (nn.Linear's weight is [out, in]): forward x @ W^T, dW = g^T @ x and, past
     the first layer, dX = g @ W, for [N, B, in] inputs x and [N, B, out] output gradients g."""
@@ -113,29 +130,34 @@ def kernel_limit(module: nn.Module, sites: int, repeats: int, min_seconds: float
     flops, seconds = 0, 0.0
     for depth, layer in enumerate(linears):
         i, o = layer.in_features, layer.out_features
-        x, w, g = torch.randn(sites, BATCH, i), torch.randn(sites, o, i), torch.randn(sites, BATCH, o)
-        outs = (torch.empty(sites, BATCH, o), torch.empty(sites, BATCH, i), torch.empty(sites, o, i))
+        x, w, g = (
+            torch.randn(*shape, device=device) for shape in ((sites, BATCH, i), (sites, o, i), (sites, BATCH, o))
+        )
+        outs = tuple(
+            torch.empty(*shape, device=device) for shape in ((sites, BATCH, o), (sites, BATCH, i), (sites, o, i))
+        )
         kernels = {
             "forward": lambda x=x, w=w, out=outs[0]: torch.bmm(x, w.transpose(1, 2), out=out),
             "dw": lambda x=x, g=g, out=outs[2]: torch.bmm(g.transpose(1, 2), x, out=out),
         }
         if depth > 0:
             kernels["dx"] = lambda g=g, w=w, out=outs[1]: torch.bmm(g, w, out=out)
-        seconds += sum(interleaved(kernels, repeats, min_seconds).values())
+        seconds += sum(interleaved(kernels, repeats, min_seconds, device).values())
         flops += len(kernels) * 2 * sites * BATCH * i * o
     return flops / seconds / 1e9
 
 
-def square_gemm_peak(size: int = 2048) -> float:
-    a, b, out = torch.randn(size, size), torch.randn(size, size), torch.empty(size, size)
-    return 2 * size**3 / timed(lambda: torch.mm(a, b, out=out), 0.5) / 1e9
+def square_gemm_peak(device: torch.device, size: int = 2048) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    out = torch.empty(size, size, device=device)
+    return 2 * size**3 / timed(synchronized(lambda: torch.mm(a, b, out=out), device), 0.5) / 1e9
 
 
 def per_site_loop(module: nn.Module, theta: torch.Tensor, train: TrainConfig) -> Callable:
     """The papers' code: one nn.Module and one torch.optim optimizer per site, a loop over sites."""
     models = []
     for row in theta:
-        model = copy.deepcopy(module)
+        model = copy.deepcopy(module).to(theta.device)
         torch.nn.utils.vector_to_parameters(row, model.parameters())
         models.append(model)
     if train.optimizer == "sgd":
@@ -152,20 +174,22 @@ def per_site_loop(module: nn.Module, theta: torch.Tensor, train: TrainConfig) ->
     return step
 
 
-def engine(module: nn.Module, sites: int, train: TrainConfig, strategy: str) -> tuple[Population, Callable, dict]:
+def engine(
+    module: nn.Module, sites: int, train: TrainConfig, strategy: str, device: torch.device
+) -> tuple[Population, Callable, dict]:
     """The engine's population, its training step, and the seconds the step has spent in total and
     in its optimizer update, timed inside the real step: updates timed alone, repeated on one fixed
     gradient, drove the models to where their gradients held denormal floats, and the engine's
     steps timed after them ran up to 2x slower."""
-    population = Population(module, sites, seed=0, strategy=strategy)
-    optimizer = build_optimizer(train, population.theta.shape)
+    population = Population(copy.deepcopy(module), sites, seed=0, strategy=strategy, device=device)
+    optimizer = build_optimizer(train, population.parameters.shape)
     seconds = {"step": 0.0, "update": 0.0}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         start = time.perf_counter()
         population.compute_gradients(x, y)
         middle = time.perf_counter()
-        optimizer.step(population.theta, population.grad)
+        synchronized(lambda: optimizer.step(population.parameters, population.grad), device)()
         end = time.perf_counter()
         seconds["step"] += end - start
         seconds["update"] += end - middle
@@ -176,7 +200,8 @@ def engine(module: nn.Module, sites: int, train: TrainConfig, strategy: str) -> 
 def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tuple[float, float]:
     """Seconds of one gossip round / seconds of one copy_ of theta into an existing tensor."""
     sites = len(theta)
-    averager, target = GossipAverager(theta.shape), torch.empty_like(theta)
+    averager = GossipAverager(theta.shape, resolve_kernels("auto", theta.device), theta.device)
+    target = torch.empty_like(theta)
     ring, complete = (uniform(build_adjacency(t, sites, 0, seed=0)) for t in ("ring", "complete"))
     work = theta.clone()
     times = interleaved(
@@ -187,15 +212,22 @@ def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tup
         },
         repeats,
         min_seconds,
+        theta.device,
     )
     return times["ring"] / times["copy"], times["complete"] / times["copy"]
 
 
 def bench(
-    models: list[str], sites: list[int], repeats: int = 3, min_seconds: float = 0.2, on_row: Callable | None = None
+    models: list[str],
+    sites: list[int],
+    repeats: int = 3,
+    min_seconds: float = 0.2,
+    on_row: Callable | None = None,
+    device: torch.device | None = None,
 ) -> tuple[list[Row], float]:
-    """Every (model, N) row, and the square-GEMM peak in GFLOP/s measured in the same run."""
-    peak = square_gemm_peak()
+    """Every (model, N) row, and the square-GEMM peak in GFLOP/s measured in the same run, on `device`."""
+    device = device or torch.device("cpu")
+    peak = square_gemm_peak(device)
     rows = []
     generator = torch.Generator().manual_seed(0)
     for name in models:
@@ -203,11 +235,11 @@ def bench(
         module = build_model(model_config, shape, 10)
         flops_per_sample = training_flops(module, shape)
         for n in sites:
-            x = torch.randn(n, BATCH, *shape, generator=generator)
-            y = torch.randint(0, 10, (n, BATCH), generator=generator)
-            population, engine_step, engine_seconds = engine(module, n, train, "auto")
+            x = torch.randn(n, BATCH, *shape, generator=generator).to(device)
+            y = torch.randint(0, 10, (n, BATCH), generator=generator).to(device)
+            population, engine_step, engine_seconds = engine(module, n, train, "auto", device)
             other = "loop" if population.strategy == "vmap" else "vmap"
-            _, other_step, _ = engine(module, n, train, other)
+            _, other_step, _ = engine(module, n, train, other, device)
             loop_step = per_site_loop(module, population.theta, train)
             times = interleaved(
                 {
@@ -217,9 +249,10 @@ def bench(
                 },
                 repeats,
                 min_seconds,
+                device,
             )
             gflops = flops_per_sample * n * BATCH / times["engine"] / 1e9
-            limit = kernel_limit(module, n, repeats, min_seconds / 4)
+            limit = kernel_limit(module, n, repeats, min_seconds / 4, device)
             ring, complete = gossip_vs_copy(population.theta, repeats, min_seconds / 4)
             row = Row(
                 model=name,
@@ -244,8 +277,9 @@ def bench(
     return rows, peak
 
 
-def as_json(rows: list[Row], peak: float) -> dict:
+def as_json(rows: list[Row], peak: float, device: str = "cpu") -> dict:
     return {
+        "device": device,
         "batch_per_site": BATCH,
         "threads": torch.get_num_threads(),
         "square_gemm_peak_gflops": peak,

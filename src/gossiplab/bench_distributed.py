@@ -77,7 +77,7 @@ def worker() -> None:
         tick = time.perf_counter()
         x, y = federation.sample_batch(config.train.batch_size, generator, comm.sites)
         population.compute_gradients(x, y)
-        optimizer.step(population.theta, population.grad)
+        optimizer.step(population.parameters, population.grad)
         tock = time.perf_counter()
         comm.mix(population.theta, matrix, averager)
         step_s += tock - tick

@@ -486,6 +486,7 @@ def bench_command(
         bool, typer.Option("--distributed", help="time a gossip round with the sites in 1, 2 and 4 processes")
     ] = False,
     rounds: Annotated[int, typer.Option(help="--distributed: timed rounds per measurement")] = 20,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:K, mps or auto: where the engine runs")] = "cpu",
 ) -> None:
     """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
     from gossiplab.bench import MODELS, as_json, bench
@@ -503,6 +504,12 @@ def bench_command(
         _fail(f"--sites {sites}: must be comma-separated integers >= 1")
     if repeats < 1 or seconds <= 0 or rounds < 1:
         _fail("--repeats and --rounds must be >= 1 and --seconds > 0")
+    from gossiplab.devices import device_problem, resolve_device
+
+    if device_problem(device):
+        _fail(f"--device {device}: {device_problem(device)}")
+    if distributed and device != "cpu":
+        _fail(f"--device {device}: --distributed times the CPU (gloo) runtime; leave --device at cpu")
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         _fail(f"--json {json_path}: must be a file path in an existing folder (checked before the benchmark runs)")
     if distributed:
@@ -510,7 +517,8 @@ def bench_command(
             _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")
         _bench_distributed(counts, rounds, json_path)
         return
-    table = Table(title="one training step, B = 32 per site (ratios measured side by side)")
+    target = resolve_device(device)
+    table = Table(title=f"one training step on {target}, B = 32 per site (ratios measured side by side)")
     for column in (
         "model",
         "N",
@@ -547,13 +555,13 @@ def bench_command(
         )
 
     with _table_filled_live(table):
-        rows, peak = bench(chosen, counts, repeats, seconds, on_row=add)
+        rows, peak = bench(chosen, counts, repeats, seconds, on_row=add, device=target)
     console.print(
         f"square-GEMM peak (2048x2048) {peak:.1f} GFLOP/s with {__import__('torch').get_num_threads()} threads; "
         "'other strategy' is its speed relative to the one 'auto' picked"
     )
     if json_path is not None:
-        json_path.write_text(json.dumps(as_json(rows, peak), indent=1))
+        json_path.write_text(json.dumps(as_json(rows, peak, str(target)), indent=1))
         console.print(f"wrote {json_path}")
 
 

@@ -179,6 +179,7 @@ class Population:
         sizes = [math.prod(s) for s in self.shapes]
         self.slices = [slice(o, o + n) for o, n in zip(np.cumsum([0, *sizes[:-1]]).tolist(), sizes, strict=True)]
         self.num_parameters = sum(p.numel() for p in module.parameters())
+        self.parameter_names = [name for name, _ in module.named_parameters()]  # the first entries of a row
         self.num_buffers = sum(sizes) - self.num_parameters
         self.theta = torch.empty(num_sites, sum(sizes), device=self.device)
         # the trainable part; the same tensor as theta when the model has no buffers
@@ -240,16 +241,12 @@ class Population:
         rows = self.theta[sites].detach()
         leaves = {}
         for name, view in self.views(rows).items():
-            if name in self.grad_names:
+            if name in self.parameter_names:
                 leaves[name] = view.requires_grad_()
             else:
                 leaves[name] = view.clone()
                 self._buffer_pairs.append((view, leaves[name]))
         return leaves
-
-    @property
-    def grad_names(self) -> list[str]:
-        return [n for n, s in zip(self.names, self.slices, strict=True) if s.stop <= self.num_parameters]
 
     @contextlib.contextmanager
     def _buffers_updated(self) -> Iterator[None]:
@@ -346,7 +343,7 @@ class Population:
             with self._vmap_randomness() as randomness:
                 for sites, leaves, grad_views in self._chunks:
                     chunk_losses = self._vmapped_losses(leaves, x[sites], y[sites], sites, randomness)
-                    grads = torch.autograd.grad(chunk_losses.sum(), [leaves[n] for n in self.grad_names])
+                    grads = torch.autograd.grad(chunk_losses.sum(), [leaves[n] for n in self.parameter_names])
                     for view, g in zip(grad_views, grads, strict=True):
                         view.copy_(g)  # one strided pass; weight gradients come out transposed from bmm
                     losses[sites] = chunk_losses.detach()
@@ -359,7 +356,7 @@ class Population:
             )
             with stream:
                 loss = self._site_loss(leaves, x[i], y[i], None if self.class_mask is None else self.class_mask[i])
-            grads = torch.autograd.grad(loss, [leaves[n] for n in self.grad_names])
+            grads = torch.autograd.grad(loss, [leaves[n] for n in self.parameter_names])
             torch.cat([g.flatten() for g in grads], out=self.grad[i])
             losses[i] = loss.detach()
         return losses
