@@ -1,6 +1,7 @@
 """(c) A network of your own: any `nn.Module` from a batch of images to `out_features` numbers,
-registered as `model.name`. gossiplab stacks its parameters for all sites into one [N, P] tensor
-and trains them together."""
+registered as `model.name`. gossiplab stacks its parameters and buffers (here BatchNorm's running
+statistics) for all sites into one [N, P + B] tensor and trains them together; dropout draws from
+each site's own random stream."""
 
 from torch import nn
 
@@ -10,8 +11,10 @@ from gossiplab.registry import MODELS
 class SmallConvNet(nn.Module):
     def __init__(self, channels: int, flat: int, out_features: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten())
-        self.classifier = nn.Linear(flat, out_features)
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten()
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(flat, out_features))
 
     def forward(self, x):
         return self.classifier(self.features(x))

@@ -220,7 +220,7 @@ def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failu
     run_dir = tmp_path / "run"
     overrides = [
         *SMALL,
-        "train.steps=400",
+        "train.steps=200",
         "eval.every=20",
         "gossip.topology=ring",
         "distributed.timeout_s=10",
@@ -243,7 +243,7 @@ def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failu
     if on_failure == "drop":
         assert [code for code, _ in results[:2]] == [0, 0], results
         summary = json.loads((run_dir / "summary.json").read_text())
-        assert summary["dropped_sites"] == [6, 7] and summary["step"] == 400
+        assert summary["dropped_sites"] == [6, 7] and summary["step"] == 200
         assert rows[-1]["local_accuracy"][6:] == [None, None]
         assert rows[-1]["ala"] > 0.5
     else:

