@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import gossiplab
+from gossiplab.assembly import build_data_and_model, memory_estimate
 from gossiplab.config import ConfigError, build_config
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
 from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency
+from resume import stopped_then_resumed
 
 TINY = ["num_sites=4", "train.steps=40", "eval.every=20"]
 
@@ -106,3 +108,29 @@ def test_a_users_loss_trains_through_the_api_and_is_recorded(tmp_path):
     assert result.summary["ala"] > 0.4  # 10 classes: chance is 0.1
     assert build_config(path=tmp_path / "run" / "config.toml").train.loss == "test_devices.squared_error"
     assert result.summary["strategy"] == "vmap"  # the linear engine's backward is cross-entropy's
+
+
+def test_the_memory_estimate_counts_the_buffers_of_every_site():
+    """BatchNorm and GroupNorm carry the same affine parameters; BatchNorm adds its running mean
+    and variance per channel and a step count per layer, in every site's row."""
+    estimates = {}
+    for norm in ("group", "batch"):
+        config = build_config(
+            "default", ["num_sites=8", "model.name=cnn", "model.channels=[16,32]", f"model.norm={norm}"]
+        )
+        federation, module = build_data_and_model(config)
+        estimates[norm] = memory_estimate(config, federation, module)
+    buffers = (2 * 16 + 1) + (2 * 32 + 1)
+    assert estimates["batch"]["population"] - estimates["group"]["population"] == 8 * buffers * 4
+    assert estimates["batch"]["gradients and optimizer state"] == estimates["group"]["gradients and optimizer state"]
+
+
+def test_vmap_dropout_resumes_exactly(tmp_path):
+    """The random stream is checkpointed: stopped at step 20 and resumed, a vmapped MLP with dropout
+    ends where the uninterrupted run does, bit for bit."""
+    config = build_config("default", [*TINY, "model.dropout=0.3", "train.engine=vmap"])
+    full = Runner(config, tmp_path / "full", show_progress=False)
+    full.run()
+    resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=20)
+    assert torch.equal(resumed.experiment.population.theta, full.experiment.population.theta)
+    assert torch.equal(resumed.experiment.population.random_streams, full.experiment.population.random_streams)

@@ -7,8 +7,9 @@ parameter axis it acts on and the module whose output holds its activations, so 
 merges of DIMAT (activation matching) and Git Re-Basin (weight matching) are written once for
 every architecture. Adding an architecture means writing its spec, not merge code.
 
-GroupNorm normalises groups of consecutive channels: permuting channels across groups changes the
-statistics, so a group's units are permuted only within their GroupNorm blocks (`blocks`).
+GroupNorm normalises groups of consecutive channels: moving one channel to another group changes
+the statistics, so under GroupNorm (`blocks` groups) a permutation moves whole groups and
+permutes channels within each group, and nothing else.
 BatchNorm normalises each channel alone: its affine parameters and running statistics (buffers,
 in the same population row) move with the channel.
 """
@@ -147,26 +148,34 @@ def permuted_index(
 
 
 def random_permutations(spec: PermutationSpec, generator: torch.Generator) -> list[torch.Tensor]:
-    """A random permutation per group, within its GroupNorm blocks."""
+    """A random permutation per group that GroupNorm allows: its blocks shuffled whole, and the
+    units within each block shuffled."""
     perms = []
     for group in spec.groups:
         width = group.size // group.blocks
-        perms.append(torch.cat([b * width + torch.randperm(width, generator=generator) for b in range(group.blocks)]))
+        order = torch.randperm(group.blocks, generator=generator)
+        perms.append(torch.cat([b * width + torch.randperm(width, generator=generator) for b in order.tolist()]))
     return perms
 
 
 def assignment(similarity: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The permutation p maximising sum_k similarity[k, p[k]] (scipy's linear_sum_assignment),
-    solved per GroupNorm block: block-diagonal matching."""
+    """The permutation p maximising sum_k similarity[k, p[k]] (scipy's linear_sum_assignment)
+    among those GroupNorm allows: every (block a, block b) pair matched unit to unit, then the
+    blocks matched to each other on those pairs' best totals. Exact over that set: a block's
+    total depends only on which block it takes."""
     from scipy.optimize import linear_sum_assignment
 
     width = len(similarity) // blocks
-    perm = torch.empty(len(similarity), dtype=torch.long)
-    for b in range(blocks):
-        part = slice(b * width, (b + 1) * width)
-        _, columns = linear_sum_assignment(similarity[part, part].double().numpy(), maximize=True)
-        perm[part] = torch.from_numpy(columns) + b * width
-    return perm
+    scores = torch.empty(blocks, blocks, dtype=torch.float64)
+    inner: dict[tuple[int, int], torch.Tensor] = {}
+    for a in range(blocks):
+        for b in range(blocks):
+            part = similarity[a * width : (a + 1) * width, b * width : (b + 1) * width].double()
+            rows, columns = linear_sum_assignment(part.numpy(), maximize=True)
+            scores[a, b] = part[rows, columns].sum()
+            inner[a, b] = torch.from_numpy(columns)
+    _, taken = linear_sum_assignment(scores.numpy(), maximize=True)
+    return torch.cat([inner[a, int(b)] + int(b) * width for a, b in enumerate(taken)])
 
 
 def activations(module: nn.Module, spec: PermutationSpec, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
