@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +25,7 @@ from gossiplab.permutation import (
 from gossiplab.population import Population
 from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency
+from reference import flat_parameters, load_flat
 from resume import stopped_then_resumed
 
 ARCHITECTURES = [
@@ -180,3 +182,26 @@ def test_dimat_and_baselines_run_end_to_end_and_resume_exactly(tmp_path, overrid
     resumed = stopped_then_resumed(config, tmp_path / "half", stop_step=20)
     final = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["theta"]
     assert torch.equal(resumed.experiment.population.theta, final)
+
+
+def test_statistics_reestimated_after_a_merge_are_each_sites_own_cumulative_average():
+    """Reset, then BatchNorm's cumulative average (momentum None) over each site's own batches,
+    with dropout off: what a lone BatchNorm network computes on the same batches."""
+    module = build_model(ModelConfig(name="cnn", channels=[4], norm="batch", dropout=0.5), (1, 12, 12), 10)
+    population = Population(module, 2, seed=0, init="independent")
+    population.theta[:, population.num_parameters :] = 7.0  # merged statistics that belong to no network
+    batches = [torch.randn(2, 16, 1, 12, 12, generator=torch.Generator().manual_seed(k)) for k in range(3)]
+    population.reestimate_statistics(batches)
+    for site in range(2):
+        reference = copy.deepcopy(module)
+        load_flat(reference, population.theta[site])
+        norm = reference[1]
+        norm.reset_running_stats()
+        norm.momentum = None
+        reference.eval()
+        norm.train()
+        with torch.no_grad():
+            for x in batches:
+                reference(x[site])
+        torch.testing.assert_close(population.theta[site], flat_parameters(reference), rtol=1e-6, atol=1e-6)
+        assert norm.num_batches_tracked == 3

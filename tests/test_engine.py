@@ -25,18 +25,23 @@ ENGINE_OPTIMIZERS = {
 NUM_SITES, BATCH, STEPS = 5, 8, 6
 
 
-def run_engine(module, strategy, optimizer, batches, mixing):
-    population = Population(module, NUM_SITES, seed=3, init="independent", strategy=strategy)
-    initial = population.theta.clone()
+def train_engine(population, optimizer, batches, mixing, kernels="numba"):
+    """Steps of the engine, gossiping after step t with mixing[t] if given; returns the losses."""
     opt = build_optimizer(ENGINE_OPTIMIZERS[optimizer], population.parameters.shape)
-    averager = GossipAverager(population.theta.shape)
+    averager = GossipAverager(population.theta.shape, kernels)
     losses = []
     for (x, y), weights in zip(batches, mixing, strict=True):
         losses.append(population.compute_gradients(x, y))
         opt.step(population.parameters, population.grad)
         if weights is not None:
             averager(population.theta, weights)
-    return initial, population, losses
+    return losses
+
+
+def run_engine(module, strategy, optimizer, batches, mixing):
+    population = Population(module, NUM_SITES, seed=3, init="independent", strategy=strategy)
+    initial = population.theta.clone()
+    return initial, population, train_engine(population, optimizer, batches, mixing)
 
 
 def make_batches(input_shape, seed=0):
@@ -180,17 +185,10 @@ def test_a_batchnorm_resnet_with_dropout_equals_the_per_site_reference_statistic
     module = build_model(ModelConfig(name="resnet20", norm="batch", dropout=dropout), (1, 8, 8), 10)
     population = Population(module, num_sites, seed=3, strategy=strategy)
     initial, streams = population.theta.clone(), population.random_streams.clone()
-    opt = build_optimizer(ENGINE_OPTIMIZERS["momentum"], population.parameters.shape)
-    averager = GossipAverager(population.theta.shape, kernels="torch")  # the compiled kernels are float32
     batches = [(x.double(), y) for x, y in batchnorm_batches(num_sites, 4)]
     ring = mixing_matrix(build_adjacency("ring", num_sites, 0, seed=1), "metropolis").double()
     mixing = [ring, None, ring, None]
-    losses = []
-    for (x, y), weights in zip(batches, mixing, strict=True):
-        losses.append(population.compute_gradients(x, y))
-        opt.step(population.parameters, population.grad)
-        if weights is not None:
-            averager(population.theta, weights)
+    losses = train_engine(population, "momentum", batches, mixing, kernels="torch")  # numba's kernels are float32
     expected, expected_losses = reference_training(
         module, initial, batches, "momentum", mixing, streams if dropout else None
     )

@@ -250,7 +250,8 @@ class Population:
 
     @contextlib.contextmanager
     def _buffers_updated(self) -> Iterator[None]:
-        """Inside, `_buffers` holds the buffers of theta; after, theta holds their updated values."""
+        """Inside, each buffer's own copy holds its values from theta; after, theta holds the
+        values the forward passes left in them."""
         if not self._buffer_pairs:
             yield
             return
