@@ -502,6 +502,13 @@ class ProcessGroup:
             with contextlib.suppress(RuntimeError):  # a peer already gone: nothing left to wait for
                 self.sum(torch.zeros(1))
         dist.destroy_process_group()
+        if together:  # rank 0 keeps the store up until every process has left its group: a worker
+            # of `bench --distributed` once died at exit ("terminate called without an active
+            # exception") after rank 0, the store's host, had gone
+            with contextlib.suppress(RuntimeError):
+                self.store.set(f"gossiplab/left/{self.rank}", "1")
+                if self.rank == 0:
+                    self.store.wait([f"gossiplab/left/{r}" for r in self.members], self.timeout)
 
     # --- communication -----------------------------------------------------------------------
 
