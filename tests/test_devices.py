@@ -10,9 +10,11 @@ import torch
 
 import gossiplab
 from gossiplab.assembly import build_data_and_model, memory_estimate
-from gossiplab.config import ConfigError, build_config
+from gossiplab.config import ConfigError, ModelConfig, build_config
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
+from gossiplab.models import build_model
+from gossiplab.population import Population
 from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency
 from resume import stopped_then_resumed
@@ -43,6 +45,8 @@ def test_a_run_on_torch_kernels_equals_the_default_run(tmp_path):
         config = build_config("default", [*TINY, f"train.kernels={kernels}"])
         runner = Runner(config, tmp_path / kernels, show_progress=False)
         runs[kernels] = (runner.run(), runner.experiment.population.theta)
+        averager = runner.experiment.algorithm.averager(runner.experiment.population.theta)
+        assert averager.kernels == {"auto": "numba", "torch": "torch"}[kernels]  # auto: compiled on the CPU
     torch.testing.assert_close(runs["torch"][1], runs["auto"][1], rtol=1e-5, atol=1e-6)
     assert abs(runs["torch"][0]["ala"] - runs["auto"][0]["ala"]) < 1e-6
 
@@ -142,3 +146,11 @@ def test_a_resnet_on_full_size_images_is_not_refused_for_memory_it_does_not_use(
     config = build_config("default", ["num_sites=4", "model.name=resnet20", "model.norm=batch"])
     federation, module = build_data_and_model(config)
     assert sum(memory_estimate(config, federation, module).values()) < 12 * 2**30
+
+
+def test_constant_buffers_are_not_per_site_state():
+    """MAZEL's frozen class-name embeddings are a buffer of the text head, the same on every site
+    and never trained: not stacked into the rows, gossiped nor counted in the bytes sent."""
+    module = build_model(ModelConfig(name="mlp", hidden=[8], head="text"), (16,), 5, torch.randn(5, 12))
+    population = Population(module, 3, seed=0)
+    assert population.num_buffers == 0 and population.theta.shape == (3, population.num_parameters)

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gossiplab.config import ModelConfig, TrainConfig
-from gossiplab.devices import resolve_kernels
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import uniform
 from gossiplab.models import build_model
@@ -200,7 +199,7 @@ def engine(
 def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tuple[float, float]:
     """Seconds of one gossip round / seconds of one copy_ of theta into an existing tensor."""
     sites = len(theta)
-    averager = GossipAverager(theta.shape, resolve_kernels("auto", theta.device), theta.device)
+    averager = GossipAverager(theta.shape, device=theta.device)
     target = torch.empty_like(theta)
     ring, complete = (uniform(build_adjacency(t, sites, 0, seed=0)) for t in ("ring", "complete"))
     work = theta.clone()

@@ -94,7 +94,7 @@ def worker() -> None:
     members = list(range(spec["processes"]))
     blocks = getattr(comm, "blocks", [(0, config.num_sites)])
     analytic = sum(sum(payload_rows(w, blocks, members)) for w in weights[spec["warmup"] :])
-    bytes_per_row = population.num_parameters * 4
+    bytes_per_row = population.theta.shape[1] * 4
     result = {
         "processes": spec["processes"],
         "topology": spec["topology"],

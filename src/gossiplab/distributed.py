@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from gossiplab.config import Config, ConfigError, differing_fields, flatten
+from gossiplab.devices import resolve_device
 from gossiplab.registry import ALGORITHMS, MIXING_RULES
 
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
@@ -130,10 +131,10 @@ class SingleProcess:
         pass
 
 
-def backend_for(device: str) -> str:
+def backend_for(device: torch.device) -> str:
     """gloo for CPU tensors; on CUDA, NCCL for the CUDA tensors (the population's rows) and gloo
     for the CPU ones (losses, hits, the config check)."""
-    return "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def launched_distributed() -> bool:
@@ -421,7 +422,7 @@ class ProcessGroup:
         self.store = admit(store, self.rank, self.world_size, secret, config_digest(config), timeout, self.on_failure)
         try:
             dist.init_process_group(
-                backend_for(config.train.device),
+                backend_for(resolve_device(config.train.device)),  # 'auto' too
                 store=self.store,
                 rank=self.rank,
                 world_size=self.world_size,

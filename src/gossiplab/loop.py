@@ -54,23 +54,22 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
 def communicate(runner: Runner) -> None:
     """A gossip round if the schedule fires at this step; the global merge if it is the last.
     With gossip.normalization = 'local' (FedBN) normalisation layers stay out of both."""
-    with runner.experiment.population.keeping_local(runner.local_columns):
-        exchange(runner)
-
-
-def exchange(runner: Runner) -> None:
     experiment, step = runner.experiment, runner.step
     schedule, algorithm = experiment.schedule, experiment.algorithm
-    if schedule.gossips_at(step):
-        round_index = schedule.rounds_until(step) - 1
-        adjacency = experiment.topology(round_index)
-        weights = algorithm.mixing(round_index, adjacency, experiment.state)
-        check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"])
-        weights = without_sites(weights, runner.active)
-        algorithm.communicate(weights, experiment.state, runner.comm)
-        runner.count_round(adjacency, weights)
-    if schedule.merges_globally_at(step):
-        runner.merge_globally()
+    gossips, merges = schedule.gossips_at(step), schedule.merges_globally_at(step)
+    if not (gossips or merges):
+        return
+    with experiment.population.keeping_local(runner.local_columns):
+        if gossips:
+            round_index = schedule.rounds_until(step) - 1
+            adjacency = experiment.topology(round_index)
+            weights = algorithm.mixing(round_index, adjacency, experiment.state)
+            check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"])
+            weights = without_sites(weights, runner.active)
+            algorithm.communicate(weights, experiment.state, runner.comm)
+            runner.count_round(adjacency, weights)
+        if merges:
+            runner.merge_globally()
 
 
 def evaluate(runner: Runner, callbacks: Sequence[Callback], train_loss: float | None) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gossiplab import kernels as compiled
+from gossiplab.devices import resolve_kernels
 from gossiplab.distributed import SingleProcess
 from gossiplab.mixing import mixing_matrix
 from gossiplab.topology import build_adjacency
@@ -44,11 +45,12 @@ class GossipAverager:
     SPARSE_MIN_COLUMNS = 512  # and of 128..2048 (short row pieces cost more than the cache misses)
     SPARSE_WIDTH = 8
 
-    def __init__(self, shape: torch.Size, kernels: str = "numba", device: torch.device | str = "cpu"):
-        self.shape, self.kernels, self.device = torch.Size(shape), kernels, torch.device(device)
+    def __init__(self, shape: torch.Size, kernels: str = "auto", device: torch.device | str = "cpu"):
+        self.shape, self.device = torch.Size(shape), torch.device(device)
+        self.kernels = resolve_kernels(kernels, self.device)  # train.kernels; auto: numba on the CPU
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
-        if kernels == "numba":
+        if self.kernels == "numba":
             columns = max(self.SPARSE_MIN_COLUMNS, self.SPARSE_CACHE_FLOATS // num_sites)
             self._sparse = compiled.SparseMixer(num_sites, min(self.num_parameters, columns))
         self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters), device=self.device)

@@ -155,7 +155,8 @@ class TextEmbeddingHead(nn.Module):
     def __init__(self, encoder: nn.Module, class_embeddings: torch.Tensor, logit_scale: float):
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1))
+        # non-persistent: a constant of the architecture, not per-site state (gossiplab.population)
+        self.register_buffer("class_embeddings", F.normalize(class_embeddings.float(), dim=-1), persistent=False)
         self.logit_scale = logit_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

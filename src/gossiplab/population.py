@@ -98,10 +98,15 @@ def choose_strategy(module: nn.Module, requested: str, loss: LossFunction = F.cr
 
 
 def state_entries(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """What a site's row holds: every parameter, then every floating-point buffer and BatchNorm's
-    step counter (held as a float). Other integer buffers are constants of the architecture."""
+    """What a site's row holds: every parameter, then every persistent floating-point buffer and
+    BatchNorm's step counter (held as a float): the model's state, what its `state_dict` saves.
+    Non-persistent buffers (MAZEL's frozen class-name embeddings) and other integer buffers are
+    constants of the architecture, held once in the module."""
+    persistent = module.state_dict(keep_vars=True)
     buffers = [
-        (name, b) for name, b in module.named_buffers() if b.is_floating_point() or name.endswith("num_batches_tracked")
+        (name, b)
+        for name, b in module.named_buffers()
+        if name in persistent and (b.is_floating_point() or name.endswith("num_batches_tracked"))
     ]
     return [*module.named_parameters(), *buffers]
 
@@ -119,6 +124,12 @@ def initial_parameters(module: nn.Module, seed: int) -> torch.Tensor:
     return torch.cat(
         [value.detach().to(torch.get_default_dtype()).flatten().cpu() for _, value in state_entries(module)]
     )
+
+
+def site_seed(seed: int, purpose: int, site: int) -> int:
+    """A 32-bit seed for one site of the run and one purpose (1: its initialisation, 2: its random
+    stream), the same wherever the site is held."""
+    return int(np.random.SeedSequence([seed, purpose, site]).generate_state(1)[0])
 
 
 def random_stream(seed: int, device: torch.device) -> torch.Tensor:
@@ -190,23 +201,14 @@ class Population:
             self.theta.copy_(initial_parameters(module, seed).expand(num_sites, -1))
         else:
             for i in range(num_sites):  # site first_site + i of the run, wherever it is held
-                site_seed = int(np.random.SeedSequence([seed, 1, first_site + i]).generate_state(1)[0])
-                self.theta[i] = initial_parameters(module, site_seed)
+                self.theta[i] = initial_parameters(module, site_seed(seed, 1, first_site + i))
         self.strategy = choose_strategy(module, strategy, loss)
         # per-site random streams (the loop), or one for all sites (vmap); none without random layers
         streams = (num_sites if self.strategy == "loop" else 1) if has_random_layers(module) else 0
-        self.random_streams = (
-            torch.stack(
-                [
-                    random_stream(
-                        int(np.random.SeedSequence([seed, 2, first_site + i]).generate_state(1)[0]), self.device
-                    )
-                    for i in range(streams)
-                ]
-            )
-            if streams
-            else torch.empty(0, dtype=torch.uint8)
-        )
+        self.random_streams = torch.empty(0, dtype=torch.uint8)
+        if streams:
+            sites = range(first_site, first_site + streams)
+            self.random_streams = torch.stack([random_stream(site_seed(seed, 2, s), self.device) for s in sites])
         if self.strategy == "linear":
             chunks = -(-num_sites * self.num_parameters // self.LINEAR_CHUNK_FLOATS)  # equal chunks, as few as fit
             bounds = torch.arange(num_sites).tensor_split(chunks)
@@ -276,10 +278,11 @@ class Population:
     def keeping_local(self, columns: torch.Tensor) -> Iterator[None]:
         """What happens inside leaves theta's `columns` as they were: FedBN's local normalisation
         layers (Li et al. 2021) under any algorithm's communication."""
-        kept = self.theta[:, columns.to(self.device)].clone() if len(columns) else None
+        columns = columns.to(self.device)
+        kept = self.theta[:, columns].clone() if len(columns) else None
         yield
         if kept is not None:
-            self.theta[:, columns.to(self.device)] = kept
+            self.theta[:, columns] = kept
 
     @torch.no_grad()
     def reestimate_statistics(self, batches: list[torch.Tensor]) -> None:

@@ -307,8 +307,9 @@ class Runner:
 
     @property
     def bytes_sent(self) -> int:
-        """Bytes sent by all sites so far: 4 bytes per parameter per parameter vector sent."""
-        vector_bytes = self.experiment.population.num_parameters * BYTES_PER_PARAMETER
+        """Bytes sent by all sites so far: 4 bytes per number of every row sent (a site's
+        parameters and, with BatchNorm, its running statistics)."""
+        vector_bytes = self.experiment.population.theta.shape[1] * BYTES_PER_PARAMETER
         return (self.gossip_messages + self.merge_messages) * vector_bytes
 
     def callbacks(
