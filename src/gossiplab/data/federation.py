@@ -9,6 +9,7 @@ classes), which is what a metadata-agnostic head needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +76,7 @@ class Federation:
         """[N, C] number of training samples of each (global) class on each site."""
         site = torch.repeat_interleave(torch.arange(self.num_sites), self.train_sizes)
         counts = torch.zeros(self.num_sites, self.num_classes, dtype=torch.long)
-        counts.index_put_((site, self.pool_y[self.train_index]), torch.tensor(1), accumulate=True)
+        counts.index_put_((site, self.pool_y[self.train_index].cpu()), torch.tensor(1), accumulate=True)
         return counts
 
     def to(self, device: torch.device) -> None:
@@ -141,7 +142,9 @@ def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: n
         return partition.shards(labels, num_sites, data.classes_per_site, per_class, rng)
     if data.samples_per_site:
         return partition.dirichlet_fixed_size(labels, num_sites, data.alpha, data.samples_per_site, rng)
-    return partition.dirichlet(labels, num_sites, data.alpha, data.min_site_samples, rng)
+    # redraw until every site keeps min_site_samples for training after its validation share
+    least = math.ceil((data.min_site_samples + 1) / (1 - data.val_fraction))
+    return partition.dirichlet(labels, num_sites, data.alpha, least, rng)
 
 
 def subsample(dataset: Dataset, train: int, test: int) -> Dataset:
