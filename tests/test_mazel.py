@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from gossiplab.assembly import build_experiment
 from gossiplab.config import ConfigError, ModelConfig, TrainConfig, build_config
 from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features, clip_encoders, conse_embeddings
-from gossiplab.mixing import influence, uniform
+from gossiplab.mixing import influence, influence_share, uniform
 from gossiplab.models import TextEmbeddingHead, build_model
 from gossiplab.optim import learning_rate
 from gossiplab.rundir import read_metrics
@@ -274,11 +274,31 @@ def test_learning_rate_schedules():
     )
 
 
-def test_influence_weights_follow_the_first_order_influence_of_each_neighbour():
+def test_influence_weights_are_a_softmax_over_the_site_and_its_peers_scores():
+    """MAZEL's "Random (softmax)": W_i = softmax(<g_i, g_j> / ||g_i||^2 / T) over i and its peers."""
+    adjacency = build_adjacency("complete", 3, 0, seed=0)
+    grad = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    weights = influence(adjacency, grad, temperature=1.0)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    # site 0: scores (own 1, peer 1: 2, peer 2: 0)
+    torch.testing.assert_close(weights[0], torch.softmax(torch.tensor([1.0, 2.0, 0.0]), 0))
+    # site 2: (0, 0, own 1): its own model weighs e times each peer's
+    torch.testing.assert_close(weights[2], torch.softmax(torch.tensor([0.0, 0.0, 1.0]), 0))
+    # one peer a round: unequal weights that follow the score's size, not 50/50 or nothing
+    pairs = torch.tensor([[False, True], [True, False]])
+    for peer, expected in ((2.0, 1 / (1 + torch.e**-1)), (0.0, 1 / (1 + torch.e)), (-1.0, 1 / (1 + torch.e**2))):
+        w = influence(pairs, torch.tensor([[1.0], [peer]]), temperature=1.0)
+        assert float(w[0, 1]) == pytest.approx(expected)
+    # a high temperature is uniform mixing; a low one picks the best-scored candidate
+    torch.testing.assert_close(influence(adjacency, grad, temperature=1e6), uniform(adjacency), atol=1e-5, rtol=0)
+    assert int(influence(adjacency, grad, temperature=1e-3)[0].argmax()) == 1
+
+
+def test_the_share_rule_keeps_the_self_weight_and_splits_the_rest_by_positive_influence():
     adjacency = build_adjacency("complete", 3, 0, seed=0)
     base = uniform(adjacency)  # 1/3 everywhere
     grad = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    weights = influence(base, grad, lr=0.1)
+    weights = influence_share(base, grad, lr=0.1)
     torch.testing.assert_close(weights.sum(1), torch.ones(3))
     # site 0: neighbour 1 helps (<g0, g1> = 1), neighbour 2 does not (0): all 2/3 goes to 1
     torch.testing.assert_close(weights[0], torch.tensor([1 / 3, 2 / 3, 0.0]))
@@ -286,7 +306,7 @@ def test_influence_weights_follow_the_first_order_influence_of_each_neighbour():
     torch.testing.assert_close(weights[2], torch.tensor([0.0, 0.0, 1.0]))
     # equal positive influence on a one-peer matching is plain uniform averaging
     pairs = build_adjacency("random-one-peer", 4, 0, seed=0)
-    torch.testing.assert_close(influence(uniform(pairs), torch.ones(4, 5), lr=0.1), uniform(pairs))
+    torch.testing.assert_close(influence_share(uniform(pairs), torch.ones(4, 5), lr=0.1), uniform(pairs))
 
 
 def test_influence_weighted_gossip_learns_and_weighs_neighbours_unequally(tmp_path):

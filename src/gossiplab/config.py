@@ -21,13 +21,14 @@ from typing import Any
 
 import tomli_w
 
-SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "none")
-ROUND_SCHEDULES = ("uniform", "two-stage", "cosine")  # a fixed total of gossip.rounds
+SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "cosine-random", "none")
+ROUND_SCHEDULES = ("uniform", "two-stage", "cosine", "cosine-random")  # a fixed total of gossip.rounds
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BACKBONES = ("pixels", "efficientnet-lite0", "clip")
 HEADS = ("linear", "text")
 TEXT_ENCODERS = ("minilm-l6", "clip")
+LOCAL_TESTS = ("split", "class-weighted")
 LR_SCHEDULES = ("constant", "cosine", "warmup-constant", "warmup-cosine")
 PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
@@ -231,28 +232,39 @@ class GossipConfig:
     )
     topology: str = documented(
         "random-one-peer",
-        "the graph of each round: `complete`/`ring`/`exponential`/`one-peer-exponential`/`random-one-peer`, or a "
-        "user's registered graph",
+        "the graph of each round: `complete`/`ring`/`exponential`/`one-peer-exponential`/`random-one-peer` (a "
+        "matching of the active sites)/`random-one-peer-pull` (the single-merge paper's: each active site pulls "
+        "from one random peer), or a user's registered graph",
     )
-    p: float = documented(1.0, "random-one-peer: each site's probability of taking part in a round, in (0, 1]")
+    p: float = documented(1.0, "random-one-peer(-pull): each site's probability of taking part in a round, in (0, 1]")
     mixing: str = documented(
         "uniform",
-        "W from the graph: `uniform`/`metropolis`/`influence` (DICE one-hop influence)/`fomo`, or a user's "
-        "registered rule",
+        "W from the graph: `uniform`/`metropolis`/`influence` (MAZEL's softmax over DICE one-hop influence)/"
+        "`influence-share` (self-weight kept, the rest by positive influence)/`fomo`, or a user's registered rule",
+    )
+    influence_temperature: float = documented(
+        1.0, "influence: softmax temperature over each site's and its peers' scores relative to its own, > 0"
     )
     schedule: str = documented("every", "when rounds happen", SCHEDULES)
     every: int = documented(10, "every/window: steps between rounds, >= 1")
     steps: list[int] = documented([], "steps: the steps that gossip")
     window_start: int = documented(0, "window: first step of the window")
     window_end: int = documented(0, "window: last step of the window")
+    outside_window_p: float = documented(
+        0.0, "window: outside it, each site pulls from one random peer with this probability every `every` steps "
+        "(the single-merge paper's R; 0: silent), in [0, 1]",
+    )  # fmt: skip
     final_merge: str = documented(
         "none", "one global merge after the last step: exact, or k rounds of uniform gossip on that graph", FINAL_MERGES
     )
     final_merge_rounds: int = documented(0, "k for a gossip final merge (0: ceil(log2 N))")
-    rounds: int = documented(0, "uniform/two-stage/cosine: the fixed total of gossip rounds, in [1, steps/2]")
+    rounds: int = documented(
+        0, "uniform/two-stage/cosine: the fixed total of gossip rounds (cosine-random: the expected total), in "
+        "[1, steps/2]",
+    )  # fmt: skip
     stage_split: float = documented(0.5, "two-stage: end of the early stage, in (0, 1)")
     early_share: float = documented(0.67, "two-stage: share of the rounds in the early stage, in (0, 1)")
-    warmup_fraction: float = documented(0.1, "cosine: warmup share of the steps, in [0, 1)")
+    warmup_fraction: float = documented(0.1, "cosine, cosine-random: warmup share of the steps, in [0, 1)")
     normalization: str = documented(
         "average", "normalisation layers (affine parameters, BatchNorm statistics): gossiped like the rest, or kept "
         "local as in FedBN", NORMALIZATION_GOSSIP,
@@ -262,6 +274,8 @@ class GossipConfig:
         steps = config.train.steps
         checks = [
             (0 < self.p <= 1, "gossip.p", "must be in (0, 1]"),
+            (self.influence_temperature > 0, "gossip.influence_temperature", "must be > 0"),
+            (0 <= self.outside_window_p <= 1, "gossip.outside_window_p", "must be in [0, 1]"),
             (self.every >= 1, "gossip.every", "must be >= 1"),
             (all(1 <= s <= steps for s in self.steps), "gossip.steps",
              f"every step must be in [1, train.steps={steps}]"),
@@ -287,6 +301,10 @@ class EvalConfig:
 
     every: int = documented(100, "steps between evaluations (and checkpoints), >= 1")
     tensorboard: bool = documented(False, "also log every metric to RUN/tensorboard (the `tensorboard` extra)")
+    local_test: str = documented(
+        "split", "a site's local accuracy: on its own disjoint share of the test set (`split`), or L2C's rule, on "
+        "the whole test set per class weighted by the site's class proportions (`class-weighted`)", LOCAL_TESTS,
+    )  # fmt: skip
 
     def problems(self, config: Any) -> list[str]:
         return problems_of(config, [
@@ -362,9 +380,9 @@ def core_tables(config: Config) -> list[tuple[str, Any]]:
 
 
 def choice_problems(config: Config) -> list[str]:
-    """Every field declared with a fixed set of allowed values holds one of them."""
+    """Every field declared with a fixed set of allowed values holds one of them (the parts' sections too)."""
     errors = []
-    for prefix, table in core_tables(config):
+    for prefix, table in [*core_tables(config), *((f"{name}.", t) for name, t in config.sections.items())]:
         for item in dataclasses.fields(table):
             choices = item.metadata.get("choices")
             if choices and getattr(table, item.name) not in choices:

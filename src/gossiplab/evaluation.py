@@ -13,8 +13,9 @@ from gossiplab.distributed import SingleProcess
 def evaluate(
     experiment: Any, active: torch.Tensor | None = None, comm: Any = None
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """Every model and the counterfactual merged model (the algorithm's, else the mean of the active
-    rows) on the global test set, scored per site; sites dropped for divergence (`active` False)
+    """Every model and the counterfactual merged model (the mean of the active rows, MMGA; an
+    algorithm's own merged model, DIMAT's matched one, as `matched_mmga`) on the global test set,
+    scored per site (or by L2C's class-weighted rule, `eval.local_test`); sites dropped for divergence (`active` False)
     are left out. Returns the metrics row and the accuracy matrix A[i, j] (model i, site j's test set).
 
     Across processes (`comm`), each scores its own models, the merged model is a sum over
@@ -27,12 +28,20 @@ def evaluate(
     allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
     correct = comm.gather((population.predict(theta, federation.test_x, allowed) == federation.test_y).cpu())
     mean = merge.merged_model(theta, active, comm)
-    merged = experiment.algorithm.merged_model(active, experiment.state, comm)
-    merged = mean if merged is None else merged
-    merged_correct = (population.predict(merged, federation.test_x, allowed) == federation.test_y).cpu()
+    merged_correct = (population.predict(mean, federation.test_x, allowed) == federation.test_y).cpu()
+    own_merge = experiment.algorithm.merged_model(active, experiment.state, comm)
+    matched_correct = None
+    if own_merge is not None:
+        matched_correct = (population.predict(own_merge, federation.test_x, allowed) == federation.test_y).cpu()
+    class_weighted = None
+    if experiment.config.eval.local_test == "class-weighted":
+        counts = federation.train_label_counts().float()
+        class_weighted = (federation.test_y.cpu(), counts / counts.sum(1, keepdim=True).clamp(min=1))
     # per-site squared distances of the parameters, row sums (a reduction over all of [N, P] would
     # split across threads in a thread-count dependent order), gathered: the consensus distance of
     # the active sites
     distances = (population.parameters - mean[:, : population.num_parameters]).square().sum(1)
     consensus = float(comm.gather(distances.cpu())[active].mean())
-    return metrics.evaluation_row(correct, merged_correct, federation.test_site, consensus, active)
+    return metrics.evaluation_row(
+        correct, merged_correct, federation.test_site, consensus, active, class_weighted, matched_correct
+    )

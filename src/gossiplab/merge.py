@@ -111,12 +111,16 @@ def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
 class MatchedMerge:
     """DIMAT's merge (Saadati et al. 2024, eq. 2-4): theta_i <- sum_j W_ij P_ij(theta_j), P_ij the
     permutation of j's hidden units that aligns them with i's, found by `method`:
-    - "activation-matching": correlations of i's and j's activations on a fixed sample of i's own
-      training data (`match_inputs[i]`), one linear assignment per layer;
+    - "activation-matching": correlations of i's and j's activations on a fixed sample of inputs
+      (`match_inputs[i]`: of the global training set, as DIMAT's code, or of i's own data), one
+      linear assignment per layer;
     - "weight-matching": Git Re-Basin's data-free weight matching.
-    P_ii is the identity, so with W = I nothing changes. The linear assignments run in scipy, one
-    per (receiver, neighbour, layer): that part is sequential; gathering the permuted rows and the
-    weighted sum are tensor operations on whole parameter vectors.
+    P_ii is the identity, so with W = I nothing changes. When every row of W is the same (a complete
+    graph with uniform weights) every site receives one model, as in DIMAT's code: all rows aligned
+    to the first sender's units and averaged with that row's weights (exact consensus); aligning
+    each receiver separately would leave N different unit orders of the same average. The linear
+    assignments run in scipy, one per (receiver, neighbour, layer): that part is sequential;
+    gathering the permuted rows and the weighted sum are tensor operations on whole parameter vectors.
     """
 
     def __init__(self, population, spec, method: str, match_inputs: torch.Tensor | None = None):
@@ -157,6 +161,12 @@ class MatchedMerge:
 
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
+        if len(weights) > 1 and bool((weights == weights[:1]).all()):
+            senders = weights[0].nonzero().flatten().tolist()
+            aligned = self.alignments(theta, senders[0], senders[1:])
+            rows = torch.stack([theta[senders[0]]] + [theta[j][a] for j, a in zip(senders[1:], aligned, strict=True)])
+            theta.copy_((weights[0, senders].to(theta.dtype) @ rows).expand_as(theta))
+            return
         mixed = torch.empty_like(theta)
         for receiver in range(len(weights)):
             senders = weights[receiver].nonzero().flatten().tolist()

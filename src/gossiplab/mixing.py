@@ -43,9 +43,32 @@ def metropolis(adjacency: torch.Tensor) -> torch.Tensor:
     return weights
 
 
-def influence(weights: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
-    """Influence-weighted mixing after DICE (Zhu et al., ICLR 2025), the rule MAZEL's
-    "Random (influence-weighted)" rows use.
+def influence(adjacency: torch.Tensor, grad: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Influence-weighted mixing, MAZEL section 4.1's "Random (softmax)" after DICE (Zhu et al., ICLR 2025).
+
+    DICE's first-order one-hop influence of candidate j's latest local update on receiver i's loss
+    is I_ij = lr <g_i, g_j> (g the sites' gradients of their own losses at the latest step,
+    `grad` [N, P]); the candidates are i's peers of the round and i itself (I_ii = lr ||g_i||^2).
+    Each score is taken relative to the site's own, s_ij = I_ij / I_ii = <g_i, g_j> / ||g_i||^2
+    (the step size cancels, so one temperature fits every run), and
+        W_i = softmax(s_i / temperature) over the candidates, 0 elsewhere.
+    With one peer a round the weights still follow the scores' size: a peer whose update helps i
+    as much as i's own gets half; an orthogonal one exp(-1/T) / (1 + exp(-1/T)) (0.27 at T = 1).
+    T -> infinity is uniform mixing. Rows sum to 1; W is not symmetric, so the mean is not preserved.
+    """
+    closed = adjacency | torch.eye(len(adjacency), dtype=torch.bool, device=adjacency.device)
+    rows, cols = closed.nonzero(as_tuple=True)
+    # dense graphs: one Gram matrix instead of |E| row products
+    dense = len(rows) > 2 * len(adjacency)
+    dots = (grad @ grad.T)[rows, cols] if dense else torch.linalg.vecdot(grad[rows], grad[cols])
+    own = grad.square().sum(1).clamp(min=torch.finfo(grad.dtype).tiny)
+    scores = torch.full(adjacency.shape, -torch.inf, dtype=grad.dtype, device=grad.device)
+    scores[rows, cols] = dots / own[rows] / temperature
+    return torch.softmax(scores, dim=1)
+
+
+def influence_share(weights: torch.Tensor, grad: torch.Tensor, lr: float) -> torch.Tensor:
+    """The earlier influence rule: W_ii kept, the rest shared in proportion to positive influence.
 
     DICE's one-hop influence of neighbour j on receiver i, to first order, is the decrease of i's
     loss caused by j's latest local update reaching i through W_ij:
@@ -105,8 +128,15 @@ def metropolis_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
 
 @MIXING_RULES.register("influence")
 def influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
-    """Influence-weighted (DICE one-hop influence, as in MAZEL): from the latest gradients and step size."""
-    return influence(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
+    """MAZEL's "Random (softmax)": a softmax over the DICE influence scores of the site and its peers."""
+    grad = experiment.population.grad
+    return influence(adjacency.to(grad.device), grad, experiment.config.gossip.influence_temperature).cpu()
+
+
+@MIXING_RULES.register("influence-share")
+def influence_share_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """Self-weight kept, the rest shared by positive DICE influence (with one peer: 50/50 or nothing)."""
+    return influence_share(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
 
 
 @dataclass

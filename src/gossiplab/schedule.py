@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from gossiplab.config import GossipConfig
 
 
@@ -29,16 +31,21 @@ def two_stage_steps(total_steps: int, rounds: int, stage_split: float, early_sha
     return steps + [round(boundary + k * interval) for k in range(1, late + 1)]
 
 
-def cosine_steps(total_steps: int, rounds: int, warmup_fraction: float) -> list[int]:
-    """MAZEL's cosine gossip scheduler (section D, Fig. D.1), with the total number of rounds fixed:
-    the gossip density rho(t) ramps up linearly over the warmup, then decays as
-    (1 + cos(pi (t - t_w) / (T - t_w))) / 2; round k falls at the first step where the cumulative
-    density reaches (k - 1/2) / R of its total. Deterministic: every site and rerun agrees."""
+def cosine_density(total_steps: int, warmup_fraction: float) -> list[float]:
+    """MAZEL's gossip density (section D, Fig. D.1): a linear ramp over the warmup, then the cosine
+    decay (1 + cos(pi (t - t_w) / (T - t_w))) / 2, for t = 1..T."""
     warmup = warmup_fraction * total_steps
-    density = [
+    return [
         t / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / (total_steps - warmup)))
         for t in range(1, total_steps + 1)
     ]
+
+
+def cosine_steps(total_steps: int, rounds: int, warmup_fraction: float) -> list[int]:
+    """MAZEL's cosine gossip scheduler with the total number of rounds fixed, placed
+    deterministically: round k falls at the first step where the cumulative `cosine_density`
+    reaches (k - 1/2) / R of its total."""
+    density = cosine_density(total_steps, warmup_fraction)
     total = sum(density)
     steps, cumulative, k = [], 0.0, 1
     for t, rho in enumerate(density, start=1):
@@ -49,11 +56,23 @@ def cosine_steps(total_steps: int, rounds: int, warmup_fraction: float) -> list[
     return steps
 
 
+def cosine_random_steps(total_steps: int, rounds: int, warmup_fraction: float, seed: int) -> list[int]:
+    """MAZEL's cosine gossip scheduler as the paper states it (appendix D: it "gradually reduces
+    the probability of gossiping"): step t gossips with probability
+    q(t) = min(1, R rho(t) / sum_s rho(s)), rho the `cosine_density`, so R rounds are expected
+    (not fixed). The draws come from the seed alone: every process and rerun agrees."""
+    density = cosine_density(total_steps, warmup_fraction)
+    total = sum(density)
+    draws = np.random.default_rng([seed, 5]).random(total_steps)
+    return [t for t, (rho, u) in enumerate(zip(density, draws, strict=True), start=1) if u < rounds * rho / total]
+
+
 @dataclass(frozen=True)
 class GossipSchedule:
     """kind: 'every' (each `every` steps), 'steps' (an explicit list), 'window' (each `every` steps
-    inside [window_start, window_end] only, the single-merge paper's communication windows) or
-    'none' (no gossip during training)."""
+    inside [window_start, window_end], the single-merge paper's communication windows; with
+    `outside_p` > 0 the rounds go on outside it on the paper's low-budget graph, each site pulling
+    from one random peer with that probability) or 'none' (no gossip during training)."""
 
     kind: str
     total_steps: int
@@ -61,14 +80,16 @@ class GossipSchedule:
     steps: frozenset[int] = frozenset()
     window: tuple[int, int] = (0, 0)
     final_merge: bool = False
+    outside_p: float = 0.0
 
     @classmethod
-    def from_config(cls, config: GossipConfig, total_steps: int) -> GossipSchedule:
-        """The round-count schedules (uniform, two-stage, cosine) become explicit step lists."""
+    def from_config(cls, config: GossipConfig, total_steps: int, seed: int = 0) -> GossipSchedule:
+        """The round-count schedules (uniform, two-stage, cosine, cosine-random) become explicit step lists."""
         fixed = {
             "uniform": lambda: uniform_steps(total_steps, config.rounds),
             "two-stage": lambda: two_stage_steps(total_steps, config.rounds, config.stage_split, config.early_share),
             "cosine": lambda: cosine_steps(total_steps, config.rounds, config.warmup_fraction),
+            "cosine-random": lambda: cosine_random_steps(total_steps, config.rounds, config.warmup_fraction, seed),
         }
         if config.schedule in fixed:
             steps = frozenset(fixed[config.schedule]())
@@ -80,6 +101,7 @@ class GossipSchedule:
             frozenset(config.steps),
             (config.window_start, config.window_end),
             config.final_merge != "none",
+            config.outside_window_p,
         )
 
     def gossips_at(self, step: int) -> bool:
@@ -88,8 +110,12 @@ class GossipSchedule:
         if self.kind == "steps":
             return step in self.steps
         if self.kind == "window":
-            return self.window[0] <= step <= self.window[1] and step % self.every == 0
+            return step % self.every == 0 and (self.outside_p > 0 or self.in_window(step))
         return False
+
+    def in_window(self, step: int) -> bool:
+        """Whether `step` gossips on the configured graph (outside a window: the low-budget one)."""
+        return self.kind != "window" or self.window[0] <= step <= self.window[1]
 
     def merges_globally_at(self, step: int) -> bool:
         return self.final_merge and step == self.total_steps

@@ -86,6 +86,26 @@ def random_one_peer(num_sites: int, round_index: int, seed: int, p: float = 1.0)
     return adjacency
 
 
+@TOPOLOGIES.register("random-one-peer-pull", time_varying=True)
+def random_one_peer_pull(num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:
+    """The single-merge paper's random graph (its appendix C.1, "R 0.2"): each round every site,
+    with probability p, pulls from one peer drawn uniformly among the others; the rest train on.
+
+    Directed: i receiving from j does not make j receive from i, so a site may be pulled from by
+    several others, and each active site averages with exactly one model (uniform mixing: 1/2 and
+    1/2). The expected share of sites communicating is p exactly (a matching of the active sites,
+    `random-one-peer`, leaves one alone when their number is odd, and pairs only active sites).
+    W is row stochastic but not doubly stochastic, as in the paper's code: the mean drifts.
+    """
+    rng = np.random.default_rng([seed, 4, round_index])
+    active = rng.random(num_sites) < p
+    peers = (np.arange(num_sites) + 1 + rng.integers(0, max(num_sites - 1, 1), num_sites)) % num_sites
+    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
+    pulling = torch.from_numpy(np.flatnonzero(active & (num_sites > 1)))
+    adjacency[pulling, torch.from_numpy(peers)[pulling]] = True
+    return adjacency
+
+
 def build_adjacency(name: str, num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:
     """The graph of round `round_index` of the registered topology `name`."""
     return TOPOLOGIES.get(name)(num_sites, round_index, seed, p)

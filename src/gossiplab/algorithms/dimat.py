@@ -1,10 +1,12 @@
 """DIMAT (Saadati et al. 2024): gossip that merges neighbours by aligning their hidden units first.
 
 theta_i <- sum_j W_ij P_ij(theta_j) (DIMAT eq. 2-4), P_ij the permutation of j's units that best
-matches i's (gossiplab.merge.MatchedMerge): by activations on a fixed sample of i's own training
-data ("dimat", activation matching), or by weights alone ("weight-matching", Git Re-Basin). Under a
-matched merge each site keeps its own unit order, so the counterfactual merged model aligns every
-row to the first before averaging.
+matches i's (gossiplab.merge.MatchedMerge): by activations on a fixed sample of the global training
+set, as DIMAT's code does at every merge, or of i's own data (`dimat.match_on`) ("dimat",
+activation matching), or by weights alone ("weight-matching", Git Re-Basin). On a complete graph
+every agent receives the one merged model (exact consensus, as in DIMAT's code). MMGA stays the
+uniform mean of the models (Definition 1); the matched merge of all of them, every row aligned to
+the first, is reported beside it as `matched_mmga`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from gossiplab.registry import ALGORITHMS
 class DimatConfig:
     """[dimat]"""
 
-    match_samples: int = documented(256, "training images per site that activations are matched on")
+    match_samples: int = documented(1024, "training images that activations are matched on")
+    match_on: str = documented(
+        "global", "whose images: one sample of the global training set for every merge (DIMAT's code), or each "
+        "receiver's `own` training data", ("global", "own"),
+    )  # fmt: skip
     reestimate_batches: int = documented(
         8, "BatchNorm models: batches of each site's own data its statistics are recomputed on after a merge "
         "(0: keep the merged statistics)",
@@ -56,9 +62,15 @@ class ActivationMatching(Algorithm):
         population, federation, config = experiment.population, experiment.federation, experiment.config
         spec = permutation_spec(population.module, federation.image_shape)
         match_inputs = None
-        if self.method == "activation-matching":  # a fixed sample of each site's own training data
+        if self.method == "activation-matching":  # a fixed sample, drawn once from the seed
             generator = torch.Generator().manual_seed(config.seed + 1)
-            match_inputs, _ = federation.sample_batch(config.dimat.match_samples, generator)
+            if config.dimat.match_on == "own":
+                match_inputs, _ = federation.sample_batch(config.dimat.match_samples, generator)
+            else:
+                pool = federation.train_index.cpu()
+                chosen = pool[torch.randint(len(pool), (config.dimat.match_samples,), generator=generator)]
+                images = federation.normalise(federation.pool_x[chosen.to(federation.pool_x.device)])
+                match_inputs = images.expand(config.num_sites, *images.shape)
         self.merge = MatchedMerge(population, spec, self.method, match_inputs)
         return {"rounds": torch.zeros((), dtype=torch.long)}
 
