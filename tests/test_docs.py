@@ -86,10 +86,13 @@ def walked(tmp_path_factory) -> Path:
             if args[:1] == ["sweep"] and len(args) == 2:  # dry-run by test_environment, every sweep
                 assert args[1] in sweep_names(), shlex.join(words)
                 continue
-            if args[:1] == ["sweep"] and len(args) > 1 and "--dry-run" not in args:
+            long_runs = args[:1] == ["reproduce"] or (args[:1] == ["sweep"] and len(args) > 1)
+            if long_runs and "--dry-run" not in args:  # the report's own test uses made-up runs
                 args += ["--dry-run"]
             if args[:1] == ["bench"]:
                 args += ["--seconds", "0.01"]
+            if args[:1] == ["landscape"]:
+                args += ["--resolution", "9", "--samples", "250"]
             result = CliRunner().invoke(app, args)
             torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
             assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"

@@ -363,6 +363,66 @@ def sweep(
     console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
 
 
+def parse_claims(text: str) -> list[int]:
+    """'1-3,5' -> [1, 2, 3, 5]; every number must name one of the report's claims."""
+    from gossiplab.reproduce import CLAIMS
+
+    chosen: set[int] = set()
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            chosen.update(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise ConfigError(f"--claims {text!r}: numbers and ranges like 1-3,5") from None
+    unknown = sorted(chosen - set(CLAIMS))
+    if unknown or not chosen:
+        raise ConfigError(f"--claims {text!r}: no claim {unknown}; the claims are 1-{max(CLAIMS)}")
+    return sorted(chosen)
+
+
+@app.command()
+def reproduce(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides for every run")] = None,
+    out: Annotated[Path, typer.Option(help="the report's folder (one sweep folder per study); reuse to resume")] = Path(
+        "reproduction"
+    ),
+    seeds: Annotated[int, typer.Option(help="seeds per variant: seed, seed+1, ...")] = 3,
+    claims: Annotated[str, typer.Option(help="which claims, e.g. 1-3,5")] = "1-12",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    dry_run: Annotated[bool, typer.Option(help="check every run's config, run nothing")] = False,
+) -> None:
+    """The papers' twelve claims on our data: run their studies over seeds, write report.md/report.html."""
+    from gossiplab.reproduce import run_studies, studies_for, study_sweep, write_report
+    from gossiplab.sweep import variant_configs
+
+    try:
+        if seeds < 1:
+            raise ConfigError(f"--seeds {seeds}: must be >= 1")
+        chosen = parse_claims(claims)
+        configs = {name: variant_configs(study_sweep(name), overrides or [], seeds) for name in studies_for(chosen)}
+    except ConfigError as error:
+        _fail(str(error))
+    if dry_run:
+        for name, runs in configs.items():
+            console.print(f"ok: {name}: {len(runs)} runs ({', '.join(sorted({v for v, _ in runs}))})")
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_studies(chosen, out, seeds, overrides or [], console=errors, show_progress=not quiet)
+        md, page, verdicts = write_report(chosen, results, out, seeds)
+    except USER_ERRORS as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"report folder {out}: {error}")
+    table = Table(title=f"reproduction: {seeds} seed(s)")
+    for column in ("#", "claim", "ours", "verdict"):
+        table.add_column(column)
+    for v in verdicts:
+        table.add_row(str(v["claim"]), v["statement"], v["ours"], v["verdict"])
+    console.print(table)
+    console.print(f"wrote {md} and {page}")
+
+
 @app.command()
 def landscape(
     run_dir: Annotated[Path, typer.Argument(help="a run directory")],
