@@ -355,6 +355,8 @@ def sweep(
         target = target if sweep_dir else claim_new_dir(target)  # a default name is never another sweep's
         target.mkdir(parents=True, exist_ok=True)
         results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
+    except DivergenceError as error:
+        _fail(f"{error} (train.on_divergence=drop goes on without the site; rerun with --sweep-dir to resume)", 1)
     except USER_ERRORS as error:
         _fail(str(error))
     except OSError as error:
@@ -410,6 +412,8 @@ def reproduce(
         out.mkdir(parents=True, exist_ok=True)
         results = run_studies(chosen, out, seeds, overrides or [], console=errors, show_progress=not quiet)
         md, page, verdicts = write_report(chosen, results, out, seeds)
+    except DivergenceError as error:
+        _fail(f"{error} (train.on_divergence=drop goes on without the site; the same --out resumes)", 1)
     except USER_ERRORS as error:
         _fail(str(error))
     except OSError as error:
