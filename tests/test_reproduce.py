@@ -107,3 +107,11 @@ def test_reproduce_dry_run_checks_every_study_and_refuses_bad_input():
     assert refused.exit_code == 2 and "the claims are 1-12" in refused.output
     bad = runner.invoke(app, ["reproduce", "train.lr=-1", "--dry-run"])
     assert bad.exit_code == 2 and "train.lr" in bad.output
+
+
+def test_a_diverged_run_stops_the_report_with_its_message(tmp_path):
+    args = ["reproduce", "train.steps=20", "eval.every=10", "--claims", "6", "--seeds", "1", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "train.lr=1e6", "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert "training diverged" in result.output and "train.on_divergence=drop" in result.output
+    assert "Traceback" not in result.output
