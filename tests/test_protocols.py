@@ -129,6 +129,8 @@ def test_the_consensus_merge_aligns_every_row_to_the_first_and_averages_with_the
 
 
 def test_dirichlet_redraws_leave_every_site_its_minimum_after_validation():
-    config = build_config("mazel-fashion", ["seed=1", "model.backbone=pixels", "model.head=linear", "model.zero_shot_init=false"])
+    config = build_config(
+        "mazel-fashion", ["seed=1", "model.backbone=pixels", "model.head=linear", "model.zero_shot_init=false"]
+    )
     federation = build_federation(config)
     assert int(federation.train_sizes.min()) >= config.data.min_site_samples
