@@ -92,3 +92,11 @@ def test_cli_landscape_of_a_run_before_its_final_merge(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "merged model (centre)" in result.stdout
     assert (tmp_path / "r" / "landscape_loss.png").stat().st_size > 5000
+
+
+def test_variants_whose_names_share_a_folder_are_refused_before_anything_runs(tmp_path):
+    """'A+D+F' and 'A+D+F~' both slug to a-d-f: the second would have read the first's results."""
+    sweep = Sweep("s", "", "default", ["train.steps=2"], {"A+D+F": [], "A+D+F~": ["gossip.every=5"]})
+    with pytest.raises(ConfigError, match="'A\\+D\\+F' and 'A\\+D\\+F~' share the folder 'a-d-f'"):
+        run_sweep(sweep, tmp_path, [], show_progress=False)
+    assert not any(tmp_path.iterdir())
