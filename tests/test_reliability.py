@@ -349,7 +349,13 @@ def test_an_impossible_image_size_prints_the_estimate_even_in_a_dry_run(gossipla
 
 
 def test_a_validation_share_that_starves_sites_is_refused_naming_it(gossiplab_main):
-    result = gossiplab_main("run", "--dry-run", "data.val_fraction=0.95", "data.min_site_samples=64")
+    # Dirichlet draws leave every site min_site_samples for training after the share: 95% is met by
+    # redrawing; 99% cannot be (16 x 64 training samples need 102,400 of the 60,000)
+    result = gossiplab_main("run", "--dry-run", "data.val_fraction=0.99", "data.min_site_samples=64")
+    assert_user_error(result, "data.min_site_samples=64 training samples after data.val_fraction=0.99")
+    kept = gossiplab_main("run", "--dry-run", "data.val_fraction=0.95", "data.min_site_samples=64")
+    assert kept[0] == 0, kept
+    result = gossiplab_main("run", "--dry-run", "data.partition=iid", "num_sites=900", "data.val_fraction=0.5")
     assert_user_error(result, "data.val_fraction", "fewer than data.min_site_samples = 64 training samples")
 
 

@@ -9,7 +9,6 @@ classes), which is what a metadata-agnostic head needs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,9 +141,9 @@ def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: n
         return partition.shards(labels, num_sites, data.classes_per_site, per_class, rng)
     if data.samples_per_site:
         return partition.dirichlet_fixed_size(labels, num_sites, data.alpha, data.samples_per_site, rng)
-    # redraw until every site keeps min_site_samples for training after its validation share
-    least = math.ceil((data.min_site_samples + 1) / (1 - data.val_fraction))
-    return partition.dirichlet(labels, num_sites, data.alpha, least, rng)
+    return partition.dirichlet(
+        labels, num_sites, data.alpha, data.min_site_samples, rng, val_fraction=data.val_fraction
+    )
 
 
 def subsample(dataset: Dataset, train: int, test: int) -> Dataset:

@@ -34,14 +34,22 @@ def dirichlet(
     min_site_samples: int,
     rng: np.random.Generator,
     max_tries: int = 1000,
+    val_fraction: float = 0.0,
 ) -> list[np.ndarray]:
     """Per-class Dirichlet label skew (Hsu et al. 2019), as in MAZEL and the single-merge paper.
 
     For each class c, site shares q_c ~ Dir(alpha * 1_N) split that class's samples; small alpha
     (0.1) leaves most sites dominated by a few classes, large alpha tends to an even spread. The
-    draw is repeated until every site holds at least `min_site_samples` samples.
+    draw is repeated until every site keeps at least `min_site_samples` samples for training once
+    `hold_out` has taken its `val_fraction` share.
     """
-    _check_fill(len(labels), num_sites, min_site_samples)
+    if num_sites * min_site_samples > len(labels) * (1 - val_fraction):
+        share = f" after data.val_fraction={val_fraction}" if val_fraction else ""
+        raise PartitionError(
+            f"num_sites={num_sites} x data.min_site_samples={min_site_samples} training samples{share} exceeds "
+            f"the {len(labels)} training samples of the source: use fewer sites, fewer samples per site or a "
+            "smaller validation share"
+        )
     classes = np.unique(labels)
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
@@ -52,7 +60,7 @@ def dirichlet(
             for site, chunk in enumerate(np.split(members, cuts)):
                 parts[site].append(chunk)
         sites = [np.sort(np.concatenate(chunks)) for chunks in parts]
-        if min(len(s) for s in sites) >= min_site_samples:
+        if min(len(s) - round(val_fraction * len(s)) for s in sites) >= min_site_samples:
             return sites
     raise PartitionError(
         f"data.alpha={alpha} with num_sites={num_sites}: no draw in {max_tries} gave every site "
