@@ -432,9 +432,10 @@ def render_html(blocks) -> str:
     import base64
 
     def inline(text: str) -> str:
-        escaped = html.escape(text)
-        parts = escaped.split("**")
-        return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+        """**bold** and `code`, the only Markdown the blocks use."""
+        parts = html.escape(text).split("**")
+        bold = "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+        return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(bold.split("`")))
 
     body = []
     for kind, content in blocks:
