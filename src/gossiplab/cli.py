@@ -321,6 +321,19 @@ def data_show(
     console.print(f"wrote {site_class_heatmap(federation, path, f'{config.name}: class shares per site')}")
 
 
+@contextmanager
+def _many_runs_failing(folder: str, resume: str) -> Iterator[None]:
+    """A sweep's or the report's failures, one line each: a diverged run (exit 1), bad input, the folder."""
+    try:
+        yield
+    except DivergenceError as error:
+        _fail(f"{error} (train.on_divergence=drop goes on without the site; {resume})", 1)
+    except USER_ERRORS as error:
+        _fail(str(error))
+    except OSError as error:
+        _fail(f"{folder}: {error}")
+
+
 @app.command()
 def sweep(
     name: Annotated[str | None, typer.Argument(help="a sweep (none: list them)")] = None,
@@ -351,16 +364,10 @@ def sweep(
                           f"final merge {config.gossip.final_merge}")  # fmt: skip
         return
     target = sweep_dir or Path("runs") / f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
+    with _many_runs_failing(f"sweep directory {target}", "rerun with --sweep-dir to resume"):
         target = target if sweep_dir else claim_new_dir(target)  # a default name is never another sweep's
         target.mkdir(parents=True, exist_ok=True)
         results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
-    except DivergenceError as error:
-        _fail(f"{error} (train.on_divergence=drop goes on without the site; rerun with --sweep-dir to resume)", 1)
-    except USER_ERRORS as error:
-        _fail(str(error))
-    except OSError as error:
-        _fail(f"sweep directory {target}: {error}")
     console.print(paper_table(f"{name}: {chosen.description}", results))
     console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
 
@@ -408,16 +415,10 @@ def reproduce(
         for name, runs in configs.items():
             console.print(f"ok: {name}: {len(runs)} runs ({', '.join(sorted({v for v, _ in runs}))})")
         return
-    try:
+    with _many_runs_failing(f"report folder {out}", "the same --out resumes"):
         out.mkdir(parents=True, exist_ok=True)
         results = run_studies(chosen, out, seeds, overrides or [], console=errors, show_progress=not quiet)
         md, page, verdicts = write_report(chosen, results, out, seeds)
-    except DivergenceError as error:
-        _fail(f"{error} (train.on_divergence=drop goes on without the site; the same --out resumes)", 1)
-    except USER_ERRORS as error:
-        _fail(str(error))
-    except OSError as error:
-        _fail(f"report folder {out}: {error}")
     table = Table(title=f"reproduction: {seeds} seed(s)")
     for column in ("#", "claim", "ours", "verdict"):
         table.add_column(column)
