@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from gossiplab.rundir import atomic_write
-from gossiplab.sweep import load_sweep, run_sweep
+from gossiplab.sweep import Sweep, load_sweep, run_sweep
 
 PERCENT = {"ala", "aga", "mmga", "ala_aga_mean", "matched_mmga", "worst10_local"}  # summary fields in [0, 1]
 Results = dict[str, dict[str, list[dict[str, Any]]]]  # study -> variant -> one summary per seed
@@ -303,10 +304,11 @@ def paper_claims() -> dict[int, dict[str, Any]]:
 
 
 def studies_for(claims: list[int]) -> list[str]:
+    """The studies the claims are measured on, each once."""
     return sorted({study for claim in claims for study in CLAIMS[claim][0]})
 
 
-def study_sweep(name: str):
+def study_sweep(name: str) -> Sweep:
     """The study's sweep, restricted to the variants it needs."""
     study = STUDIES[name]
     sweep = load_sweep(study.sweep)
@@ -316,7 +318,12 @@ def study_sweep(name: str):
 
 
 def run_studies(
-    claims: list[int], out: Path, seeds: int, extra: list[str], console=None, show_progress: bool = True
+    claims: list[int],
+    out: Path,
+    seeds: int,
+    extra: list[str],
+    console: Console | None = None,
+    show_progress: bool = True,
 ) -> Results:
     """Run (or finish) every study the claims need, each in out/STUDY; return the summaries."""
     return {
@@ -382,9 +389,14 @@ def write_report(claims: list[int], results: Results, out: Path, seeds: int) -> 
     return md, page, verdicts
 
 
-def report_blocks(verdicts: list[dict], results: Results, figures: dict[str, list[Path]], out: Path, seeds: int):
+Block = tuple[str, Any]  # (kind, content): h1, h2, p, table (header, rows), img (path, report folder)
+
+
+def report_blocks(
+    verdicts: list[dict], results: Results, figures: dict[str, list[Path]], out: Path, seeds: int
+) -> list[Block]:
     """The report as (kind, content) blocks, rendered to Markdown and to HTML alike."""
-    blocks: list[tuple[str, Any]] = [
+    blocks: list[Block] = [
         ("h1", "gossiplab reproduction report"),
         ("p", f"Each claim of the four source papers set against our measurements on our data: mean ± sd over "
               f"{seeds} seed(s), accuracies in percent. Regenerate with `gossiplab reproduce`. Verdicts: holds, "
@@ -410,7 +422,7 @@ def report_blocks(verdicts: list[dict], results: Results, figures: dict[str, lis
     return blocks
 
 
-def render_markdown(blocks) -> str:
+def render_markdown(blocks: list[Block]) -> str:
     lines = []
     for kind, content in blocks:
         if kind in ("h1", "h2"):
@@ -427,7 +439,7 @@ def render_markdown(blocks) -> str:
     return "\n".join(lines)
 
 
-def render_html(blocks) -> str:
+def render_html(blocks: list[Block]) -> str:
     """One self-contained page (figures inlined), readable without the run folders."""
     import base64
 
