@@ -75,7 +75,7 @@ def test_an_installed_package_offers_its_parts_under_an_entry_point_name(tmp_pat
 def test_a_user_network_trains_on_real_data(tmp_path):
     result = gossiplab.run(
         "default", ["num_sites=4", "train.steps=100", "eval.every=50", "plugins=['user_model']",
-                    "model.name=small-convnet"], run_dir=tmp_path / "convnet"
+                    "model.name=small-convnet", "data.test_per_source=2000"], run_dir=tmp_path / "convnet"
     )  # fmt: skip
     assert result.final["parts"]["model.name"] == "small-convnet"
     assert result.final["num_parameters"] == 8 * 9 + 8 + 2 * 8 + 8 * 7 * 7 * 10 + 10  # conv, BatchNorm, linear

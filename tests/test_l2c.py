@@ -89,7 +89,7 @@ def test_pruning_keeps_exactly_k0_neighbours_the_largest():
 
 
 def test_l2c_run_learns_to_listen_to_same_task_sites_and_resumes_exactly(tmp_path):
-    overrides = ["train.steps=400", "eval.every=200", "l2c.prune_round=2"]
+    overrides = ["train.steps=400", "eval.every=200", "l2c.prune_round=2", "model.hidden=[64]"]
     config = build_config("l2c", overrides)
     (tmp_path / "full").mkdir()
     summary = Runner(config, tmp_path / "full", show_progress=False).run()
