@@ -26,13 +26,15 @@ def evaluate(
     active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
     allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
-    correct = comm.gather((population.predict(theta, federation.test_x, allowed) == federation.test_y).cpu())
+
+    def hits(rows: torch.Tensor) -> torch.Tensor:
+        return (population.predict(rows, federation.test_x, allowed) == federation.test_y).cpu()
+
+    correct = comm.gather(hits(theta))
     mean = merge.merged_model(theta, active, comm)
-    merged_correct = (population.predict(mean, federation.test_x, allowed) == federation.test_y).cpu()
+    merged_correct = hits(mean)
     own_merge = experiment.algorithm.merged_model(active, experiment.state, comm)
-    matched_correct = None
-    if own_merge is not None:
-        matched_correct = (population.predict(own_merge, federation.test_x, allowed) == federation.test_y).cpu()
+    matched_correct = None if own_merge is None else hits(own_merge)
     class_weighted = None
     if experiment.config.eval.local_test == "class-weighted":
         counts = federation.train_label_counts().float()

@@ -149,31 +149,31 @@ class MatchedMerge:
                 ]
         return [permutation.permuted_index(spec, population.names, population.shapes, p) for p in perms]
 
+    def aligned_rows(self, theta: torch.Tensor, reference: int, rows: list[int]) -> torch.Tensor:
+        """theta's `rows` [len(rows), P], each permuted onto `reference`'s units (that row as it is)."""
+        others = [j for j in rows if j != reference]
+        index = dict(zip(others, self.alignments(theta, reference, others), strict=True))
+        return torch.stack([theta[j] if j == reference else theta[j][index[j]] for j in rows])
+
     @torch.no_grad()
     def merged_model(self, theta: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """The population's merged model [1, P] in a common frame: every (active) row aligned to the
         first one, then averaged. Under a matched merge each site keeps its own unit order, so
         the plain mean of rows would average misaligned units."""
         rows = (torch.arange(len(theta)) if active is None else active.nonzero().flatten()).tolist()
-        indices = self.alignments(theta, rows[0], rows[1:])
-        aligned = [theta[rows[0]]] + [theta[j][index] for j, index in zip(rows[1:], indices, strict=True)]
-        return torch.stack(aligned).mean(0, keepdim=True)
+        return self.aligned_rows(theta, rows[0], rows).mean(0, keepdim=True)
 
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         if len(weights) > 1 and bool((weights == weights[:1]).all()):
             senders = weights[0].nonzero().flatten().tolist()
-            aligned = self.alignments(theta, senders[0], senders[1:])
-            rows = torch.stack([theta[senders[0]]] + [theta[j][a] for j, a in zip(senders[1:], aligned, strict=True)])
-            theta.copy_((weights[0, senders].to(theta.dtype) @ rows).expand_as(theta))
+            merged = weights[0, senders].to(theta.dtype) @ self.aligned_rows(theta, senders[0], senders)
+            theta.copy_(merged.expand_as(theta))
             return
         mixed = torch.empty_like(theta)
         for receiver in range(len(weights)):
             senders = weights[receiver].nonzero().flatten().tolist()
-            others = [j for j in senders if j != receiver]
-            aligned = dict(zip(others, self.alignments(theta, receiver, others), strict=True))
-            rows = torch.stack([theta[j] if j == receiver else theta[j][aligned[j]] for j in senders])
-            mixed[receiver] = weights[receiver, senders] @ rows
+            mixed[receiver] = weights[receiver, senders] @ self.aligned_rows(theta, receiver, senders)
         theta.copy_(mixed)
 
 

@@ -183,8 +183,10 @@ def replot(run_dir: Path) -> list[Path]:
     return write_outputs(run_dir, read_run_config(run_dir / "config.toml"), rows, summary)
 
 
-def _image(path: Path, caption: str) -> str:
+def figure_html(path: Path, caption: str) -> str:
+    """A PNG inlined into a self-contained page, with its caption."""
     data = base64.b64encode(path.read_bytes()).decode()
+    caption = html.escape(caption)
     return (
         f'<figure><img src="data:image/png;base64,{data}" alt="{caption}"><figcaption>{caption}</figcaption></figure>'
     )
@@ -208,7 +210,7 @@ def write_html(run_dir: Path, config: Config, rows: list[dict[str, Any]], summar
         ("landscape_loss.png", "loss landscape of the sites' models"),
         ("landscape_accuracy.png", "accuracy landscape of the sites' models"),
     ]
-    images = "".join(_image(run_dir / name, caption) for name, caption in figures if (run_dir / name).is_file())
+    images = "".join(figure_html(run_dir / name, caption) for name, caption in figures if (run_dir / name).is_file())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>gossiplab: {html.escape(config.name)}</title>
 <style>

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from gossiplab.report import figure_html
 from gossiplab.rundir import atomic_write
 from gossiplab.sweep import Sweep, load_sweep, run_sweep
 
@@ -341,7 +342,7 @@ def study_table(results: dict[str, list[dict[str, Any]]]) -> tuple[list[str], li
         row = [variant, str(len(summaries))]
         for _, key in keys:
             values = np.array([s[key] for s in summaries], dtype=float)
-            row.append(spread(values * (1 if key == "gossip_gain" else 100)))
+            row.append(spread(values * (100 if key in PERCENT else 1)))
         rows.append(row)
     return header, rows
 
@@ -441,7 +442,6 @@ def render_markdown(blocks: list[Block]) -> str:
 
 def render_html(blocks: list[Block]) -> str:
     """One self-contained page (figures inlined), readable without the run folders."""
-    import base64
 
     def inline(text: str) -> str:
         """**bold** and `code`, the only Markdown the blocks use."""
@@ -462,9 +462,7 @@ def render_html(blocks: list[Block]) -> str:
             body.append(f"<table><tr>{head}</tr>{cells}</table>")
         elif kind == "img":
             path, _ = content
-            data = base64.b64encode(path.read_bytes()).decode()
-            body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{path.stem}"><figcaption>'
-                        f"{html.escape(path.parent.name)}: {path.stem}</figcaption></figure>")  # fmt: skip
+            body.append(figure_html(path, f"{path.parent.name}: {path.stem}"))
     style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:100%}")  # fmt: skip
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>gossiplab reproduction report</title>"

@@ -13,11 +13,15 @@ class PartitionError(ValueError):
     """The requested split cannot be made from this data; the message names the fields to change."""
 
 
-def _check_fill(num_samples: int, num_sites: int, min_site_samples: int) -> None:
-    if num_sites * min_site_samples > num_samples:
+def _check_fill(num_samples: int, num_sites: int, min_site_samples: int, val_fraction: float = 0.0) -> None:
+    """Every site can get min_site_samples (for training, once a validation share is held out)."""
+    usable = num_samples * (1 - val_fraction)
+    if num_sites * min_site_samples > usable:
+        share = f" training samples after data.val_fraction={val_fraction}" if val_fraction else ""
         raise PartitionError(
-            f"num_sites={num_sites} x data.min_site_samples={min_site_samples} exceeds the {num_samples} training "
-            f"samples of the source: use at most {num_samples // min_site_samples} sites or fewer samples per site"
+            f"num_sites={num_sites} x data.min_site_samples={min_site_samples}{share} exceeds the {num_samples} "
+            f"training samples of the source: use at most {int(usable // min_site_samples)} sites or fewer "
+            f"samples per site{', or a smaller validation share' if val_fraction else ''}"
         )
 
 
@@ -43,13 +47,7 @@ def dirichlet(
     draw is repeated until every site keeps at least `min_site_samples` samples for training once
     `hold_out` has taken its `val_fraction` share.
     """
-    if num_sites * min_site_samples > len(labels) * (1 - val_fraction):
-        share = f" after data.val_fraction={val_fraction}" if val_fraction else ""
-        raise PartitionError(
-            f"num_sites={num_sites} x data.min_site_samples={min_site_samples} training samples{share} exceeds "
-            f"the {len(labels)} training samples of the source: use fewer sites, fewer samples per site or a "
-            "smaller validation share"
-        )
+    _check_fill(len(labels), num_sites, min_site_samples, val_fraction)
     classes = np.unique(labels)
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
