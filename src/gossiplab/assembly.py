@@ -53,6 +53,17 @@ class Experiment:
     algorithm: Any = None
     state: dict[str, Any] = field(default_factory=dict)
 
+    def graph(self, step: int, round_index: int) -> torch.Tensor:
+        """The graph of the round at `step`: the topology's, or outside a communication window with
+        `gossip.outside_window_p` the single-merge paper's low-budget graph (each site pulls from
+        one random peer with that probability)."""
+        if self.schedule.in_window(step):
+            return self.topology(round_index)
+        config = self.config
+        return build_adjacency(
+            "random-one-peer-pull", config.num_sites, round_index, config.seed, self.schedule.outside_p
+        )
+
 
 def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
     """Numbers every layer outputs for one input: the per-sample activation memory, in floats."""

@@ -19,7 +19,6 @@ from gossiplab.assembly import check_mixing_matrix
 from gossiplab.callbacks import Callback
 from gossiplab.merge import without_sites
 from gossiplab.optim import learning_rate
-from gossiplab.topology import build_adjacency
 
 if TYPE_CHECKING:
     from gossiplab.runner import Runner
@@ -63,12 +62,7 @@ def communicate(runner: Runner) -> None:
     with experiment.population.keeping_local(runner.local_columns):
         if gossips:
             round_index = schedule.rounds_until(step) - 1
-            adjacency = (
-                experiment.topology(round_index)
-                if schedule.in_window(step)
-                else build_adjacency("random-one-peer-pull", runner.config.num_sites, round_index,
-                                     runner.config.seed, schedule.outside_p)
-            )  # fmt: skip
+            adjacency = experiment.graph(step, round_index)
             weights = algorithm.mixing(round_index, adjacency, experiment.state)
             check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"])
             weights = without_sites(weights, runner.active)

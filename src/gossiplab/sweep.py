@@ -60,7 +60,13 @@ def slug(text: str) -> str:
 
 
 def variant_configs(sweep: Sweep, extra: list[str], seeds: int) -> dict[tuple[str, int], Config]:
-    """Every (variant, seed) config, all validated before anything runs."""
+    """Every (variant, seed) config, all validated before anything runs (a dry run too)."""
+    folders: dict[str, str] = {}
+    for variant in sweep.variants:
+        other = folders.setdefault(slug(variant), variant)
+        if other != variant:  # both would read and write one run directory
+            raise ConfigError(f"sweep {sweep.name}: variants '{other}' and '{variant}' share the folder "
+                              f"'{slug(variant)}'; rename one")  # fmt: skip
     configs = {}
     for variant, overrides in sweep.variants.items():
         base = build_config(sweep.preset, [*sweep.overrides, *overrides, *extra])
@@ -81,12 +87,6 @@ def run_sweep(
 ) -> dict[str, list[dict[str, Any]]]:
     """Run (or finish) every variant and seed; return the summaries per variant."""
     configs = variant_configs(sweep, extra, seeds)
-    folders: dict[str, str] = {}
-    for variant in sweep.variants:
-        other = folders.setdefault(slug(variant), variant)
-        if other != variant:  # both would read and write one run directory
-            raise ConfigError(f"sweep {sweep.name}: variants '{other}' and '{variant}' share the folder "
-                              f"'{slug(variant)}'; rename one")  # fmt: skip
     run_dirs = {(variant, seed): sweep_dir / slug(variant) / f"seed-{seed}" for variant, seed in configs}
     check_sweep_dir(sweep_dir, {run_dirs[key]: config for key, config in configs.items()})
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in sweep.variants}
