@@ -319,7 +319,10 @@ def test_bench_distributed_sends_exactly_the_analytic_bytes(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "complete" in result.stdout and "…" not in result.stdout  # piped: the table printed whole
     rows = json.loads(out.read_text())
-    assert [(r["topology"], r["processes"]) for r in rows] == [(t, k) for t in ("ring", "complete") for k in (1, 2, 4)]
+    variants = ((1, False), (2, False), (2, True), (4, False), (4, True))  # True: authenticated payloads
+    assert [(r["topology"], r["processes"], r["authenticated"]) for r in rows] == [
+        (t, k, a) for t in ("ring", "complete") for k, a in variants
+    ]
     for row in rows:
         assert row["round_ms"] > 0
         assert row["payload_bytes_per_round"] == row["analytic_bytes_per_round"]

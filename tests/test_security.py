@@ -6,10 +6,12 @@ process that claims a rank of the run without the secret, or with a wrong one.
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -102,15 +104,130 @@ def test_on_one_machine_is_loopback_with_every_process_local(monkeypatch):
 def test_processes_without_the_secret_are_refused_and_the_run_finishes_unchanged(tmp_path, plain):
     (code0, out0), *intruders, (code1, out1) = run_with_intruders(tmp_path / "run")
     assert code0 == 0 and code1 == 0, out0 + out1
-    for code, output in intruders:
-        assert code == 2 and "did not admit this process" in output, output
-    assert "no join secret" in intruders[0][1]  # the one without a secret is told so
+    (no_secret_code, no_secret), (wrong_secret_code, wrong_secret) = intruders
+    assert no_secret_code == 2 and "did not admit this process" in no_secret and "no join secret" in no_secret
+    assert wrong_secret_code == 2 and "the two secrets differ" in wrong_secret, wrong_secret
     assert out0.count("refused a process claiming rank 1") == 2 and "cannot prove the join secret" in out0, out0
     # with the secret, and the intruders turned away, the run is the run without any of that, bit for bit
     plain_thetas, plain_rows = final_state(plain)
     thetas, rows = final_state(tmp_path / "run")
     assert all(torch.equal(a, b) for a, b in zip(thetas, plain_thetas, strict=True))
     assert rows == plain_rows
+
+
+def attacker(mode: str, port: int) -> subprocess.Popen:
+    """tests/attacker.py: a process without the secret that reaches the run's store."""
+    command = [sys.executable, str(Path(__file__).parent / "attacker.py"), mode, str(port)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def store_client(port: int) -> torch.distributed.TCPStore:
+    for _ in range(200):  # rank 0 starts the store
+        try:
+            return torch.distributed.TCPStore("127.0.0.1", port, is_master=False, wait_for_workers=False,
+                                              timeout=datetime.timedelta(seconds=5))  # fmt: skip
+        except Exception:
+            time.sleep(0.05)
+    raise AssertionError("rank 0 never opened its store")
+
+
+def test_an_eavesdropper_that_takes_a_rank_in_gloo_is_caught_before_any_exchange(tmp_path):
+    """The attack of the audit: torch's store lists its keys to anyone, so a process without the
+    secret finds the group's prefix and joins gloo as rank 1 ahead of the rightful process (frozen
+    here right after its claim, so the attacker surely wins the race), then follows the protocol.
+    The membership proof over the gloo connection catches it: the run stops with the reason,
+    having written nothing, instead of finishing with the attacker's rows."""
+    port = free_port()
+    args = [*RUN, "--run-dir", str(tmp_path / "run")]
+    rank0 = launch(0, port, args, "the right secret")
+    store = store_client(port)
+    rank1 = launch(1, port, args, "the right secret")
+    deadline = time.monotonic() + 60
+    while not store.check(["gossiplab/attempt0/join/claim/1/1"]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    os.kill(rank1.pid, signal.SIGSTOP)
+    eavesdropper = attacker("race", port)
+    try:
+        attack, _ = eavesdropper.communicate(timeout=120)
+        code0, out0 = rank0.wait(timeout=120), rank0.stdout.read()
+    finally:
+        os.kill(rank1.pid, signal.SIGCONT)
+        rank1.kill()
+        rank0.kill()
+    assert "joined gloo as rank 1, then refused" in attack, attack
+    assert code0 == 2 and "rank(s) [1] of the process group cannot prove the join secret" in out0, out0
+    assert "Traceback" not in out0 and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_forged_abort_is_ignored_and_the_run_finishes_unchanged(tmp_path, plain):
+    port = free_port()
+    args = [*RUN, "--run-dir", str(tmp_path / "run")]
+    rank0 = launch(0, port, args, "the right secret")
+    forger = attacker("abort", port)
+    assert forger.communicate(timeout=60)[0].strip().endswith("wrote join/abort")
+    rank1 = launch(1, port, args, "the right secret")
+    (code0, out0), (code1, out1) = finish([rank0, rank1])
+    assert code0 == 0 and code1 == 0, out0 + out1
+    assert "ignored 'join/abort' in the run's store: rank 0 did not write it" in out1, out1
+    plain_thetas, plain_rows = final_state(plain)
+    thetas, rows = final_state(tmp_path / "run")
+    assert all(torch.equal(a, b) for a, b in zip(thetas, plain_thetas, strict=True)) and rows == plain_rows
+
+
+def test_an_inflated_ticket_counter_costs_rank_0_a_bounded_number_of_checks(tmp_path):
+    """A million tickets drawn for rank 1: the rightful rank 1 stops at once (its ticket is past
+    the bound rank 0 judges), and rank 0 stops at its timeout naming the flood."""
+    port = free_port()
+    args = [*RUN, "distributed.timeout_s=6", "--run-dir", str(tmp_path / "run")]
+    rank0 = launch(0, port, args, "the right secret")
+    assert attacker("inflate", port).communicate(timeout=60)[0].strip().endswith("ticket counter")
+    rank1 = launch(1, port, args, "the right secret")
+    (code0, out0), (code1, out1) = finish([rank0, rank1])
+    assert code1 == 2 and "someone floods this run's store" in out1, out1
+    assert code0 == 2 and "more than 16 claims of rank(s) [1]: someone floods the store" in out0, out0
+    assert "Traceback" not in out0 + out1
+
+
+TAMPER = """
+import sys
+from gossiplab.cli import main
+from gossiplab.distributed import ProcessGroup
+
+tag = ProcessGroup._tag
+
+
+def altered(self, payload, sender, receiver):  # from the third exchange on, rank 1's rows change on the way
+    if sender == self.rank == 1 and self._exchanges >= 8:
+        payload = payload + 1.0
+    return tag(self, payload, sender, receiver)
+
+
+ProcessGroup._tag = altered
+sys.argv = ["gossiplab", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_payload_altered_on_the_way_stops_the_run_with_its_rows_kept(tmp_path):
+    """Rank 1's tags are computed over altered rows (as if the rows had been changed in flight):
+    rank 0 refuses the payload, stops (exit 1) and keeps what it had written; it never mixes them."""
+    (tmp_path / "tamper.py").write_text(TAMPER)
+    port = free_port()
+    args = [*RUN, "--run-dir", str(tmp_path / "run")]
+    rank0 = launch(0, port, args, "the right secret")
+    env = dict(os.environ, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1")
+    env.update(MASTER_PORT=str(port), **{SECRET_ENV: "the right secret"})
+    tampered = subprocess.Popen([sys.executable, str(tmp_path / "tamper.py"), "run", "--quiet", *args], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    (code0, out0), _ = finish([rank0, tampered])
+    assert code0 == 1 and "a payload from rank 1 failed its authentication" in out0, out0
+    assert "Traceback" not in out0 and not (tmp_path / "run" / "summary.json").exists()
+    assert [row["step"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0]  # kept, none after
+
+
+def test_a_named_secret_variable_that_is_unset_is_refused():
+    with pytest.raises(ConfigError, match=r"field 'distributed\.secret_env' = 'MY_RUN_SECRET': no such environment"):
+        join_secret(build_config("default", ["distributed.secret_env=MY_RUN_SECRET"]))
 
 
 def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):

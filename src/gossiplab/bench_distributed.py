@@ -4,6 +4,8 @@ The same N sites (the default experiment's MLP on Fashion-MNIST) are split over 
 127.0.0.1 (K = 1 is the single-process simulation). A round is what a run does per step with
 gossip every step: every process's local step on its block (sample, forward, backward, update) and
 one exchange + mix. Each process uses cores / K threads so every K has the whole machine.
+Each K > 1 runs twice: without a join secret, and with one (every payload then carries an HMAC-SHA256
+tag, computed by the sender and checked by the receiver: the MAC's cost per round, side by side).
 Reported per K and topology: milliseconds per round (wall time on rank 0; and the local step and
 the exchange + mix, each the mean over processes), and the bytes of one round three ways: the
 analytic count (`payload_rows`: each row a peer reads, once per peer), the payload the processes
@@ -25,7 +27,7 @@ import torch
 
 from gossiplab.assembly import build_experiment
 from gossiplab.config import build_config
-from gossiplab.distributed import ProcessGroup, SingleProcess, payload_rows
+from gossiplab.distributed import DEFAULT_SECRET_ENV, ProcessGroup, SingleProcess, payload_rows
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
 from gossiplab.topology import build_adjacency
@@ -97,6 +99,7 @@ def worker() -> None:
     bytes_per_row = population.theta.shape[1] * 4
     result = {
         "processes": spec["processes"],
+        "authenticated": spec["secret"],
         "topology": spec["topology"],
         "sites": config.num_sites,
         "threads_per_process": spec["threads"],
@@ -116,16 +119,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run(processes: int, topology: str, sites: int, rounds: int, timeout_s: float = 600) -> dict:
-    """Launch `processes` workers (torchrun's variables) and return rank 0's measurements."""
+def run(processes: int, topology: str, sites: int, rounds: int, secret: bool = False, timeout_s: float = 600) -> dict:
+    """Launch `processes` workers (torchrun's variables) and return rank 0's measurements; with
+    `secret`, the workers share a join secret (authenticated payloads)."""
     cores = os.cpu_count() or 1
     spec = {"processes": processes, "topology": topology, "sites": sites, "rounds": rounds, "warmup": 3,
-            "threads": max(1, cores // processes)}  # fmt: skip
+            "threads": max(1, cores // processes), "secret": secret}  # fmt: skip
     port = str(free_port())
     workers = []
     for rank in range(processes):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes))
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{SPEC: json.dumps(spec)})
+        env.pop(DEFAULT_SECRET_ENV, None)
+        if secret:
+            env[DEFAULT_SECRET_ENV] = "bench-" + port
         command = [sys.executable, "-c", "from gossiplab.bench_distributed import worker; worker()"]
         workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []

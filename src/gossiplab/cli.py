@@ -173,7 +173,7 @@ def run(
     except RunInterrupted as stop:
         errors.print(f"[yellow]interrupted:[/] {stop}")
         raise typer.Exit(130) from None
-    except (DivergenceError, PeerLost) as error:
+    except (DivergenceError, PeerLost, JoinRefused) as error:  # the run stopped: what it wrote stays
         _fail(str(error), code=1)
     except ResumeError as error:
         _fail(str(error))
@@ -503,7 +503,7 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
     from gossiplab.bench_distributed import run as run_processes
 
     table = Table(title="one gossip round (local step + exchange) with the sites in K processes on loopback")
-    for column in ("N", "topology", "K", "ms/round", "vs K=1", "local step ms", "exchange ms",
+    for column in ("N", "topology", "K", "MAC", "ms/round", "vs K=1", "local step ms", "exchange ms",
                    "analytic MB", "payload MB", "loopback MB"):  # fmt: skip
         table.add_column(column, justify="right")
     results = []
@@ -511,8 +511,8 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
         for count in counts:
             for topology in ("ring", "complete"):
                 single = None
-                for processes in (1, 2, 4):
-                    row = run_processes(processes, topology, count, rounds)
+                for processes, secret in ((1, False), (2, False), (2, True), (4, False), (4, True)):
+                    row = run_processes(processes, topology, count, rounds, secret)
                     single = single or row["round_ms"]
                     results.append(row)
                     wire = row["loopback_bytes_per_round"]
@@ -520,6 +520,7 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
                         str(count),
                         topology,
                         str(processes),
+                        "yes" if secret else "",
                         f"{row['round_ms']:.1f}",
                         f"{single / row['round_ms']:.2f}x",
                         f"{row['local_step_ms']:.1f}",
@@ -530,7 +531,8 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
                     )
     console.print(
         f"\n{os.cpu_count()} cores shared by the K processes (cores/K threads each); 'vs K=1' above 1 is faster "
-        "than one process. MB per round: analytic = rows neighbours need x P x 4 bytes; payload = what the "
+        "than one process. MAC: with a join secret, every payload carries an HMAC-SHA256 tag (sent, checked). "
+        "MB per round: analytic = rows neighbours need x P x 4 bytes; payload = what the "
         "processes handed gloo; loopback = bytes that crossed lo (with headers, store and metric traffic)."
     )
     if json_path is not None:

@@ -189,7 +189,11 @@ class TrainConfig:
     on_divergence: str = documented(
         "stop", "a site with a NaN/Inf loss: stop the run, or drop the site and go on", ("stop", "drop")
     )
-    threads: int = documented(0, "PyTorch threads (0: its default)")
+    threads: int = documented(
+        0,
+        "CPU threads the run computes with, pinned for the run and recorded in config.toml (0: PyTorch's count "
+        "when gossiplab started); the same bits need the same count",
+    )
     lr_schedule: str = documented("constant", '`warmup-constant` is MAZEL\'s "uniform with warmup"', LR_SCHEDULES)
     warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
     loss: str = documented("cross-entropy", "loss(logits, targets): `cross-entropy`, or a user's registered loss")
@@ -328,6 +332,11 @@ class DistributedConfig:
         "GOSSIPLAB_JOIN_SECRET", "the environment variable that holds the join secret (never the secret itself)"
     )
     secret_file: str = documented("", "or a file that holds it")
+    authenticate_payloads: bool = documented(
+        True,
+        "with a join secret: every tensor exchanged carries an HMAC-SHA256 tag, checked on receipt (false: "
+        "only the membership is proven)",
+    )
 
     def problems(self, config: Any) -> list[str]:
         return problems_of(config, [

@@ -42,16 +42,20 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from gossiplab.config import Config, ConfigError, differing_fields, flatten
+from gossiplab.config import Config, ConfigError, DistributedConfig, differing_fields, flatten
 from gossiplab.devices import resolve_device
 from gossiplab.registry import ALGORITHMS, MIXING_RULES
 
+DEFAULT_SECRET_ENV = DistributedConfig.__dataclass_fields__["secret_env"].default
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
 JOIN_POLL_S = 0.05  # how often a process waiting to join (or rank 0 waiting for claims) polls the store
+MAX_CLAIMS = 16  # claims judged per rank: a store flooded with more cannot keep rank 0 checking them
+TAG_BYTES = 32  # an HMAC-SHA256 tag on every payload of a secret-protected run
 
 
 class ExchangeFailed(RuntimeError):
@@ -59,12 +63,15 @@ class ExchangeFailed(RuntimeError):
 
 
 def exchange(method: Callable) -> Callable:
-    """gloo reports a lost peer (connection reset, timeout) as a bare RuntimeError: name it."""
+    """gloo reports a lost peer (connection reset, timeout) as a bare RuntimeError: name it. A
+    payload that fails its authentication is no lost peer: it stops the run as it is."""
 
     @functools.wraps(method)
     def wrapped(*args, **kwargs):
         try:
             return method(*args, **kwargs)
+        except JoinRefused:
+            raise
         except RuntimeError as error:
             raise ExchangeFailed(str(error)) from error
 
@@ -77,6 +84,11 @@ class ResumeError(ValueError):
 
 class JoinRefused(RuntimeError):
     """A process could not prove the run's join secret, or the run stopped because one could not."""
+
+
+class Unauthenticated(JoinRefused):
+    """A value or payload of a secret-protected run failed its authentication: someone without the
+    join secret wrote it or altered it on the way. The run stops; nothing foreign is used."""
 
 
 class PeerLost(RuntimeError):
@@ -187,7 +199,8 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
 
 def join_secret(config: Config) -> bytes | None:
     """The run's join secret: the contents of `distributed.secret_file`, else the value of the
-    environment variable `distributed.secret_env`; None when neither holds one."""
+    environment variable `distributed.secret_env`; None when neither holds one. A variable named
+    other than the default must be set: a typo must not run a multi-machine run without a secret."""
     settings = config.distributed
     if settings.secret_file:
         try:
@@ -199,6 +212,11 @@ def join_secret(config: Config) -> bytes | None:
         if not secret:
             raise ConfigError(f"field 'distributed.secret_file' = {settings.secret_file!r}: the file is empty")
         return secret
+    if settings.secret_env not in os.environ and settings.secret_env != DEFAULT_SECRET_ENV:
+        raise ConfigError(
+            f"field 'distributed.secret_env' = {settings.secret_env!r}: no such environment variable is set in this "
+            "process; set it to the join secret (or leave the field at its default for a run without one)"
+        )
     return os.environ.get(settings.secret_env, "").encode() or None
 
 
@@ -224,34 +242,93 @@ def on_one_machine() -> bool:
     return loopback and int(os.environ.get("LOCAL_WORLD_SIZE", world)) >= world
 
 
-def _wait_for_any(store: dist.Store, keys: list[str], deadline: float) -> str | None:
-    """The value of the first of `keys` set in the store (polled), or None at the deadline."""
+def _key(secret: bytes, *parts: object) -> bytes:
+    """A key derived from the join secret for one use (store values, payloads)."""
+    return bytes.fromhex(_proof(secret, *parts))
+
+
+class SignedValues:
+    """Store values that steer a secret-protected run, each carrying HMAC-SHA256(key, name | value).
+
+    torch's store answers anyone who can reach it: without a signature, one forged write could stop
+    the run (`join/abort`), admit or refuse a process, or change a value rank 0 shares. With `key`
+    None (a run without a secret, or a claimant without one) values travel as they are.
+    """
+
+    def __init__(self, store: dist.Store, key: bytes | None):
+        self.store, self.key = store, key
+
+    def _mac(self, name: str, value: str) -> str:
+        return hmac.new(self.key or b"", f"{name}|{value}".encode(), hashlib.sha256).hexdigest()
+
+    def set(self, name: str, value: str) -> None:
+        self.store.set(name, f"{value}\n{self._mac(name, value)}" if self.key else value)
+
+    def read(self, name: str) -> str | None:
+        """The value under `name` (which must exist), or None when its signature does not hold."""
+        raw = self.store.get(name).decode()
+        if self.key is None:
+            return raw.rpartition("\n")[0] if "\n" in raw else raw
+        value, _, mac = raw.rpartition("\n")
+        return value if hmac.compare_digest(mac, self._mac(name, value)) else None
+
+    def get(self, name: str) -> str:
+        """The value under `name`, waiting for it; Unauthenticated when its signature does not hold."""
+        value = self.read(name)
+        if value is None:
+            raise Unauthenticated(
+                f"the run's store holds a value under '{name}' that rank 0 did not write (its signature does not "
+                "hold): a process without the join secret writes to this run's store; stopping"
+            )
+        return value
+
+
+def _wait_for_any(values: SignedValues, keys: list[str], deadline: float) -> str | None:
+    """The value of the first of `keys` set in the store with a signature that holds (polled), or
+    None at the deadline. A forged value is ignored, with a warning, and the wait goes on."""
+    warned: set[str] = set()
     try:
         while time.monotonic() < deadline:
             for key in keys:
-                if store.check([key]):
-                    return store.get(key).decode()
+                if values.store.check([key]):
+                    value = values.read(key)
+                    if value is not None:
+                        return value
+                    if key not in warned:
+                        warned.add(key)
+                        print(
+                            f"warning: ignored '{key}' in the run's store: rank 0 did not write it (a process without "
+                            "the join secret writes to the store)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             time.sleep(JOIN_POLL_S)
     except dist.DistError:
         return "rank 0 stopped (its store closed)"
     return None
 
 
-def _abort(store: dist.Store, refused: set[int], reason: str) -> None:
-    """Rank 0: tell every process the run will not start, and give every claimant not already
-    refused (admitted, or still waiting for its verdict) a moment to read why before this
+def _claims(store: dist.Store, ranks: set[int]) -> list[tuple[int, int]]:
+    """(rank, ticket) of every claim rank 0 may judge: at most MAX_CLAIMS per rank."""
+    return [(r, t) for r in sorted(ranks) for t in range(1, min(store.add(f"join/tickets/{r}", 0), MAX_CLAIMS) + 1)]
+
+
+def _abort(values: SignedValues, refused: set[tuple[int, int]], ranks: set[int], reason: str) -> None:
+    """Rank 0: tell every process the run will not start (signed), and give every claimant not
+    already refused (admitted, or still waiting for its verdict) a moment to read why before this
     process, which hosts the store, exits."""
-    store.set("join/abort", reason)
-    waiting = [t for t in range(1, store.add("join/tickets", 0) + 1) if t not in refused]
+    store = values.store
+    values.set("join/abort", reason)
+    waiting = [c for c in _claims(store, ranks) if c not in refused]
     deadline = time.monotonic() + 10 * HEARTBEAT_S
-    while time.monotonic() < deadline and not all(store.check([f"join/ack/{t}"]) for t in waiting):
+    while time.monotonic() < deadline and not all(store.check([f"join/ack/{r}/{t}"]) for r, t in waiting):
         time.sleep(JOIN_POLL_S)
 
 
-def _acknowledge(store: dist.Store, ticket: int) -> None:
+def _acknowledge(store: dist.Store, rank: int, ticket: int) -> None:
     """A claimant read that the run will not start (rank 0 may stop waiting for it)."""
     with contextlib.suppress(dist.DistError):
-        store.set(f"join/ack/{ticket}", "1")
+        store.set(f"join/ack/{rank}/{ticket}", "1")
 
 
 def admit(
@@ -262,29 +339,35 @@ def admit(
     digest: str,
     timeout: datetime.timedelta,
     on_failure: str,
-) -> dist.Store:
-    """Who may join the run; returns the store under which the process group's own keys live.
+) -> SignedValues:
+    """Who may join the run; returns the store (with its signing key) under which the process
+    group's own keys live.
 
     Rank 0 publishes whether the run needs the join secret and, if so, a fresh nonce with its own
-    proof of the secret. Every other process draws a ticket t and posts a claim {rank r, host, pid,
-    config digest, proof = HMAC(secret, nonce | digest | r | t)}. Rank 0 admits the first valid claim
-    for each rank and refuses every other one, naming it on its standard error; a refusal stops the
-    run when `on_failure` is 'stop', and with 'drop' rank 0 keeps waiting (up to the timeout) for the
-    rightful process. The admitted processes then meet under the store prefix HMAC(secret, nonce |
-    'group'), which a process without the secret cannot derive. Without a secret nothing changes.
+    proof of the secret. Every other process draws a ticket t of its rank r and posts a claim {rank
+    r, host, pid, config digest, proof = HMAC(secret, nonce | digest | r | t)}. Rank 0 admits the first
+    valid claim for each rank and refuses every other one, naming it on its standard error; a
+    refusal stops the run when `on_failure` is 'stop', and with 'drop' rank 0 keeps waiting (up to
+    the timeout) for the rightful process. Rank 0's verdicts, the start and an abort are signed with
+    a key derived from the secret and the nonce, so a forged one is ignored; at most MAX_CLAIMS
+    tickets per rank are judged. The admitted processes then meet under the store prefix
+    HMAC(secret, nonce | 'group'). That prefix is no secret (the store lists its keys to anyone), so
+    the process group proves every member again over its own connections (`prove_members`).
+    Without a secret nothing is checked.
     """
     deadline = time.monotonic() + timeout.total_seconds()
     if rank == 0:
         if secret is None:
             store.set("join/mode", "open")
-            return store
+            return SignedValues(store, None)
         nonce = secrets.token_hex(16)
         store.set("join/nonce", nonce)
         store.set("join/nonce-proof", _proof(secret, nonce, "rank 0"))
         store.set("join/mode", "secret")
-        _admit_claims(store, set(range(1, world_size)), secret, nonce, digest, deadline, on_failure)
-        store.set("join/go", "1")
-        return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
+        values = SignedValues(store, _key(secret, nonce, "join"))
+        _admit_claims(values, set(range(1, world_size)), secret, nonce, digest, deadline, on_failure)
+        values.set("join/go", "1")
+        return _group_values(store, secret, nonce)
     try:
         return _join(store, rank, secret, digest, deadline)
     except dist.DistError as error:  # rank 0, which hosts the store, is gone
@@ -293,80 +376,152 @@ def admit(
         ) from None
 
 
-def _join(store: dist.Store, rank: int, secret: bytes | None, digest: str, deadline: float) -> dist.Store:
+def _group_values(store: dist.Store, secret: bytes, nonce: str) -> SignedValues:
+    return SignedValues(
+        dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store), _key(secret, nonce, "group")
+    )
+
+
+def _join(store: dist.Store, rank: int, secret: bytes | None, digest: str, deadline: float) -> SignedValues:
     """A process other than rank 0: claim its rank (see `admit`), then wait for the start."""
     if store.get("join/mode").decode() == "open":
         if secret is not None:
             raise JoinRefused("this process holds a join secret but rank 0 runs without one: give all the same one")
-        return store
+        return SignedValues(store, None)
     nonce, rank0_proof = store.get("join/nonce").decode(), store.get("join/nonce-proof").decode()
-    ticket = store.add("join/tickets", 1)
+    ticket = store.add(f"join/tickets/{rank}", 1)
+    if ticket > MAX_CLAIMS:
+        raise JoinRefused(
+            f"the run's store has seen {ticket - 1} claims of rank {rank} already, and rank 0 judges at most "
+            f"{MAX_CLAIMS}: someone floods this run's store; not claiming"
+        )
     proof = _proof(secret, nonce, digest, rank, ticket) if secret is not None else ""
     claim = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid(), "config": digest, "proof": proof}
-    store.set(f"join/claim/{ticket}", json.dumps(claim))
-    verdict = _wait_for_any(store, [f"join/verdict/{ticket}", "join/abort"], deadline)
+    store.set(f"join/claim/{rank}/{ticket}", json.dumps(claim))  # rank 0 logs a refused claim: its operator sees it
+    if secret is not None and not hmac.compare_digest(rank0_proof, _proof(secret, nonce, "rank 0")):
+        raise JoinRefused(
+            "rank 0's proof of the join secret does not hold with this process's secret: the two secrets differ "
+            "(or the process serving as rank 0 is an impostor); not joining"
+        )
+    values = SignedValues(store, _key(secret, nonce, "join") if secret is not None else None)
+    verdict = _wait_for_any(values, [f"join/verdict/{rank}/{ticket}", "join/abort"], deadline)
     if verdict != "admitted":
-        _acknowledge(store, ticket)
+        _acknowledge(store, rank, ticket)
         hint = "" if secret is not None else " (this process has no join secret: see distributed.secret_env)"
         raise JoinRefused(f"rank 0 did not admit this process: {verdict or 'no answer in time'}{hint}")
-    if not hmac.compare_digest(rank0_proof, _proof(secret, nonce, "rank 0")):  # an impostor admits anyone
-        raise JoinRefused("the process serving as rank 0 cannot prove the join secret: not joining it")
-    started = _wait_for_any(store, ["join/go", "join/abort"], deadline)
+    started = _wait_for_any(values, ["join/go", "join/abort"], deadline)
     if started != "1":
-        _acknowledge(store, ticket)
+        _acknowledge(store, rank, ticket)
         raise JoinRefused(f"the run did not start: {started or 'no answer in time'}")
-    return dist.PrefixStore(f"group-{_proof(secret, nonce, 'group')[:32]}", store)
+    return _group_values(store, secret, nonce) if secret is not None else SignedValues(store, None)
 
 
 def _admit_claims(
-    store: dist.Store, pending: set[int], secret: bytes, nonce: str, digest: str, deadline: float, on_failure: str
+    values: SignedValues, pending: set[int], secret: bytes, nonce: str, digest: str, deadline: float, on_failure: str
 ) -> None:
     """Rank 0: judge claims in ticket order until every rank in `pending` is admitted."""
-    judged: set[int] = set()
-    refused: set[int] = set()
+    store, ranks = values.store, set(pending)
+    judged: set[tuple[int, int]] = set()
+    refused: set[tuple[int, int]] = set()
     while pending:
-        issued = store.add("join/tickets", 0)
-        posted = [t for t in range(1, issued + 1) if t not in judged and store.check([f"join/claim/{t}"])]
+        posted = [c for c in _claims(store, pending) if c not in judged and store.check([f"join/claim/{c[0]}/{c[1]}"])]
         if not posted and time.monotonic() > deadline:
-            _abort(store, refused, f"rank 0 saw no valid claim for rank(s) {sorted(pending)} in time")
+            flooded = [r for r in sorted(pending) if store.add(f"join/tickets/{r}", 0) > MAX_CLAIMS]
+            flood = (
+                f" (more than {MAX_CLAIMS} claims of rank(s) {flooded}: someone floods the store)" if flooded else ""
+            )
+            _abort(values, refused, ranks, f"rank 0 saw no valid claim for rank(s) {sorted(pending)} in time{flood}")
             raise JoinRefused(
-                f"no process proved the join secret for rank(s) {sorted(pending)} in distributed.timeout_s"
+                f"no process proved the join secret for rank(s) {sorted(pending)} in distributed.timeout_s{flood}"
             )
         if not posted:
             time.sleep(JOIN_POLL_S)
-        for ticket in posted:
-            judged.add(ticket)
-            rank, refusal = _judge_claim(store.get(f"join/claim/{ticket}"), ticket, pending, secret, nonce, digest)
+        for rank, ticket in posted:
+            judged.add((rank, ticket))
+            refusal = _judge_claim(
+                store.get(f"join/claim/{rank}/{ticket}"), rank, ticket, pending, secret, nonce, digest
+            )
             if refusal is None:
                 pending.discard(rank)
-                store.set(f"join/verdict/{ticket}", "admitted")
+                values.set(f"join/verdict/{rank}/{ticket}", "admitted")
                 continue
-            store.set(f"join/verdict/{ticket}", f"refused: {refusal}")
-            refused.add(ticket)
+            values.set(f"join/verdict/{rank}/{ticket}", f"refused: {refusal}")
+            refused.add((rank, ticket))
             print(f"warning: refused {refusal}", file=sys.stderr, flush=True)
             if on_failure == "stop":
-                _abort(store, refused, f"rank 0 refused {refusal}, and distributed.on_failure = 'stop'")
+                _abort(values, refused, ranks, f"rank 0 refused {refusal}, and distributed.on_failure = 'stop'")
                 raise JoinRefused(f"refused {refusal}; stopping (distributed.on_failure = 'stop')")
 
 
 def _judge_claim(
-    raw: bytes, ticket: int, pending: set[int], secret: bytes, nonce: str, digest: str
-) -> tuple[int, str | None]:
-    """(claimed rank, None) for a valid claim of a rank still missing, else why it is refused,
-    naming who made it (host and pid as the claim states them)."""
+    raw: bytes, rank: int, ticket: int, pending: set[int], secret: bytes, nonce: str, digest: str
+) -> str | None:
+    """None for a valid claim of a rank still missing, else why it is refused. The host and pid are
+    what the claim says: unverified, and named as such."""
     try:
         claim = json.loads(raw)
-        rank = int(claim["rank"])
+        claimed = int(claim["rank"])
     except (ValueError, TypeError, KeyError):
-        return -1, f"a malformed claim (ticket {ticket})"
-    who = f"a process claiming rank {rank} (host {claim.get('host')!s:.64}, pid {claim.get('pid')!s:.16})"
-    if rank not in pending:
-        return rank, f"{who}: that rank is not expected (already joined, or out of range)"
+        return f"a malformed claim of rank {rank} (ticket {ticket})"
+    who = (
+        f"a process claiming rank {rank} (it says: host {claim.get('host')!s:.64}, pid {claim.get('pid')!s:.16}; "
+        "unverified)"
+    )
+    if claimed != rank or rank not in pending:
+        return f"{who}: that rank is not expected (already joined, or out of range)"
     if claim.get("config") != digest:
-        return rank, f"{who}: it runs another config"
+        return f"{who}: it runs another config"
     if not hmac.compare_digest(str(claim.get("proof", "")), _proof(secret, nonce, digest, rank, ticket)):
-        return rank, f"{who}: it cannot prove the join secret"
-    return rank, None
+        return f"{who}: it cannot prove the join secret"
+    return None
+
+
+def prove_members(
+    group: Any, rank: int, members: list[int], secret: bytes, digest: str, timeout: datetime.timedelta
+) -> bytes:
+    """Every member of the process group proves the join secret over the group's own connections;
+    returns the key that authenticates this group's payloads.
+
+    The store's keys (the group's prefix included) are readable by anyone who can reach the store,
+    so a process without the secret could take a rank's place in gloo's rendezvous. Each member
+    draws a fresh 32-byte challenge; all are exchanged over the group (allgather), then each member
+    r sends HMAC(secret, 'member' | r | config digest | every challenge), bound to its rank, the run's
+    config and this group's challenges, which no earlier group can replay. A member whose proof does
+    not hold stops every process that checks it.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def everyone(tensor: torch.Tensor) -> list[torch.Tensor]:
+        received = [torch.empty_like(tensor) for _ in members]
+        try:
+            group.allgather([received], [tensor]).wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 1)))
+        except RuntimeError as error:
+            raise JoinRefused(
+                f"the process group did not complete its membership proof within distributed.timeout_s "
+                f"({str(error).splitlines()[0][:120]}): a member may not be running gossiplab with the join secret"
+            ) from error
+        return received
+
+    challenges = b"".join(
+        c.numpy().tobytes() for c in everyone(torch.frombuffer(bytearray(secrets.token_bytes(32)), dtype=torch.uint8))
+    )
+
+    def proof(member: int) -> bytes:
+        return _key(secret, "member", member, digest, challenges.hex())
+
+    mine = torch.frombuffer(bytearray(proof(rank)), dtype=torch.uint8)
+    failed = [
+        m
+        for m, theirs in zip(members, everyone(mine), strict=True)
+        if not hmac.compare_digest(theirs.numpy().tobytes(), proof(m))
+    ]
+    if failed:
+        raise JoinRefused(
+            f"rank(s) {failed} of the process group cannot prove the join secret over their connection: a process "
+            "without it took their place (torch's store lists its keys to anyone who can reach it); stopping before "
+            "any exchange of parameters"
+        )
+    return _key(secret, "payload", digest, challenges.hex())
 
 
 def relaunched_by_torchrun(run_dir: Path | None) -> bool:
@@ -419,7 +574,9 @@ class ProcessGroup:
                 flush=True,
             )
         store = rendezvous_store(self.rank, self.world_size, timeout)
-        self.store = admit(store, self.rank, self.world_size, secret, config_digest(config), timeout, self.on_failure)
+        self._secret, self._digest = secret, config_digest(config)
+        self.values = admit(store, self.rank, self.world_size, secret, self._digest, timeout, self.on_failure)
+        self.store = self.values.store
         try:
             dist.init_process_group(
                 backend_for(resolve_device(config.train.device)),  # 'auto' too
@@ -436,6 +593,10 @@ class ProcessGroup:
         self.group = dist.group.WORLD
         self.members = list(range(self.world_size))  # original ranks still in the run
         self.epoch = 0  # regroupings so far
+        self._exchanges = 0  # exchanges in this group so far: each payload's tag names its exchange
+        self._stopped, self._heart = threading.Event(), None
+        payload_key = self._prove_members()  # the membership proof runs whenever there is a secret
+        self._payload_key = payload_key if config.distributed.authenticate_payloads else None
         self.num_sites = config.num_sites
         blocks = torch.tensor_split(torch.arange(config.num_sites), self.world_size)
         self.blocks = [(int(b[0]), int(b[-1]) + 1) for b in blocks]
@@ -446,7 +607,6 @@ class ProcessGroup:
         self.bytes_sent = 0  # parameter payload this process sent to others
         self.failures = (ExchangeFailed,)
         self._averagers: dict[int, tuple[torch.Tensor, Callable]] = {}
-        self._stopped = threading.Event()
         self._beat()
         self._heart = threading.Thread(target=self._heartbeat, daemon=True)
         self._heart.start()
@@ -458,9 +618,20 @@ class ProcessGroup:
 
     # --- setup -------------------------------------------------------------------------------
 
+    def _prove_members(self) -> bytes | None:
+        """With a join secret, every member of the current group proves it (`prove_members`);
+        returns the key of this group's payload tags."""
+        if self._secret is None:
+            return None
+        try:
+            return prove_members(self.group, self.rank, self.members, self._secret, self._digest, self.timeout)
+        except JoinRefused:
+            self.close(together=False)
+            raise
+
     def _beat(self) -> None:
         self._beats += 1
-        self.store.set(f"gossiplab/beat/{self.rank}", str(self._beats))
+        self.values.set(f"gossiplab/beat/{self.rank}", str(self._beats))
 
     def _heartbeat(self) -> None:
         while not self._stopped.wait(HEARTBEAT_S):
@@ -472,9 +643,9 @@ class ProcessGroup:
     def _check_same_config(self, config: Config) -> None:
         """Every process must run the same config: refuse to start, naming the fields that differ."""
         mine = flatten(config.to_dict())
-        self.store.set(f"gossiplab/config/{self.rank}", json.dumps(mine, sort_keys=True))
+        self.values.set(f"gossiplab/config/{self.rank}", json.dumps(mine, sort_keys=True))
         for other in range(self.world_size):
-            theirs = json.loads(self.store.get(f"gossiplab/config/{other}"))
+            theirs = json.loads(self.values.get(f"gossiplab/config/{other}"))
             differing = differing_fields(mine, theirs)
             if differing:
                 details = ", ".join(
@@ -488,9 +659,9 @@ class ProcessGroup:
         self._shared += 1
         key = f"gossiplab/share/{self._shared}/{key}"
         if self.rank == 0:
-            self.store.set(key, value)
+            self.values.set(key, value)
             return value
-        return self.store.get(key).decode()
+        return self.values.get(key)
 
     def close(self, together: bool = True) -> None:
         """Stop the heartbeat and leave the group; `together` (a finished run) waits for every
@@ -498,7 +669,8 @@ class ProcessGroup:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._heart.join()
+        if self._heart is not None:
+            self._heart.join()
         if together:
             with contextlib.suppress(RuntimeError):  # a peer already gone: nothing left to wait for
                 self.sum(torch.zeros(1))
@@ -517,10 +689,41 @@ class ProcessGroup:
         """The position of an original rank in the current group."""
         return self.members.index(rank)
 
+    def _tag(self, payload: torch.Tensor, sender: int, receiver: object) -> torch.Tensor:
+        """HMAC-SHA256 of a payload under this group's key, bound to the exchange, the group's epoch,
+        the sender and the receiver ('all' for a collective), so no payload can be replayed or
+        redirected; 32 bytes as a uint8 tensor."""
+        assert self._payload_key is not None
+        mac = hmac.new(self._payload_key, f"{self._exchanges}|{self.epoch}|{sender}|{receiver}|".encode(), "sha256")
+        mac.update(memoryview(payload.detach().cpu().contiguous().numpy()).cast("B"))
+        return torch.frombuffer(bytearray(mac.digest()), dtype=torch.uint8)
+
+    def _check_tag(self, payload: torch.Tensor, tag: torch.Tensor, sender: int, receiver: object) -> None:
+        if not hmac.compare_digest(tag.numpy().tobytes(), self._tag(payload, sender, receiver).numpy().tobytes()):
+            raise Unauthenticated(
+                f"a payload from rank {sender} failed its authentication (exchange {self._exchanges}): it was altered "
+                "on the way or sent by a process without the join secret; stopping. Checkpoints written so far "
+                "are intact."
+            )
+
+    def _allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's `tensor` (one shape everywhere), in member order; with payload
+        authentication each arrives with its tag checked."""
+        received = [torch.empty_like(tensor) for _ in self.members]
+        self._wait([self.group.allgather([received], [tensor])])
+        if self._payload_key is not None:
+            tag = self._tag(tensor, self.rank, "all")
+            tags = [torch.empty_like(tag) for _ in self.members]
+            self._wait([self.group.allgather([tags], [tag])])
+            for member, part, their_tag in zip(self.members, received, tags, strict=True):
+                self._check_tag(part, their_tag, member, "all")
+        return received
+
     @exchange
     def mix(self, theta: torch.Tensor, weights: torch.Tensor, operator: Callable) -> int:
         """theta_i <- sum_j W_ij theta_j for this block's sites; returns the bytes this process sent.
         `operator.resized` (the run's GossipAverager) mixes the extended block, one per block size."""
+        self._exchanges += 1
         lo, hi = self.sites.start, self.sites.stop
         needs = weights != 0  # [i, j]: site i reads site j
         peers = [r for r in self.members if r != self.rank]
@@ -542,28 +745,34 @@ class ProcessGroup:
         if dense:
             send = torch.zeros(self._padded(), theta.shape[1], device=theta.device)
             send[: hi - lo] = theta
-            received = [torch.empty_like(send) for _ in self.members]
-            self._wait([self.group.allgather([received], [send])])
+            received = self._allgather(send)
             for r, rows in zip(self.members, received, strict=True):
                 a, b = self.blocks[r]
                 extended[position[a] : position[a] + b - a] = rows[: b - a]
             sent = send.numel() * 4 * len(peers)
         else:
-            works = []
+            works, tagged = [], []
             for peer in peers:
                 a, b = self.blocks[peer]
                 rows_to_send = torch.nonzero(needs[a:b, lo:hi].any(0)).flatten() + lo
                 if len(rows_to_send):
                     payload = theta[rows_to_send - lo].contiguous()
                     works.append(self.group.send([payload], self._index(peer), 0))
+                    if self._payload_key is not None:
+                        works.append(self.group.send([self._tag(payload, self.rank, peer)], self._index(peer), 1))
                     sent += payload.numel() * 4
                 rows_to_receive = [s for s in range(a, b) if s in position]
                 if rows_to_receive:
                     first = position[rows_to_receive[0]]
-                    works.append(
-                        self.group.recv([extended[first : first + len(rows_to_receive)]], self._index(peer), 0)
-                    )
+                    rows = extended[first : first + len(rows_to_receive)]
+                    works.append(self.group.recv([rows], self._index(peer), 0))
+                    if self._payload_key is not None:
+                        tag = torch.empty(TAG_BYTES, dtype=torch.uint8)
+                        works.append(self.group.recv([tag], self._index(peer), 1))
+                        tagged.append((rows, tag, peer))
             self._wait(works)
+            for rows, tag, peer in tagged:
+                self._check_tag(rows, tag, peer, self.rank)
         local = weights[extended_sites][:, extended_sites]
         outside = torch.ones(len(extended_sites), dtype=torch.bool)
         outside[own] = False
@@ -583,11 +792,11 @@ class ProcessGroup:
     @exchange
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Per-site rows [N_r, ...] of every process in site order [N, ...]; lost processes' rows are zero."""
+        self._exchanges += 1
         size = self._padded()
         send = torch.zeros(size, *rows.shape[1:], dtype=rows.dtype)
         send[: len(rows)] = rows
-        received = [torch.empty_like(send) for _ in self.members]
-        self._wait([self.group.allgather([received], [send])])
+        received = self._allgather(send)
         full = torch.zeros(self.num_sites, *rows.shape[1:], dtype=rows.dtype)
         for r, part in zip(self.members, received, strict=True):
             a, b = self.blocks[r]
@@ -596,8 +805,13 @@ class ProcessGroup:
 
     @exchange
     def sum(self, value: torch.Tensor) -> torch.Tensor:
-        total = value.clone()
-        self._wait([self.group.allreduce([total])])
+        """The sum over processes, added in rank order (the same bits whatever gloo's reduction
+        algorithm; with payload authentication every process's term is checked)."""
+        self._exchanges += 1
+        parts = self._allgather(value.clone())
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
         return total
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -632,22 +846,25 @@ class ProcessGroup:
         prefix = f"gossiplab/regroup/{self.epoch}"
         deadline = self.timeout + datetime.timedelta(seconds=10 * HEARTBEAT_S)
         try:
-            self.store.set(f"{prefix}/joined/{self.rank}", "1")
+            self.values.set(f"{prefix}/joined/{self.rank}", "1")
             if self.rank == 0:
-                before = {r: self.store.get(f"gossiplab/beat/{r}") for r in self.members}
+                before = {r: self.values.read(f"gossiplab/beat/{r}") for r in self.members}
                 time.sleep(4 * HEARTBEAT_S)
                 # alive: joined the regrouping already (its heartbeat may wait behind that store
                 # call), or still beating (it will join once its own exchange fails or times out)
                 alive = [
                     r
                     for r in self.members
-                    if self.store.check([f"{prefix}/joined/{r}"]) or self.store.get(f"gossiplab/beat/{r}") != before[r]
+                    if self._joined(f"{prefix}/joined/{r}")
+                    or self.values.read(f"gossiplab/beat/{r}") not in (before[r], None)
                 ]
                 self.store.wait([f"{prefix}/joined/{r}" for r in alive], deadline)
-                self.store.set(f"{prefix}/members", json.dumps(alive))
+                self.values.set(f"{prefix}/members", json.dumps(alive))
             else:
                 self.store.wait([f"{prefix}/members"], deadline)
-                alive = json.loads(self.store.get(f"{prefix}/members"))
+                alive = json.loads(self.values.get(f"{prefix}/members"))
+        except Unauthenticated:
+            raise
         except Exception as store_error:  # the store lives with rank 0 (or the launcher): it is gone
             raise PeerLost(
                 f"lost contact with rank 0, which writes the run directory ({store_error}); stopping. "
@@ -664,4 +881,11 @@ class ProcessGroup:
         self.members = alive
         store = dist.PrefixStore(f"{prefix}/group", self.store)
         self.group = dist.ProcessGroupGloo(store, alive.index(self.rank), len(alive), self.timeout)
+        self._exchanges = 0
+        key = self._prove_members()  # the new group's rendezvous went through the store too
+        self._payload_key = key if self._payload_key is not None else None
         return PeerLost(message, lost_sites)
+
+    def _joined(self, key: str) -> bool:
+        """A survivor's signed 'joined' mark of a regrouping is in the store."""
+        return self.store.check([key]) and self.values.read(key) is not None
