@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
 from gossiplab.config import build_config
 from gossiplab.data.sources import FASHION_MNIST_DIR
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="also run the tests marked long (CI runs them: CI=true)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `long` (full-length end-to-end runs) run in CI (CI=true, as CI sets it) or with
+    --long; `make test` alone stays under 10 minutes on 2 cores."""
+    if config.getoption("--long") or os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return
+    skip = pytest.mark.skip(reason="long: runs in CI (CI=true) or with --long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

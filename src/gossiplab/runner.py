@@ -24,6 +24,7 @@ from gossiplab.algorithms import restore, saved
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
 from gossiplab.callbacks import Callback, Checkpoints, Hooks, MetricsLog, ProgressBar, TensorBoardLog
 from gossiplab.config import Config, build_config, differing_fields, flatten, upgrade_keys
+from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
 from gossiplab.distributed import PeerLost, SingleProcess, launched_distributed
 from gossiplab.evaluation import evaluate
 from gossiplab.report import write_outputs
@@ -110,9 +111,10 @@ class Runner:
         if refusal:
             self._lock.release()
             raise RunDirError(refusal)
-        if config.train.threads:
-            # convolution kernels reduce in a thread-count dependent order: pin it for identical results
-            torch.set_num_threads(config.train.threads)
+        # the matrix kernels reduce in a thread-count dependent order: the run pins its count (given
+        # back when it ends) and records it in config.toml, so a re-run or a resume computes the same bits
+        self.threads = resolved_threads(config.train.threads)
+        self._compute = PinnedCompute(self.threads, resolve_device(config.train.device))
         self.config = config
         self.run_dir = run_dir
         self.resume = resume
@@ -122,12 +124,14 @@ class Runner:
         try:
             self.experiment = experiment or build_experiment(config, self.console, self.comm.sites)
             self.config = config = copy.deepcopy(self.experiment.config)
+            config.train.threads = self.threads
             unresolvable = record_parts(self.experiment, config)  # config.toml names the parts that run
             self.parts = {**part_names(self.experiment), "model.name": config.model.name}
             self.experiment.state = self.experiment.algorithm.init()
             check_experiment(self.experiment, self.comm.sites)
         except BaseException:
             self._lock.release()
+            self._compute.restore()
             raise
         for name in unresolvable:
             self.console.print(
@@ -204,7 +208,8 @@ class Runner:
         state = next(state for state in states if state["step"] == agreed)
         if "random_streams" not in state:  # written before sites kept buffers and random streams (2026-12)
             raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by an earlier gossiplab; start the run anew")
-        written, current = upgrade_keys(flatten(state["config"])), flatten(self.config.to_dict())
+        written = with_pinned_threads(upgrade_keys(flatten(state["config"])))
+        current = flatten(self.config.to_dict())
         differing = differing_fields(written, current)
         if differing:
             details = ", ".join(f"{k}: {written.get(k)!r} vs {current.get(k)!r}" for k in differing)
@@ -340,6 +345,17 @@ class Runner:
     ) -> dict[str, Any]:
         """Train to `train.steps`, then write summary.json and the plots; return the summary.
         `on_step(runner)` / `on_evaluation(runner, row)` and `callbacks` are the user's."""
+        try:
+            return self._run(on_evaluation, on_step, callbacks)
+        finally:
+            self._compute.restore()
+
+    def _run(
+        self,
+        on_evaluation: Callable[[Runner, dict[str, Any]], None] | None,
+        on_step: Callable[[Runner], None] | None,
+        callbacks: list[Callback] | None,
+    ) -> dict[str, Any]:
         config = self.config
         if self.resume:
             self._load_checkpoint()
@@ -445,6 +461,7 @@ class Runner:
             "strategy": self.experiment.population.strategy,
             "num_parameters": self.experiment.population.num_parameters,
             "parts": self.parts,
+            "platform": platform_record(self.threads, self.experiment.population.theta.device),
             **{k: v for k, v in final.items() if k not in ("local_accuracy", "site_train_loss")},
             "convergence_step": {
                 m: metrics.convergence_step(steps, [r[m] for r in rows]) for m in ("ala", "aga", "mmga")

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from gossiplab.compare import plot_against, plot_cost, plot_curves
 from gossiplab.config import Config, ConfigError, apply_values, build_config, differing_fields, flatten
+from gossiplab.devices import with_pinned_threads
 from gossiplab.rundir import atomic_write, read_summary
 from gossiplab.runner import Runner
 
@@ -113,8 +114,8 @@ def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
     stale = []
     for run_dir, config in configs.items():
         if (run_dir / "config.toml").is_file():
-            written = flatten(build_config(path=run_dir / "config.toml").to_dict())
-            differing = differing_fields(written, flatten(config.to_dict()))
+            written = with_pinned_threads(flatten(build_config(path=run_dir / "config.toml").to_dict()))
+            differing = differing_fields(written, with_pinned_threads(flatten(config.to_dict())))
             if differing:
                 stale.append(f"{run_dir.relative_to(sweep_dir)} ({', '.join(differing)})")
     if stale:
