@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from gossiplab.config import build_config
 from gossiplab.data.sources import FASHION_MNIST_DIR
@@ -32,6 +35,15 @@ def _real_data_installed():
         pytest.exit(
             "Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist (the Makefile's install does it)"
         )
+
+
+@pytest.fixture(autouse=True)
+def _seeded_global_generators():
+    """Every test starts from the same global random state, whatever ran before it in the process:
+    a test's draws (torch.randn without a generator) never depend on the order or selection of tests."""
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
 
 
 @pytest.fixture

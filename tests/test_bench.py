@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from gossiplab.assembly import build_experiment, memory_estimate
 from gossiplab.bench import training_flops
 from gossiplab.config import ModelConfig, build_config
@@ -58,6 +60,7 @@ def test_bench_refuses_a_device_before_any_work(gossiplab_main):
     assert code == 2 and "--device auto: --distributed times the CPU (gloo) runtime" in err
 
 
+@pytest.mark.long
 def test_a_thousand_sites_fit_and_run_with_memory_linear_in_sites(tmp_path):
     overrides = [
         "num_sites=1000",

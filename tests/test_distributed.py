@@ -116,8 +116,8 @@ def assert_same_run(theta: torch.Tensor, rows: list[dict], run_dir: Path, proces
     ("processes", "topology", "mixing"),
     [
         (2, "ring", "uniform"),
-        (4, "random-one-peer", "metropolis"),
-        (4, "complete", "uniform"),
+        pytest.param(4, "random-one-peer", "metropolis", marks=pytest.mark.long),
+        pytest.param(4, "complete", "uniform", marks=pytest.mark.long),
         (2, "exponential", "metropolis"),
     ],
 )
@@ -152,6 +152,7 @@ def long_reference(tmp_path_factory) -> tuple[torch.Tensor, list[dict]]:
     return uninterrupted(2, LONG, tmp_path_factory.mktemp("long") / "uninterrupted")
 
 
+@pytest.mark.long
 def test_torchrun_launch_with_resume_across_ranks(tmp_path, long_reference):
     """The README's command; the processes are killed mid-run and `--resume` ends at the
     uninterrupted result (ranks may stop one checkpoint apart: they agree on the older one)."""
@@ -184,6 +185,7 @@ def test_torchrun_launch_with_resume_across_ranks(tmp_path, long_reference):
     assert_same_run(theta, rows, run_dir, 2)
 
 
+@pytest.mark.long
 def test_torchrun_restarts_a_killed_worker_and_the_run_continues_to_the_same_result(tmp_path, long_reference):
     """On one machine torchrun ends every worker when one dies; with --max-restarts it relaunches
     them with the same command, which continues from the checkpoints (no site is lost)."""
@@ -215,6 +217,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_continues_to_the_same_res
     assert_same_run(theta, rows, run_dir, 2)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("on_failure", ["drop", "stop"])
 def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failure):
     run_dir = tmp_path / "run"
@@ -259,6 +262,7 @@ def test_a_killed_process_is_dropped_or_stops_the_run_cleanly(tmp_path, on_failu
         assert_same_run(*uninterrupted(3, overrides, tmp_path / "uninterrupted"), run_dir, 3)
 
 
+@pytest.mark.long
 def test_two_torchrun_nodes_one_loses_its_worker_and_the_other_finishes_without_its_sites(tmp_path):
     """The README's multi-machine launch, two torchrun agents on 127.0.0.1 standing in for two
     machines (c10d rendezvous); node 1's worker dies and node 0 drops its sites and finishes.
@@ -310,6 +314,7 @@ def test_rules_that_need_the_whole_population_are_refused_by_field():
         check_distributed(build_config("dimat"))
 
 
+@pytest.mark.long
 def test_bench_distributed_sends_exactly_the_analytic_bytes(tmp_path):
     """`gossiplab bench --distributed`: every K and topology reported; the payload handed to gloo
     is the analytic count, and what crosses loopback is that plus headers and small messages."""

@@ -101,6 +101,7 @@ def walked(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.long
 def test_command_line_walk_through(walked):
     assert (walked / "runs" / "demo" / "report.html").is_file()
     assert (walked / "runs" / "merge" / "landscape_loss.png").is_file()
@@ -109,6 +110,7 @@ def test_command_line_walk_through(walked):
     ).read_bytes()
 
 
+@pytest.mark.long
 def test_the_site_builds_strictly_and_a_browser_shows_its_pages(walked, tmp_path):
     """`mkdocs build --strict` (broken links and anchors fail), the figures from the walk-through's
     runs, the generated references; then the front page and a tutorial in headless chromium."""
@@ -168,6 +170,7 @@ def test_python_example(index, tmp_path, monkeypatch):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.long
 def test_one_machine_torchrun_example(tmp_path):
     """The README's single-machine launch (a free port instead of torchrun's default 29500)."""
     words = next(w for w in cli_lines("torchrun") if "--nnodes" not in w and "--resume" not in w)

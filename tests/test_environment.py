@@ -185,6 +185,7 @@ def test_every_sweep_dry_runs(name):
     assert result.output.count("ok: ") >= 2
 
 
+@pytest.mark.long
 def test_a_built_wheel_carries_presets_and_sweeps_and_runs_the_default(tmp_path):
     """Build the wheel from a copy of the sources, install it alone into a folder that shadows the
     editable install, and run the default (shortened) from outside the source tree."""

@@ -94,6 +94,7 @@ def stopped_at(step: int, run_dir: Path) -> None:
 # --- two writers, one run directory ---------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_second_run_or_a_resume_into_a_running_directory_is_refused_and_the_first_is_intact(tmp_path):
     """The first run is far from done while the others try (on a slow machine a 400-step first run
     once finished before the second started), then Ctrl-C stops it cleanly."""
@@ -113,6 +114,7 @@ def test_a_second_run_or_a_resume_into_a_running_directory_is_refused_and_the_fi
     assert build_config(path=run_dir / "config.toml").train.steps == 100000
 
 
+@pytest.mark.long
 def test_a_killed_run_does_not_keep_its_directory_locked(tmp_path):
     run_dir = tmp_path / "run"
     process = start("run", "--quiet", "--run-dir", str(run_dir), "num_sites=4", "train.steps=150", "eval.every=10")
@@ -429,6 +431,7 @@ def test_a_multi_process_run_is_not_resumed_by_one_process(finished, tmp_path, g
     cut=st.floats(0.0, 1.0),
     garbage=st.binary(min_size=0, max_size=64),
 )
+@pytest.mark.long
 def test_random_damage_to_a_run_directory_is_resumed_reported_or_refused_never_a_crash(
     finished, tmp_path_factory, target, cut, garbage
 ):

@@ -159,6 +159,7 @@ def test_an_eavesdropper_that_takes_a_rank_in_gloo_is_caught_before_any_exchange
     assert "Traceback" not in out0 and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.long
 def test_a_forged_abort_is_ignored_and_the_run_finishes_unchanged(tmp_path, plain):
     port = free_port()
     args = [*RUN, "--run-dir", str(tmp_path / "run")]
@@ -174,6 +175,7 @@ def test_a_forged_abort_is_ignored_and_the_run_finishes_unchanged(tmp_path, plai
     assert all(torch.equal(a, b) for a, b in zip(thetas, plain_thetas, strict=True)) and rows == plain_rows
 
 
+@pytest.mark.long
 def test_an_inflated_ticket_counter_costs_rank_0_a_bounded_number_of_checks(tmp_path):
     """A million tickets drawn for rank 1: the rightful rank 1 stops at once (its ticket is past
     the bound rank 0 judges), and rank 0 stops at its timeout naming the flood."""

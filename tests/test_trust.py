@@ -112,6 +112,7 @@ def test_a_changed_seed_changes_partition_init_and_topology():
     assert any(not torch.equal(random_one_peer(8, r, 0), random_one_peer(8, r, 1)) for r in range(3))
 
 
+@pytest.mark.long
 def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(reference, tmp_path):
     rng = random.Random(1234)
     resumed_from_checkpoint = 0
@@ -161,6 +162,7 @@ def test_a_checkpoint_cut_short_mid_write_is_never_the_one_resumed(reference, tm
     assert (run_dir / "metrics.jsonl").read_bytes() == (reference / "metrics.jsonl").read_bytes()
 
 
+@pytest.mark.long
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(reference, tmp_path):
     run_dir = tmp_path / "interrupted"
     process = cli("run", *SMALL, "--run-dir", str(run_dir), "--quiet")

@@ -166,7 +166,7 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
         config=config,
         federation=federation,
         population=population,
-        optimizer=build_optimizer(config.train, population.parameters.shape),
+        optimizer=build_optimizer(config.train, population.parameters.shape, population.theta.device),
         schedule=GossipSchedule.from_config(gossip, config.train.steps, config.seed),
         topology=functools.partial(build_adjacency, gossip.topology, config.num_sites, seed=config.seed, p=gossip.p),
         mixing_rule=MIXING_RULES.get(gossip.mixing),

@@ -181,7 +181,7 @@ def engine(
     gradient, drove the models to where their gradients held denormal floats, and the engine's
     steps timed after them ran up to 2x slower."""
     population = Population(copy.deepcopy(module), sites, seed=0, strategy=strategy, device=device)
-    optimizer = build_optimizer(train, population.parameters.shape)
+    optimizer = build_optimizer(train, population.parameters.shape, population.theta.device)
     seconds = {"step": 0.0, "update": 0.0}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:

@@ -167,13 +167,13 @@ class MatchedMerge:
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         if len(weights) > 1 and bool((weights == weights[:1]).all()):
             senders = weights[0].nonzero().flatten().tolist()
-            merged = weights[0, senders].to(theta.dtype) @ self.aligned_rows(theta, senders[0], senders)
+            merged = weights[0, senders].to(theta) @ self.aligned_rows(theta, senders[0], senders)
             theta.copy_(merged.expand_as(theta))
             return
         mixed = torch.empty_like(theta)
         for receiver in range(len(weights)):
             senders = weights[receiver].nonzero().flatten().tolist()
-            mixed[receiver] = weights[receiver, senders] @ self.aligned_rows(theta, receiver, senders)
+            mixed[receiver] = weights[receiver, senders].to(theta) @ self.aligned_rows(theta, receiver, senders)
         theta.copy_(mixed)
 
 

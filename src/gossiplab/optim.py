@@ -15,6 +15,8 @@ import torch
 
 from gossiplab.config import TrainConfig
 
+Device = torch.device | str
+
 
 def on_contiguous_rows(step: Callable) -> Callable:
     """torch's fused kernels read and write their tensors as contiguous memory: a strided view
@@ -40,10 +42,12 @@ class StackedSGD:
     theta <- theta - lr * b
     """
 
-    def __init__(self, shape: torch.Size, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(
+        self, shape: torch.Size, lr: float, momentum: float = 0.0, weight_decay: float = 0.0, device: Device = "cpu"
+    ):
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.shape = torch.Size(shape)
-        self.momentum_buffer = torch.zeros(shape) if momentum > 0 else None
+        self.momentum_buffer = torch.zeros(shape, device=device) if momentum > 0 else None
 
     @torch.no_grad()
     @on_contiguous_rows
@@ -92,13 +96,14 @@ class StackedAdam:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
+        device: Device = "cpu",
     ):
         self.lr, self.betas, self.eps = lr, betas, eps
         self.weight_decay, self.decoupled = weight_decay, decoupled_weight_decay
         self.shape = torch.Size(shape)
         self.steps = 0
-        self.exp_avg = torch.zeros(shape)
-        self.exp_avg_sq = torch.zeros(shape)
+        self.exp_avg = torch.zeros(shape, device=device)
+        self.exp_avg_sq = torch.zeros(shape, device=device)
 
     @torch.no_grad()
     @on_contiguous_rows
@@ -112,7 +117,7 @@ class StackedAdam:
             [self.exp_avg],
             [self.exp_avg_sq],
             [],
-            [torch.tensor(float(self.steps))],
+            [torch.tensor(float(self.steps), device=theta.device)],
             lr=self.lr,
             beta1=self.betas[0],
             beta2=self.betas[1],
@@ -152,9 +157,10 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr
 
 
-def build_optimizer(config: TrainConfig, shape: torch.Size) -> StackedSGD | StackedAdam:
+def build_optimizer(config: TrainConfig, shape: torch.Size, device: Device = "cpu") -> StackedSGD | StackedAdam:
+    """The stacked optimizer of `train.optimizer`, its state on `device` (the population's)."""
     if config.optimizer == "sgd":
-        return StackedSGD(shape, config.lr, config.momentum, config.weight_decay)
+        return StackedSGD(shape, config.lr, config.momentum, config.weight_decay, device)
     return StackedAdam(
         shape,
         config.lr,
@@ -162,4 +168,5 @@ def build_optimizer(config: TrainConfig, shape: torch.Size) -> StackedSGD | Stac
         config.eps,
         config.weight_decay,
         decoupled_weight_decay=config.optimizer == "adamw",
+        device=device,
     )

@@ -62,7 +62,7 @@ def _sequential_spec(sequential: nn.Sequential, prefix: str, input_shape: tuple[
     layers = list(sequential.named_children())
     weighted = [k for k, (_, m) in enumerate(layers) if isinstance(m, nn.Linear | nn.Conv2d)]
     shapes = {}
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(1, *input_shape, device=next(sequential.parameters()).device)
     with torch.no_grad():
         for name, module in layers:
             x = module.eval()(x) if isinstance(module, nn.modules.batchnorm._BatchNorm) else module(x)
@@ -165,6 +165,7 @@ def assignment(similarity: torch.Tensor, blocks: int) -> torch.Tensor:
     total depends only on which block it takes."""
     from scipy.optimize import linear_sum_assignment
 
+    similarity = similarity.cpu()  # scipy's solver works on the CPU; the permutations index any device
     width = len(similarity) // blocks
     scores = torch.empty(blocks, blocks, dtype=torch.float64)
     inner: dict[tuple[int, int], torch.Tensor] = {}

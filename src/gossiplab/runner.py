@@ -280,7 +280,7 @@ class Runner:
         """The metrics row of this step (with the mean training loss since the last evaluation,
         overall and per site) and the accuracy matrix."""
         self.wall_time = time.perf_counter() - self._started
-        finite = self.comm.gather(torch.isfinite(self.experiment.population.theta).all(1))
+        finite = self.comm.gather(torch.isfinite(self.experiment.population.theta).all(1).cpu())
         if (self.active & ~finite).any():
             self._handle_divergence(self.active & ~finite, "non-finite parameters")
         row, matrix = evaluate(self.experiment, self.active, self.comm)

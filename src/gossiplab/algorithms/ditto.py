@@ -44,12 +44,13 @@ class Ditto(Algorithm):
     def init(self) -> dict[str, Any]:
         population, config = self.experiment.population, self.experiment.config
         self.global_track = Population(population.module, population.num_sites, seed=0, strategy=population.strategy,
-                                       class_mask=population.class_mask)  # fmt: skip
+                                       class_mask=population.class_mask, loss=population.loss,
+                                       device=population.device)  # fmt: skip
         self.global_track.theta.copy_(population.theta)
         return {
             "global": self.global_track.theta,
             "received": population.theta.clone(),  # w^t of every site
-            "optimizer": build_optimizer(config.train, population.parameters.shape),
+            "optimizer": build_optimizer(config.train, population.parameters.shape, population.theta.device),
         }
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:

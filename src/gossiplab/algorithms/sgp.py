@@ -22,7 +22,8 @@ class SGP(Algorithm):
     """Stochastic gradient push (Assran et al. 2019): push-sum gossip for directed graphs."""
 
     def init(self) -> dict[str, Any]:
-        return {"push_sum_weights": torch.ones(len(self.experiment.population.theta))}
+        theta = self.experiment.population.theta
+        return {"push_sum_weights": torch.ones(len(theta), device=theta.device)}
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         self.experiment.population.grad.div_(state["push_sum_weights"][:, None])
@@ -30,7 +31,7 @@ class SGP(Algorithm):
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
         theta, push_sum_weights = self.experiment.population.theta, state["push_sum_weights"]
-        links = weights != 0
+        links = weights.to(theta.device) != 0
         links.diagonal().fill_(True)
         column_stochastic = links.float() / links.sum(0, keepdim=True)
         mass = push_sum_weights[:, None] * theta

@@ -73,7 +73,7 @@ class Federation:
 
     def train_label_counts(self) -> torch.Tensor:
         """[N, C] number of training samples of each (global) class on each site."""
-        site = torch.repeat_interleave(torch.arange(self.num_sites), self.train_sizes)
+        site = torch.repeat_interleave(torch.arange(self.num_sites), self.train_sizes.cpu())
         counts = torch.zeros(self.num_sites, self.num_classes, dtype=torch.long)
         counts.index_put_((site, self.pool_y[self.train_index].cpu()), torch.tensor(1), accumulate=True)
         return counts
