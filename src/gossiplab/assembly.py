@@ -7,8 +7,9 @@ Runner checks the parts against each other before step 1 (`check_experiment`) an
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from gossiplab.encoders import frozen_parts
 from gossiplab.memory import ResourceError, available_memory
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
+from gossiplab.plugins import DEBUG_HINT, fault_location
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, qualified_name
 from gossiplab.schedule import GossipSchedule
@@ -75,11 +77,66 @@ def activation_count(module: torch.nn.Module, input_shape: tuple[int, ...]) -> i
 
     leaves = [m for m in module.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(count) for m in leaves]
-    with torch.no_grad():
+    with evaluation_mode(module), torch.no_grad():  # BatchNorm would refuse a batch of one, and update its statistics
         module(torch.zeros(1, *input_shape))
     for hook in hooks:
         hook.remove()
     return total
+
+
+@contextlib.contextmanager
+def evaluation_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode (BatchNorm reads its running statistics and leaves them as they are;
+    dropout is off), then back in the mode it was in."""
+    training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(training)
+
+
+def check_model(module: Any, name: str, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Before anything runs it: `model.name`'s part must be an nn.Module with parameters that maps a
+    batch of inputs to one logit per class. Checked on two zero inputs in eval mode, so the
+    module's running statistics are left as they are."""
+    if not isinstance(module, torch.nn.Module):
+        raise PartMismatch(f"model ({name}) returned {type(module).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise PartMismatch(f"model ({name}) has no trainable parameters: there is nothing to train or gossip")
+    device = next(module.parameters()).device
+    try:
+        with evaluation_mode(module), torch.no_grad():
+            logits = module(torch.zeros(2, *input_shape, device=device))
+    except Exception as error:
+        raise PartMismatch(
+            f"model ({name}) failed on a batch of 2 inputs of shape {list(input_shape)}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}{fault_location(error)}; {DEBUG_HINT}"
+        ) from error
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+        got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise PartMismatch(
+            f"model ({name}) gives {got} for a batch of 2 inputs; the run has {num_classes} classes, so it must "
+            f"give [2, {num_classes}] (the model's out_features argument is the number to use)"
+        )
+
+
+def check_loss(loss: Any, name: str, num_classes: int) -> None:
+    """`train.loss` must return the batch's mean loss as a 0-d float tensor (as F.cross_entropy)."""
+    logits = torch.zeros(2, num_classes, requires_grad=True)
+    try:
+        value = loss(logits, torch.zeros(2, dtype=torch.long))
+    except Exception as error:
+        raise PartMismatch(
+            f"loss ({name}) failed on logits [2, {num_classes}] and targets [2]: {type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}{fault_location(error)}; {DEBUG_HINT}"
+        ) from error
+    if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
+        got = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise PartMismatch(
+            f"loss ({name}) returned {got}; a loss returns the batch's mean as a 0-d float tensor with its graph "
+            "(as F.cross_entropy(logits, targets) does)"
+        )
 
 
 def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
@@ -139,6 +196,8 @@ def build_data_and_model(config: Config, console: Console | None = None) -> tupl
     class_embeddings = frozen.class_embeddings(federation.class_names) if config.model.head == "text" else None
     zero_shot_dim = frozen.zero_shot_dim if frozen else 0
     module = build_model(config.model, federation.image_shape, federation.num_classes, class_embeddings, zero_shot_dim)
+    check_model(module, config.model.name, federation.image_shape, federation.num_classes)
+    check_loss(LOSSES.get(config.train.loss), config.train.loss, federation.num_classes)
     return federation, module
 
 
@@ -209,8 +268,10 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
     return unresolvable
 
 
-def check_mixing_matrix(weights: Any, num_sites: int, part: str) -> None:
-    """W must be a float32 [N, N] tensor of finite weights whose rows sum to 1."""
+def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torch.Tensor | None = None) -> None:
+    """W must be a float32 [N, N] tensor of finite, non-negative weights whose rows sum to 1, and
+    (given the round's graph) weigh only a site itself and its neighbours in that graph: a weight on
+    another pair would quietly replace the configured topology (and send messages it never counts)."""
     problem = None
     if not isinstance(weights, torch.Tensor):
         problem = f"returned {type(weights).__name__}, not a tensor"
@@ -220,10 +281,24 @@ def check_mixing_matrix(weights: Any, num_sites: int, part: str) -> None:
         problem = f"returned W of dtype {weights.dtype}; the population is float32 (use .float())"
     elif not bool(torch.isfinite(weights).all()):
         problem = "returned W with NaN or infinite weights"
+    elif bool((weights < 0).any()):
+        i, j = (int(k) for k in torch.nonzero(weights < 0)[0])
+        problem = (
+            f"returned W with negative weights (e.g. W[{i}, {j}] = {float(weights[i, j]):.3g}); weights must be >= 0"
+        )
     else:
         worst = float((weights.sum(1) - 1).abs().max())
         if worst > ROW_SUM_TOLERANCE:
             problem = f"returned W whose rows do not sum to 1 (off by up to {worst:.3g})"
+        elif adjacency is not None:
+            allowed = adjacency.cpu() | adjacency.cpu().T | torch.eye(num_sites, dtype=torch.bool)
+            outside = (weights.cpu() != 0) & ~allowed
+            if bool(outside.any()):
+                i, j = (int(k) for k in torch.nonzero(outside)[0])
+                problem = (
+                    f"put weight on {int(outside.sum())} pairs that are not edges of the round's graph (e.g. site {i} "
+                    f"from site {j}): a mixing rule weighs only a site and its neighbours in that graph"
+                )
     if problem:
         raise PartMismatch(f"mixing ({part}) {problem}")
 
@@ -250,4 +325,4 @@ def check_experiment(experiment: Experiment, sites: slice) -> None:
         problems.append(f"topology ({names['gossip.topology']}) gave {got!s:.60}, not a bool [{n}, {n}] adjacency")
     if problems:
         raise PartMismatch("the experiment's parts do not fit: " + "; ".join(problems))
-    check_mixing_matrix(algorithm.mixing(0, adjacency, experiment.state), n, names["gossip.mixing"])
+    check_mixing_matrix(algorithm.mixing(0, adjacency, experiment.state), n, names["gossip.mixing"], adjacency)

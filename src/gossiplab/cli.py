@@ -7,10 +7,11 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -33,6 +34,7 @@ from gossiplab.distributed import (
 )
 from gossiplab.encoders import EncoderError
 from gossiplab.memory import ResourceError
+from gossiplab.plugins import debugging, plugin_fault
 from gossiplab.report import summary_values
 from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
 from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
@@ -103,9 +105,23 @@ def _print_dry_run(config: Config) -> None:
     )
 
 
-def _fail(message: str, code: int = 2) -> None:
-    errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+def _fail(problem: str | BaseException, code: int = 2) -> NoReturn:
+    """One line on standard error and exit `code`; with --debug, a plug-in's traceback first."""
+    if isinstance(problem, BaseException) and problem.__cause__ is not None and debugging():
+        traceback.print_exception(problem.__cause__)
+    errors.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False)
     raise typer.Exit(code)
+
+
+@app.callback()
+def _options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="when a plug-in fails, show its own traceback (also: GOSSIPLAB_DEBUG=1)")
+    ] = False,
+) -> None:
+    """gossiplab: decentralized (gossip) deep learning on PyTorch."""
+    if debug:
+        os.environ["GOSSIPLAB_DEBUG"] = "1"
 
 
 @app.command()
@@ -119,7 +135,9 @@ def run(
     config_file: Annotated[
         Path | None, typer.Option("--config", help="a config.toml to run (e.g. from an earlier run directory)")
     ] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="where to write results (default runs/NAME-TIME)")] = None,
+    run_dir_text: Annotated[
+        str | None, typer.Option("--run-dir", help="where to write results (default runs/NAME-TIME)")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the interrupted run in this directory")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
     dry_run: Annotated[
@@ -128,6 +146,9 @@ def run(
 ) -> None:
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
     comm = None
+    if run_dir_text is not None and not run_dir_text.strip():
+        _fail("--run-dir is empty: name the folder for the run's results (or leave the option out)")
+    run_dir = Path(run_dir_text) if run_dir_text is not None else None
     try:
         if dry_run:
             if resume is not None:
@@ -166,7 +187,7 @@ def run(
     except USER_ERRORS as error:
         if comm is not None:
             comm.close(together=False)
-        _fail(str(error))
+        _fail(error)
     previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
     try:
         summary = runner.run()
@@ -176,7 +197,7 @@ def run(
     except (DivergenceError, PeerLost, JoinRefused) as error:  # the run stopped: what it wrote stays
         _fail(str(error), code=1)
     except ResumeError as error:
-        _fail(str(error))
+        _fail(error)
     finally:
         signal.signal(signal.SIGINT, previous)
         if comm is not None:
@@ -200,7 +221,7 @@ def compare(
     try:
         groups = group_runs(find_runs(paths, warn=lambda text: errors.print(f"[yellow]warning:[/] {escape(text)}")))
     except (*USER_ERRORS, FileNotFoundError) as error:
-        _fail(str(error))
+        _fail(error)
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),
@@ -229,7 +250,7 @@ def parts(
     try:
         import_plugins(plugins or [], untrusted=[])
     except ConfigError as error:
-        _fail(str(error))
+        _fail(error)
     titles = ("algorithms", "topologies", "mixing rules", "models")
     for title, registry in zip(titles, (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS), strict=True):
         rows = {}
@@ -248,7 +269,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a finished run director
     try:
         written = replot(run_dir)
     except USER_ERRORS as error:
-        _fail(str(error))
+        _fail(error)
     for path in written:
         console.print(f"wrote {path}")
     console.print(summary_table(read_summary(run_dir)))
@@ -310,7 +331,7 @@ def data_show(
             _fail(f"'{target}' is no source ({', '.join(SOURCES)}), preset ({', '.join(preset_names())}) or .toml file")
         federation = build_federation(config)
     except USER_ERRORS as error:
-        _fail(str(error))
+        _fail(error)
     rows = site_rows(federation)
     table = Table(title=f"{config.name}: {federation.num_sites} sites, {federation.num_classes} classes in all")
     for column in rows[0]:
@@ -329,7 +350,7 @@ def _many_runs_failing(folder: str, resume: str) -> Iterator[None]:
     except DivergenceError as error:
         _fail(f"{error} (train.on_divergence=drop goes on without the site; {resume})", 1)
     except USER_ERRORS as error:
-        _fail(str(error))
+        _fail(error)
     except OSError as error:
         _fail(f"{folder}: {error}")
 
@@ -357,7 +378,7 @@ def sweep(
         chosen = load_sweep(name)
         configs = variant_configs(chosen, overrides or [], seeds)
     except ConfigError as error:
-        _fail(str(error))
+        _fail(error)
     if dry_run:
         for (variant, seed), config in configs.items():
             console.print(f"ok: {variant} (seed {seed}): {config.gossip.topology}, schedule {config.gossip.schedule}, "
@@ -372,17 +393,38 @@ def sweep(
     console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
 
 
+MAX_SEEDS = 100
+
+
+def check_output_folder(folder: Path, option: str) -> None:
+    """Before anything runs (a dry run too): `folder` can be made or written, and is not a run's
+    folder, whose files a report would overwrite or mix with its own."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is a file: give a folder")
+    if any((folder / name).exists() for name in ("config.toml", "summary.json", "metrics.jsonl")):
+        raise ConfigError(
+            f"{option} {folder} is a run directory: its files would be overwritten; choose another folder"
+        )
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise ConfigError(f"{option} {folder} cannot be created: {existing} {why}")
+
+
 def parse_claims(text: str) -> list[int]:
     """'1-3,5' -> [1, 2, 3, 5]; every number must name one of the report's claims."""
     from gossiplab.reproduce import CLAIMS
 
     chosen: set[int] = set()
-    try:
-        for part in text.split(","):
-            low, _, high = part.strip().partition("-")
-            chosen.update(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise ConfigError(f"--claims {text!r}: numbers and ranges like 1-3,5") from None
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"--claims {text!r}: numbers and ranges like 1-3,5") from None
+        if last < first:
+            raise ConfigError(f"--claims {text!r}: the range {part.strip()} is empty; write it low-high, e.g. 1-3")
+        chosen.update(range(first, last + 1))
     unknown = sorted(chosen - set(CLAIMS))
     if unknown or not chosen:
         raise ConfigError(f"--claims {text!r}: no claim {unknown}; the claims are 1-{max(CLAIMS)}")
@@ -405,12 +447,13 @@ def reproduce(
     from gossiplab.sweep import variant_configs
 
     try:
-        if seeds < 1:
-            raise ConfigError(f"--seeds {seeds}: must be >= 1")
+        if not 1 <= seeds <= MAX_SEEDS:
+            raise ConfigError(f"--seeds {seeds}: must be in 1..{MAX_SEEDS} (every seed runs every variant of a study)")
+        check_output_folder(out, "--out")
         chosen = parse_claims(claims)
         configs = {name: variant_configs(study_sweep(name), overrides or [], seeds) for name in studies_for(chosen)}
     except ConfigError as error:
-        _fail(str(error))
+        _fail(error)
     if dry_run:
         for name, runs in configs.items():
             console.print(f"ok: {name}: {len(runs)} runs ({', '.join(sorted({v for v, _ in runs}))})")
@@ -455,11 +498,11 @@ def landscape(
         config = load_run_config(run_dir, finished_ok=True)
         experiment = build_experiment(config)
     except USER_ERRORS as error:
-        _fail(str(error))
+        _fail(error)
     try:
         loaded = load_tensors(source, "checkpoint")
     except (UnsafeFileError, PlainDataFileError) as error:
-        _fail(str(error))
+        _fail(error)
     theta = loaded["theta"] if isinstance(loaded, dict) else loaded
     federation = experiment.federation
     chosen = torch.randperm(len(federation.test_y), generator=torch.Generator().manual_seed(0))[:samples]
@@ -645,6 +688,8 @@ def main() -> None:
     try:
         app()
     except (*USER_ERRORS, UnsafeFileError, PlainDataFileError) as error:
+        if error.__cause__ is not None and debugging():
+            traceback.print_exception(error.__cause__)
         errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
         sys.exit(2)
     except OSError as error:
@@ -653,7 +698,13 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception:
+    except Exception as error:
+        fault = plugin_fault(error)  # raised in a plug-in's code: the plug-in's fault, named
+        if fault is not None:
+            if debugging():
+                traceback.print_exception(error)
+            errors.print(f"[bold red]error:[/] {escape(str(fault))}", highlight=False)
+            sys.exit(2)
         import platform
 
         import torch

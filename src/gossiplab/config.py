@@ -93,6 +93,12 @@ class DataConfig:
     def problems(self, config: Any) -> list[str]:
         checks = [
             (len(self.sources) >= 1, "data.sources", "must name at least one source"),
+            (
+                len(set(self.sources)) == len(self.sources),
+                "data.sources",
+                f"names {sorted({x for x in self.sources if self.sources.count(x) > 1})} more than once (each source's "
+                "data would be used twice); name each source once",
+            ),
             (self.alpha > 0, "data.alpha", "must be > 0"),
             (self.min_site_samples >= 1, "data.min_site_samples", "must be >= 1"),
             (self.samples_per_site >= 0, "data.samples_per_site", "must be >= 0 (0: split all the data)"),
@@ -194,6 +200,9 @@ class TrainConfig:
         "CPU threads the run computes with, pinned for the run and recorded in config.toml (0: PyTorch's count "
         "when gossiplab started); the same bits need the same count",
     )
+    clip_grad_norm: float = documented(
+        0.0, "clip each site's gradient to this L2 norm before its step (0: off), >= 0; a remedy for divergence"
+    )
     lr_schedule: str = documented("constant", '`warmup-constant` is MAZEL\'s "uniform with warmup"', LR_SCHEDULES)
     warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
     loss: str = documented("cross-entropy", "loss(logits, targets): `cross-entropy`, or a user's registered loss")
@@ -221,6 +230,7 @@ class TrainConfig:
              "'linear' is for plain MLPs (model.name = 'mlp', model.head = 'linear'); use auto, vmap or loop"),
             (0 <= self.warmup_steps < self.steps, "train.warmup_steps", f"must be in [0, train.steps={self.steps})"),
             (self.threads >= 0, "train.threads", "must be >= 0 (0: PyTorch's default)"),
+            (self.clip_grad_norm >= 0, "train.clip_grad_norm", "must be >= 0 (0: no clipping)"),
         ])  # fmt: skip
 
 
@@ -693,8 +703,10 @@ def validate(config: Config) -> None:
     errors = problems_of(config, [
         (config.num_sites >= 1, "num_sites", "must be >= 1"),
         (0 <= config.seed < 2**63, "seed", "must be in [0, 2**63) (a 64-bit seed)"),
-        (bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name,
-         "name", "must be a relative name without '..' (it names the run's directory under runs/)"),
+        (bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name
+         and not any(part.startswith(".") for part in Path(config.name.strip()).parts) and config.name.strip() != ".",
+         "name", "must be a relative name without '..' whose parts do not start with '.' (it names the run's "
+                 "directory under runs/, which must not be hidden)"),
     ])  # fmt: skip
     errors += choice_problems(config)
     for _, section in core_tables(config)[1:]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from gossiplab.assembly import check_mixing_matrix
 from gossiplab.callbacks import Callback
 from gossiplab.merge import without_sites
-from gossiplab.optim import learning_rate
+from gossiplab.optim import clip_site_gradients, learning_rate
 
 if TYPE_CHECKING:
     from gossiplab.runner import Runner
@@ -39,6 +39,8 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
             communicate(runner)
         optimizer.lr = learning_rate(config.train, runner.step)
         algorithm.adjust_gradients(x, y, experiment.state)
+        if config.train.clip_grad_norm:
+            clip_site_gradients(population.grad, config.train.clip_grad_norm)
         optimizer.step(population.parameters, population.grad)
         runner.zero_dropped(population.theta)
         if not algorithm.communicate_before_step:
@@ -64,7 +66,7 @@ def communicate(runner: Runner) -> None:
             round_index = schedule.rounds_until(step) - 1
             adjacency = experiment.graph(step, round_index)
             weights = algorithm.mixing(round_index, adjacency, experiment.state)
-            check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"])
+            check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"], adjacency)
             weights = without_sites(weights, runner.active)
             algorithm.communicate(weights, experiment.state, runner.comm)
             runner.count_round(adjacency, weights)

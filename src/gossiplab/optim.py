@@ -141,6 +141,14 @@ class StackedAdam:
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
 
 
+@torch.no_grad()
+def clip_site_gradients(grad: torch.Tensor, max_norm: float) -> None:
+    """Each site's gradient (a row of [N, P]) scaled to L2 norm at most `max_norm`, as
+    torch.nn.utils.clip_grad_norm_ does for one model (same 1e-6 guard)."""
+    norms = torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+    grad.mul_((max_norm / (norms + 1e-6)).clamp(max=1.0))
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """The learning rate of step t (1-indexed) under `train.lr_schedule` (MAZEL Table 2, C and D).
 

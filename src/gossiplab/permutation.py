@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gossiplab.config import ConfigError
 from gossiplab.models import ResNet20, TextEmbeddingHead, ZeroShotResidual
 
 
@@ -129,7 +130,11 @@ def permutation_spec(module: nn.Module, input_shape: tuple[int, ...]) -> Permuta
         return PermutationSpec(tuple(_resnet_spec(module, prefix)))
     if isinstance(module, nn.Sequential):
         return PermutationSpec(tuple(_sequential_spec(module, prefix, input_shape)))
-    raise TypeError(f"no permutation spec for {type(module).__name__}")
+    raise ConfigError(
+        f"field 'gossip.algorithm': matching (dimat, weight-matching) permutes the hidden units of gossiplab's "
+        f"models (mlp, cnn, resnet20); model {type(module).__name__} has no permutation spec: use one of those "
+        "models, or an algorithm that averages (dsgd)"
+    )
 
 
 def permuted_index(

@@ -8,6 +8,11 @@ A config is data that may come from someone else; importing a module runs its co
 an importable module name only (never a file path), a module that would be found inside the folder
 of the config being loaded (a run directory, say) is refused, and the run prints which modules it
 imports, and from where, before importing them.
+
+A plug-in's fault is the plug-in's: a module that fails on import, a part that raises, and a part
+that breaks its contract (checked before step 1 by the assembly) are reported in one line naming
+the plug-in module and where it failed, never as a bug in gossiplab; `--debug` (or GOSSIPLAB_DEBUG=1)
+shows the plug-in's own traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +20,79 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 from gossiplab.config import ConfigError
 
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ENTRY_POINTS = "gossiplab.plugins"
+IMPORTED: set[str] = set()  # plug-in modules imported through a config's `plugins` or `gossiplab parts`
+GOSSIPLAB_DIR = Path(__file__).resolve().parent
+DEBUG_HINT = "--debug (or GOSSIPLAB_DEBUG=1) shows its traceback"
+
+
+class PluginFault(ConfigError):
+    """A plug-in's own code failed (on import, or a part it registered raised): the message names
+    the module and where; the plug-in's exception is the __cause__."""
+
+
+def debugging() -> bool:
+    """True when the user asked for plug-ins' tracebacks (`--debug` sets GOSSIPLAB_DEBUG)."""
+    return os.environ.get("GOSSIPLAB_DEBUG", "") not in ("", "0")
+
+
+def plugin_modules() -> set[str]:
+    """Modules of user code: the plug-ins imported, and the modules of every part registered from
+    outside gossiplab (a module imported by the user's own script registers the same way)."""
+    from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
+
+    modules = set(IMPORTED)
+    for registry in (TOPOLOGIES, MIXING_RULES, ALGORITHMS, MODELS, LOSSES):
+        for name in registry.names():
+            module = getattr(registry.get(name), "__module__", "") or ""
+            if not module.startswith("gossiplab"):
+                modules.add(module)
+    return modules
+
+
+class UserFrame(NamedTuple):
+    module: str
+    filename: str
+    lineno: int
+    name: str
+
+
+def _user_frame(error: BaseException, modules: set[str]) -> UserFrame | None:
+    """The innermost frame of `error`'s traceback that runs code of one of `modules` (or below)."""
+    found = None
+    for frame, line in traceback.walk_tb(error.__traceback__):
+        module = frame.f_globals.get("__name__", "")
+        if any(module == m or module.startswith(m + ".") for m in modules):
+            found = UserFrame(module, frame.f_code.co_filename, line, frame.f_code.co_name)
+    return found
+
+
+def fault_location(error: BaseException) -> str:
+    """' (file:line, in function)' of where user code raised `error`, else ''."""
+    frame = _user_frame(error, plugin_modules() | {"__main__"})
+    return f" ({frame.filename}:{frame.lineno}, in {frame.name})" if frame else ""
+
+
+def plugin_fault(error: BaseException) -> PluginFault | None:
+    """A PluginFault naming the plug-in when `error` was raised in a plug-in's code, else None."""
+    frame = _user_frame(error, plugin_modules())
+    if frame is None:
+        return None
+    text = str(error).splitlines()[0][:240] if str(error) else ""
+    return PluginFault(
+        f"plug-in module '{frame.module}' failed: {type(error).__name__}: {text} ({frame.filename}:{frame.lineno}, "
+        f"in {frame.name}); a fault of the plug-in, not of gossiplab: {DEBUG_HINT}"
+    )
 
 
 def entry_point_modules() -> dict[str, str]:
@@ -66,4 +136,12 @@ def import_plugins(names: list[str], untrusted: list[Path]) -> None:
         raise ConfigError("\n".join(f"field 'plugins': {e}" for e in errors))
     for name, location in found.items():
         print(f"importing plug-in {name} from {location}", file=sys.stderr, flush=True)
-        importlib.import_module(name)
+        IMPORTED.add(name)
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            text = str(error).splitlines()[0][:240] if str(error) else ""
+            raise PluginFault(
+                f"field 'plugins': plug-in module '{name}' ({location}) failed while being imported: "
+                f"{type(error).__name__}: {text}{fault_location(error)}; {DEBUG_HINT}"
+            ) from error

@@ -49,7 +49,12 @@ class Registry(Generic[T]):
         def add(part: T) -> T:
             known = self._parts.get(name)
             if known is not None and qualified_name(known) != qualified_name(part):  # (a redefinition replaces)
-                raise ValueError(f"{self.kind} '{name}' is registered already (by {qualified_name(self._parts[name])})")
+                if qualified_name(known).startswith("gossiplab."):
+                    raise ValueError(
+                        f"{self.kind} '{name}' is a built-in part of gossiplab ({qualified_name(known)}): a plug-in "
+                        f"cannot replace it; register {qualified_name(part)} under another name"
+                    )
+                raise ValueError(f"{self.kind} '{name}' is registered already (by {qualified_name(known)})")
             self._parts[name] = part
             self._properties[name] = properties
             return part

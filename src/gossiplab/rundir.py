@@ -242,7 +242,13 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     # (another process of a distributed run may be probing that it can write here)
     ignored = (WRITE_PROBE, LOCK_FILE)
     if not resume and run_dir.exists() and any(not p.name.startswith(ignored) for p in run_dir.iterdir()):
+        if (run_dir / "config.toml").is_file():
+            raise RunDirError(
+                f"run directory {run_dir} already holds an unfinished run; continue it with "
+                f"'gossiplab run --resume {run_dir}' or choose another --run-dir"
+            )
+        entries = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(ignored))
         raise RunDirError(
-            f"run directory {run_dir} already holds an unfinished run; continue it with "
-            f"'gossiplab run --resume {run_dir}' or choose another --run-dir"
+            f"run directory {run_dir} is not empty and holds no run ({len(entries)} entries, e.g. {entries[0]!r}); "
+            "a new run needs a new or empty folder: choose another --run-dir"
         )

@@ -231,7 +231,24 @@ class Runner:
         self.generator.set_state(state["generator"])
         if self.comm.writes:
             kept = [line for line in read_metrics(self.metrics_path) if line["step"] <= self.step]
+            self._check_rows_kept([row["step"] for row in kept])
             atomic_write(self.metrics_path, "".join(json.dumps(row) + "\n" for row in kept).encode())
+
+    def _check_rows_kept(self, logged: list[int]) -> None:
+        """Rows are written before the checkpoint of their step, so a resumable run holds the row of
+        every evaluation up to the checkpoint. A metrics.jsonl deleted or cut short is refused: the
+        rows cannot be rebuilt from a checkpoint, and a run finished without them would show a
+        table as if it were complete."""
+        every, last = self.config.eval.every, self.config.train.steps
+        expected = [t for t in range(self.step + 1) if t % every == 0 or t == last]
+        missing = sorted(set(expected) - set(logged))
+        if missing:
+            shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise RunDirError(
+                f"--resume {self.run_dir}: metrics.jsonl lacks the rows of steps {shown} (deleted or cut short); "
+                "they cannot be rebuilt from the checkpoint, so the run is not resumed: restore the file, or run "
+                "the config again into a new folder"
+            )
 
     # the loop's side (gossiplab.loop calls these)
 
@@ -409,7 +426,10 @@ class Runner:
         summary = {"status": "diverged", "message": message, "step": self.step, "sites": sites}
         if self.comm.writes:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        raise DivergenceError(f"training diverged: {message}")
+        raise DivergenceError(
+            f"training diverged: {message}; try a lower train.lr (now {self.config.train.lr:g}) or clip gradients "
+            "(train.clip_grad_norm=1.0), or let the run drop such sites (train.on_divergence=drop)"
+        )
 
     def _read_premerge(self) -> dict[str, Any] | None:
         path = self.run_dir / "premerge.json"
