@@ -38,7 +38,7 @@ from gossiplab.plugins import debugging, plugin_fault
 from gossiplab.report import summary_values
 from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
 from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
-from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors, plain_error
 
 USER_ERRORS = (
     ConfigError,
@@ -352,7 +352,7 @@ def _many_runs_failing(folder: str, resume: str) -> Iterator[None]:
     except USER_ERRORS as error:
         _fail(error)
     except OSError as error:
-        _fail(f"{folder}: {error}")
+        _fail(f"{folder}: {plain_error(error)}")
 
 
 @app.command()

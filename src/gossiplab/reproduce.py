@@ -9,7 +9,10 @@ resumes unfinished ones, so the report can be rebuilt, or extended to more seeds
 
 Verdicts, each claim's rule stated with it: **holds** (the paper's direction in every seed, and the
 size the claim states), **partly** (the direction on the mean but not in every seed, or short of the
-stated size), **does not hold** (the mean goes the other way). Our data is scaled to 2 CPU cores
+stated size), **does not hold** (the mean goes the other way), **not enough seeds** (a rule about
+every seed, or about the seeds' spread, needs at least MIN_SEEDS). Each claim is stated as its paper's
+own table or figure shows it. Claim 10 is a theorem of the graph construction, not an empirical claim
+of the papers: it is reported as a correctness check, apart from the claims' tally. Our data is scaled to 2 CPU cores
 (Fashion-MNIST and small real multi-domain sets, frozen small encoders, MLP heads, a few thousand
 steps), so a verdict says whether the claim's *direction* survives on our data, not its numbers.
 """
@@ -35,6 +38,8 @@ from gossiplab.report import figure_html
 from gossiplab.rundir import atomic_write
 from gossiplab.sweep import Sweep, load_sweep, run_sweep
 
+MIN_SEEDS = 2  # "in every seed" and a seeds' spread mean nothing with one seed
+CHECKS = {10}  # correctness checks (theorems), reported apart from the papers' claims
 PERCENT = {"ala", "aga", "mmga", "ala_aga_mean", "matched_mmga", "worst10_local"}  # summary fields in [0, 1]
 Results = dict[str, dict[str, list[dict[str, Any]]]]  # study -> variant -> one summary per seed
 
@@ -130,17 +135,12 @@ def claim_4(r: Results) -> Verdict:
     uniform, two_stage, cosine, cosine_random = (
         metric(r, "mazel-table2", v, "ala_aga_mean") for v in ("A+D+G", "A+D+E", "A+D+F", "A+D+F random")
     )
-    verdicts = [direction(two_stage, uniform), direction(cosine, uniform), direction(cosine_random, uniform)]
-    verdict = (
-        "holds" if verdicts[:2] == ["holds", "holds"] else "does not hold" if "holds" not in verdicts and
-        "partly" not in verdicts else "partly"
-    )  # fmt: skip
     return Verdict(
-        f"(ALA+AGA)/2 at 9 rounds: two-stage {spread(two_stage)}, cosine {spread(cosine)}, cosine with "
-        f"random rounds {spread(cosine_random)}, uniform {spread(uniform)}",
-        verdict,
-        f"two-stage and cosine each above uniform in every seed; per schedule: two-stage {verdicts[0]}, cosine "
-        f"{verdicts[1]}, random cosine {verdicts[2]} (the paper's own cosine column is below uniform)",
+        f"(ALA+AGA)/2 at 9 rounds: two-stage {spread(two_stage)}, uniform {spread(uniform)}; cosine "
+        f"{spread(cosine)}, cosine with random rounds {spread(cosine_random)}",
+        direction(two_stage, uniform),
+        "two-stage above uniform in every seed, as in the paper's Table 2 (78.06 vs 75.38); the paper's cosine "
+        "column is below uniform (73.27), so cosine is shown, not judged",
     )
 
 
@@ -166,14 +166,23 @@ def claim_6(r: Results) -> Verdict:
     full = metric(r, "dimat-table", "DIMAT-MSGD full", "aga"), metric(r, "dimat-table", "WA full", "aga")
     ring = metric(r, "dimat-table", "DIMAT-MSGD ring", "aga"), metric(r, "dimat-table", "WA ring", "aga")
     matched = metric(r, "dimat-table", "DIMAT-MSGD ring", "matched_mmga")
-    wins = [a.mean() >= b.mean() for a, b in (full, ring)]
-    verdict = "holds" if all(wins) else "partly" if any(wins) else "does not hold"
+    on_par = full[0].mean() >= full[1].mean() - ON_PAR_POINTS
+    far_above = bool((ring[0] - ring[1] >= FAR_ABOVE_POINTS).all())
+    ring_direction = ring[0].mean() > ring[1].mean()
+    verdict = "holds" if on_par and far_above else "partly" if ring_direction or on_par else "does not hold"
     return Verdict(
-        f"AGA: fully connected DIMAT {spread(full[0])} vs WA {spread(full[1])}; ring DIMAT {spread(ring[0])} vs "
-        f"WA {spread(ring[1])} (ring: matched merge of all models {spread(matched)})",
+        f"AGA: ring DIMAT {spread(ring[0])} vs WA {spread(ring[1])} (matched merge of all models "
+        f"{spread(matched)}); fully connected DIMAT {spread(full[0])} vs WA {spread(full[1])}",
         verdict,
-        "holds: DIMAT's mean AGA >= WA's on both graphs; partly: on one",
+        f"as the paper's Table 2 shows it: on the ring (the telling case) DIMAT at least {FAR_ABOVE_POINTS} points "
+        f"above WA in every seed (paper 20.45 vs 8.00), and fully connected on par, its mean at most "
+        f"{ON_PAR_POINTS} points below WA's (paper 62.05 vs 62.70); partly: one of the two, or the ring's "
+        "direction on the mean",
     )
+
+
+ON_PAR_POINTS = 2.0  # claim 6, fully connected: "on par" (the paper's DIMAT is 0.65 points below WA)
+FAR_ABOVE_POINTS = 6.0  # claim 6, ring: "far above", half the paper's margin of 12.45 points
 
 
 def claim_7(r: Results) -> Verdict:
@@ -197,14 +206,17 @@ def claim_8(r: Results) -> Verdict:
     alone = metric(r, "merge-budget", "local-only", "aga")
     gap = full - low
     recovered = (low - before) / np.maximum(full - before, 1e-9)
-    verdict = "holds" if bool((gap <= 0.05 * full).all()) else "partly" if gap.mean() <= 0.05 * full.mean() else (
-        "does not hold")  # fmt: skip
+    if bool((gap <= 0.05 * full).all()):
+        verdict = "holds"
+    else:  # the report's own definitions: the right direction (the merge brings R 0.2 towards full) is 'partly'
+        verdict = "partly" if low.mean() > before.mean() else "does not hold"
     return Verdict(
         f"AGA after the final merge: R 0.2 {spread(low)} (before it {spread(before)}), full communication "
         f"{spread(full)}, no communication {spread(alone)}; the merge closes {recovered.mean():.0%} of the gap "
         "between R 0.2's models and full communication",
         verdict,
-        f"'close': within 5% (relative) of full communication in every seed; the gap is {spread(gap)} points",
+        f"holds: 'close', within 5% (relative) of full communication in every seed; partly: the merge raises R "
+        f"0.2's AGA towards full communication (on the mean) but not that close; the gap is {spread(gap)} points",
     )
 
 
@@ -269,16 +281,18 @@ def claim_11(r: Results) -> Verdict:
 
 def claim_12(r: Results) -> Verdict:
     l2c = metric(r, "l2c-table", "L2C", "ala"), metric(r, "l2c-table", "L2C", "worst10_local")
-    dpsgd = metric(r, "l2c-table", "D-PSGD ring", "ala"), metric(r, "l2c-table", "D-PSGD ring", "worst10_local")
-    local = metric(r, "l2c-table", "Local SGD", "ala")
-    verdicts = [direction(a + 1e-9, b) for a, b in zip(l2c, dpsgd, strict=True)]
-    verdict = "holds" if verdicts == ["holds", "holds"] else "does not hold" if set(verdicts) == {
+    local = metric(r, "l2c-table", "Local SGD", "ala"), metric(r, "l2c-table", "Local SGD", "worst10_local")
+    dpsgd = metric(r, "l2c-table", "D-PSGD ring", "ala")
+    verdicts = [direction(l2c[0] + 1e-9, dpsgd), direction(l2c[0] + 1e-9, local[0]), direction(l2c[1] + 1e-9, local[1])]
+    verdict = "holds" if set(verdicts) == {"holds"} else "does not hold" if set(verdicts) == {
         "does not hold"} else "partly"  # fmt: skip
     return Verdict(
-        f"mean local accuracy: L2C {spread(l2c[0])}, D-PSGD {spread(dpsgd[0])}, local SGD {spread(local)}; "
-        f"worst 10%: L2C {spread(l2c[1])}, D-PSGD {spread(dpsgd[1])}",
+        f"mean local accuracy: L2C {spread(l2c[0])}, D-PSGD {spread(dpsgd)}, local SGD {spread(local[0])}; "
+        f"worst 10%: L2C {spread(l2c[1])}, local SGD {spread(local[1])}",
         verdict,
-        f"L2C >= D-PSGD in every seed, on the mean ({verdicts[0]}) and on the worst 10% ({verdicts[1]})",
+        f"as the paper's Tables 2 and 3 report it: L2C >= D-PSGD on the mean ({verdicts[0]}), L2C >= local SGD on "
+        f"the mean ({verdicts[1]}: the telling comparison, 90.14 vs 87.50 in the paper) and on the worst 10% "
+        f"({verdicts[2]}; the paper reports no worst 10% for D-PSGD), each in every seed",
     )
 
 
@@ -374,7 +388,11 @@ def write_report(claims: list[int], results: Results, out: Path, seeds: int) -> 
     verdicts = []
     for number in claims:
         measured = CLAIMS[number][1](results)
-        verdicts.append({"claim": number, **papers[number], **dataclasses.asdict(measured)})
+        studies = CLAIMS[number][0]
+        if studies and seeds < MIN_SEEDS:
+            measured.why += f" (with {seeds} seed the rule gave '{measured.verdict}'; it needs {MIN_SEEDS} or more)"
+            measured.verdict = "not enough seeds"
+        verdicts.append({"claim": number, "check": number in CHECKS, **papers[number], **dataclasses.asdict(measured)})
     figures: dict[str, list[Path]] = {}
     for name in results:
         figures[name] = [p for p in (out / name / "curves.png", out / name / "merged_vs_bytes.png") if p.is_file()]
@@ -404,8 +422,18 @@ def report_blocks(
               "partly, does not hold; each row states its rule. Our studies are scaled to 2 CPU cores "
               "(gossiplab/sweeps/*.toml say how), so a verdict is about the claim's direction on our data."),
     ]  # fmt: skip
-    summary = [[str(v["claim"]), v["statement"], v["paper"], v["ours"], f"**{v['verdict']}**"] for v in verdicts]
-    blocks.append(("table", (["#", "claim", "paper", "ours", "verdict"], summary)))
+    claims = [v for v in verdicts if not v["check"]]
+    tally = ", ".join(
+        f"{sum(v['verdict'] == k for v in claims)} {k}" for k in dict.fromkeys(v["verdict"] for v in claims)
+    )
+    summary = [[str(v["claim"]), v["statement"], v["paper"], v["ours"], f"**{v['verdict']}**"] for v in claims]
+    blocks += [("p", f"The papers' claims: {tally}."), ("table", (["#", "claim", "paper", "ours", "verdict"], summary))]
+    checks = [[str(v["claim"]), v["statement"], v["ours"], f"**{v['verdict']}**"] for v in verdicts if v["check"]]
+    if checks:
+        blocks += [
+            ("p", "Correctness checks: theorems the tools rest on, not claims of the papers' experiments."),
+            ("table", (["#", "check", "ours", "verdict"], checks)),
+        ]
     for v in verdicts:
         blocks += [
             ("h2", f"Claim {v['claim']}: {v['statement']}"),

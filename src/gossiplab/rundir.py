@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors, plain_error
 
 WRITE_PROBE = ".gossiplab-write-test"  # the file `gossiplab run` writes and removes to test a run directory
 LOCK_FILE = ".lock"
@@ -167,7 +167,9 @@ def read_summary(run_dir: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RunDirError(f"{run_dir} holds no finished run (no summary.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunDirError(f"{path} cannot be read ({error}); the run's metrics.jsonl may still hold its rows") from None
+        raise RunDirError(
+            f"{path} cannot be read ({plain_error(error)}); the run's metrics.jsonl may still hold its rows"
+        ) from None
     if not isinstance(summary, dict) or "status" not in summary:
         raise RunDirError(f"{path} is not a gossiplab summary")
     return summary

@@ -60,3 +60,11 @@ def load_numpy_pickle(handle: IO[bytes], path: Path) -> np.ndarray:
         return np.asarray(_NumpyOnly(handle).load())
     except pickle.UnpicklingError as error:
         raise UnsafeFileError(f"{path}: refusing to load it: {error} (only pickled numpy arrays are read)") from error
+
+
+def plain_error(error: BaseException) -> str:
+    """An error as a user reads it: an OSError's own words ('Permission denied', with the file),
+    not Python's '[Errno 13] ...'; anything else as it is."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)

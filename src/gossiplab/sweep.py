@@ -21,7 +21,17 @@ from typing import Any
 from rich.console import Console
 
 from gossiplab.compare import plot_against, plot_cost, plot_curves
-from gossiplab.config import Config, ConfigError, apply_values, build_config, differing_fields, flatten
+from gossiplab.config import (
+    Config,
+    ConfigError,
+    apply_values,
+    build_config,
+    differing_fields,
+    flatten,
+    leaf_types,
+    parse_override,
+    resolve_key,
+)
 from gossiplab.devices import with_pinned_threads
 from gossiplab.rundir import atomic_write, read_summary
 from gossiplab.runner import Runner
@@ -70,12 +80,30 @@ def variant_configs(sweep: Sweep, extra: list[str], seeds: int) -> dict[tuple[st
                               f"'{slug(variant)}'; rename one")  # fmt: skip
     configs = {}
     for variant, overrides in sweep.variants.items():
+        check_no_collision(sweep, variant, overrides, extra)
         base = build_config(sweep.preset, [*sweep.overrides, *overrides, *extra])
         for k in range(seeds):
             config = copy.deepcopy(base)
             apply_values(config, {"seed": base.seed + k, "name": f"{sweep.name}/{variant}"})
             configs[(variant, config.seed)] = config
     return configs
+
+
+def check_no_collision(sweep: Sweep, variant: str, overrides: list[str], extra: list[str]) -> None:
+    """An override given for every run must not set a key that a variant sets itself: it would
+    quietly turn that variant into another (`l2c.prune_round=2` made "L2C no pruning" prune)."""
+    types = leaf_types()
+
+    def keys(texts: list[str]) -> dict[str, str]:
+        return {resolve_key(parse_override(t)[0].strip(), types): t for t in texts}
+
+    own, given = keys(overrides), keys(extra)
+    clashes = [f"'{given[k]}' (the variant sets '{own[k]}')" for k in own.keys() & given.keys()]
+    if clashes:
+        raise ConfigError(
+            f"sweep {sweep.name}, variant '{variant}': the override {', '.join(sorted(clashes))} would change what "
+            "the variant is; leave it out, or run that variant as a run of its own"
+        )
 
 
 def run_sweep(

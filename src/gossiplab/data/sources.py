@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from gossiplab.safeload import load_numpy_pickle
+from gossiplab.safeload import load_numpy_pickle, plain_error
 
 notes = Console(stderr=True, highlight=False)  # what a loader skipped, said once
 
@@ -332,7 +332,7 @@ def _load_npz(path: Path) -> Dataset:
     except (OSError, ValueError, EOFError) as error:
         if isinstance(error, SourceMissingError | DataFileError):
             raise
-        raise SourceMissingError(f"data source '{path}': cannot read it as .npz ({error})") from error
+        raise SourceMissingError(f"data source '{path}': cannot read it as .npz ({plain_error(error)})") from error
     if names is None:
         ids = np.unique(np.concatenate([checked_labels(str(path), k, np.asarray(a), len(a)) for k, a in
                                         (("y_train", parts[1]), ("y_test", parts[3]))]))  # fmt: skip
