@@ -23,7 +23,7 @@ from gossiplab.encoders import frozen_parts
 from gossiplab.memory import ResourceError, available_memory
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
-from gossiplab.plugins import DEBUG_HINT, fault_location
+from gossiplab.plugins import DEBUG_HINT, describe_fault
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, qualified_name
 from gossiplab.schedule import GossipSchedule
@@ -110,8 +110,8 @@ def check_model(module: Any, name: str, input_shape: tuple[int, ...], num_classe
             logits = module(torch.zeros(2, *input_shape, device=device))
     except Exception as error:
         raise PartMismatch(
-            f"model ({name}) failed on a batch of 2 inputs of shape {list(input_shape)}: {type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}{fault_location(error)}; {DEBUG_HINT}"
+            f"model ({name}) failed on a batch of 2 inputs of shape {list(input_shape)}: {describe_fault(error)}; "
+            f"{DEBUG_HINT}"
         ) from error
     if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
         got = f"shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -128,8 +128,7 @@ def check_loss(loss: Any, name: str, num_classes: int) -> None:
         value = loss(logits, torch.zeros(2, dtype=torch.long))
     except Exception as error:
         raise PartMismatch(
-            f"loss ({name}) failed on logits [2, {num_classes}] and targets [2]: {type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200] if str(error) else ''}{fault_location(error)}; {DEBUG_HINT}"
+            f"loss ({name}) failed on logits [2, {num_classes}] and targets [2]: {describe_fault(error)}; {DEBUG_HINT}"
         ) from error
     if not isinstance(value, torch.Tensor) or value.ndim != 0 or not value.is_floating_point():
         got = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__

@@ -77,10 +77,13 @@ def _user_frame(error: BaseException, modules: set[str]) -> UserFrame | None:
     return found
 
 
-def fault_location(error: BaseException) -> str:
-    """' (file:line, in function)' of where user code raised `error`, else ''."""
+def describe_fault(error: BaseException) -> str:
+    """'Type: first line of the message (file:line, in function)', the place being where user code
+    (a plug-in, or the user's script) raised `error`, when it did."""
     frame = _user_frame(error, plugin_modules() | {"__main__"})
-    return f" ({frame.filename}:{frame.lineno}, in {frame.name})" if frame else ""
+    where = f" ({frame.filename}:{frame.lineno}, in {frame.name})" if frame else ""
+    text = str(error).splitlines()[0][:240] if str(error) else ""
+    return f"{type(error).__name__}: {text}{where}"
 
 
 def plugin_fault(error: BaseException) -> PluginFault | None:
@@ -88,10 +91,9 @@ def plugin_fault(error: BaseException) -> PluginFault | None:
     frame = _user_frame(error, plugin_modules())
     if frame is None:
         return None
-    text = str(error).splitlines()[0][:240] if str(error) else ""
     return PluginFault(
-        f"plug-in module '{frame.module}' failed: {type(error).__name__}: {text} ({frame.filename}:{frame.lineno}, "
-        f"in {frame.name}); a fault of the plug-in, not of gossiplab: {DEBUG_HINT}"
+        f"plug-in module '{frame.module}' failed: {describe_fault(error)}; a fault of the plug-in, not of gossiplab: "
+        f"{DEBUG_HINT}"
     )
 
 
@@ -140,8 +142,7 @@ def import_plugins(names: list[str], untrusted: list[Path]) -> None:
         try:
             importlib.import_module(name)
         except Exception as error:
-            text = str(error).splitlines()[0][:240] if str(error) else ""
             raise PluginFault(
                 f"field 'plugins': plug-in module '{name}' ({location}) failed while being imported: "
-                f"{type(error).__name__}: {text}{fault_location(error)}; {DEBUG_HINT}"
+                f"{describe_fault(error)}; {DEBUG_HINT}"
             ) from error
