@@ -189,9 +189,13 @@ def test_debug_shows_the_plugins_own_traceback(gossiplab_main, tmp_path, monkeyp
     monkeypatch.delenv("GOSSIPLAB_DEBUG", raising=False)
     code, _, err = gossiplab_main("--debug", "run", *TINY, "plugins=['fault_on_import']", "--run-dir", str(tmp_path))
     assert code == 2 and "Traceback" in err and 'raise RuntimeError("this plug-in cannot start")' in err, err
-    monkeypatch.delenv("GOSSIPLAB_DEBUG")
-    code, _, err = gossiplab_main("parts", "fault_on_import")
+    sys.modules.pop("fault_on_import", None)
+    code, _, err = gossiplab_main("parts", "fault_on_import")  # the next command, without --debug: one line
     assert code == 2 and "Traceback" not in err and "plug-in module 'fault_on_import'" in err, err
+    monkeypatch.setenv("GOSSIPLAB_DEBUG", "1")
+    sys.modules.pop("fault_on_import", None)
+    code, _, err = gossiplab_main("parts", "fault_on_import")
+    assert code == 2 and "Traceback" in err, err
 
 
 @pytest.mark.parametrize("model", ["batchnorm1d", "batchnorm2d"])

@@ -34,7 +34,7 @@ from gossiplab.distributed import (
 )
 from gossiplab.encoders import EncoderError
 from gossiplab.memory import ResourceError
-from gossiplab.plugins import debugging, plugin_fault
+from gossiplab.plugins import DEBUG_OPTION, debugging, plugin_fault
 from gossiplab.report import summary_values
 from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
 from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
@@ -120,8 +120,7 @@ def _options(
     ] = False,
 ) -> None:
     """gossiplab: decentralized (gossip) deep learning on PyTorch."""
-    if debug:
-        os.environ["GOSSIPLAB_DEBUG"] = "1"
+    DEBUG_OPTION[0] = debug
 
 
 @app.command()

@@ -612,7 +612,7 @@ class ProcessGroup:
         self._heart.start()
         try:
             self._check_same_config(config)
-        except ConfigError:
+        except (ConfigError, JoinRefused):  # a config that differs, or one written by someone else
             self.close(together=False)
             raise
 

@@ -41,9 +41,12 @@ class PluginFault(ConfigError):
     the module and where; the plug-in's exception is the __cause__."""
 
 
+DEBUG_OPTION = [False]  # `--debug` of the command being run (set by the command line at every call)
+
+
 def debugging() -> bool:
-    """True when the user asked for plug-ins' tracebacks (`--debug` sets GOSSIPLAB_DEBUG)."""
-    return os.environ.get("GOSSIPLAB_DEBUG", "") not in ("", "0")
+    """True when the user asked for plug-ins' tracebacks: `--debug`, or GOSSIPLAB_DEBUG=1."""
+    return DEBUG_OPTION[0] or os.environ.get("GOSSIPLAB_DEBUG", "") not in ("", "0")
 
 
 def plugin_modules() -> set[str]:
