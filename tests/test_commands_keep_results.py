@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gossiplab.config import ConfigError, build_config
+from gossiplab.data.partition import listed_sites
 from gossiplab.optim import clip_site_gradients
 
 TINY = ["num_sites=4", "train.steps=4", "eval.every=2", "data.test_per_source=500", "--quiet"]
@@ -82,3 +83,11 @@ def test_clipping_scales_each_sites_gradient_as_torch_does_for_one_model():
         torch.nn.utils.clip_grad_norm_([parameter], 1.0)
         torch.testing.assert_close(row, parameter.grad, rtol=1e-6, atol=1e-7)
     assert torch.equal(clipped[0], grad[0])  # under the norm: untouched
+
+
+def test_a_message_about_thousands_of_sites_names_a_few_and_the_count(gossiplab_main):
+    assert listed_sites([3, 5]) == "sites [3, 5]"
+    assert listed_sites(list(range(5000))) == "5,000 sites (0, 1, 2, 3, 4, 5, 6, 7, ...)"
+    args = ["num_sites=3000", "data.min_site_samples=4", "data.partition=iid", "data.val_fraction=0"]
+    code, _, err = gossiplab_main("run", "--dry-run", *args)
+    assert code == 2 and " sites (" in err and "received no test samples" in err and len(err) < 300, err

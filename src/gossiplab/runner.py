@@ -24,6 +24,7 @@ from gossiplab.algorithms import restore, saved
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
 from gossiplab.callbacks import Callback, Checkpoints, Hooks, MetricsLog, ProgressBar, TensorBoardLog
 from gossiplab.config import Config, build_config, differing_fields, flatten, upgrade_keys
+from gossiplab.data.partition import listed_sites
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
 from gossiplab.distributed import PeerLost, SingleProcess, launched_distributed
 from gossiplab.evaluation import evaluate
@@ -415,7 +416,8 @@ class Runner:
         the metrics and go on ('drop'), as long as one site is left."""
         sites = torch.nonzero(bad).flatten().tolist()
         last = {i: round(float(self.last_finite_loss[i]), 6) for i in sites}
-        message = f"{what} at step {self.step} on sites {sites} (last finite loss per site: {last})"
+        shown = dict(list(last.items())[:8])
+        message = f"{what} at step {self.step} on {listed_sites(sites)} (last finite loss per site: {shown})"
         if self.config.train.on_divergence == "drop" and bool((self.active & ~bad).any()):
             self.active &= ~bad
             mine = bad[self.comm.sites]

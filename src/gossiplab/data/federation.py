@@ -106,7 +106,8 @@ def sample_held_out(
     sizes = torch.bincount(owner, minlength=num_sites)
     if (sizes == 0).any():
         raise partition.PartitionError(
-            f"sites {(sizes == 0).nonzero().flatten().tolist()} hold no validation samples; raise data.val_fraction"
+            f"{partition.listed_sites((sizes == 0).nonzero().flatten().tolist())} hold no validation samples; raise "
+            "data.val_fraction"
         )
     offsets = torch.cumsum(sizes, 0) - sizes
     local = (torch.rand(num_sites, batch_size, generator=generator) * sizes[:, None]).long()
@@ -210,7 +211,7 @@ def check_training_share(config: Config, sites: list[np.ndarray], train_sites: l
     if short:
         smallest = min(len(train_sites[i]) for i in short)
         raise ConfigError(
-            f"field 'data.val_fraction' = {data.val_fraction}: leaves sites {short[:10]} with fewer than "
+            f"field 'data.val_fraction' = {data.val_fraction}: leaves {partition.listed_sites(short)} with fewer than "
             f"data.min_site_samples = {data.min_site_samples} training samples (smallest: {smallest}); "
             "lower data.val_fraction, or raise the sites' data (data.alpha, data.samples_per_site)"
         )
@@ -260,7 +261,9 @@ def build_federation(config: Config, frozen_inputs=None) -> Federation:
         site_classes += [own] * num_sites
     empty = [i for i, t in enumerate(tests) if len(t) == 0]
     if empty:
-        raise partition.PartitionError(f"sites {empty} received no test samples; raise data.min_site_samples")
+        raise partition.PartitionError(
+            f"{partition.listed_sites(empty)} received no test samples; raise data.min_site_samples"
+        )
     train_sites, val_sites = partition.hold_out(sites, data.val_fraction, rng)
     check_training_share(config, sites, train_sites)
     unused = sorted({int(c) for c in np.unique(test_pool_y.numpy())} - {int(c) for c in np.unique(pool_y.numpy())})

@@ -13,6 +13,14 @@ class PartitionError(ValueError):
     """The requested split cannot be made from this data; the message names the fields to change."""
 
 
+def listed_sites(sites: list[int], shown: int = 8) -> str:
+    """Sites named in a message: all of a few, else the first `shown` and how many in all (a
+    10,000-site run must not print 5,000 numbers)."""
+    if len(sites) <= shown:
+        return f"sites {sites}"
+    return f"{len(sites):,} sites ({', '.join(map(str, sites[:shown]))}, ...)"
+
+
 def _check_fill(num_samples: int, num_sites: int, min_site_samples: int, val_fraction: float = 0.0) -> None:
     """Every site can get min_site_samples (for training, once a validation share is held out)."""
     usable = num_samples * (1 - val_fraction)
