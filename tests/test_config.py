@@ -122,3 +122,14 @@ def test_cli_data_lists_sources_and_shows_a_source_and_a_preset(tmp_path, gossip
     assert (tmp_path / "sites.png").stat().st_size > 1000
     code, _, err = gossiplab_main("data", "show", "cifar-11")
     assert code == 2 and "no source" in err
+
+
+def test_an_unknown_key_suggests_the_nearest_keys_and_a_comma_list_is_named_as_multirun(gossiplab_main):
+    with pytest.raises(ConfigError, match=r"unknown key 'topolgy': did you mean gossip\.topology\?$"):
+        build_config("default", ["topolgy=ring"])
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.lrr': did you mean train\.lr"):
+        build_config("default", ["train.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'0\.1,0\.01': must be of type float; a comma list is Hydra's multirun"):
+        build_config("default", ["train.lr=0.1,0.01"])
+    code, out, _ = gossiplab_main("--version")
+    assert code == 0 and out.strip().startswith("gossiplab 0.")

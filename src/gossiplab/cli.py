@@ -52,7 +52,7 @@ USER_ERRORS = (
 )
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     pretty_exceptions_enable=False,
     help="gossiplab: decentralized (gossip) deep learning on PyTorch.",
 )
@@ -113,10 +113,19 @@ def _fail(problem: str | BaseException, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        console.print(f"gossiplab {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     debug: Annotated[
         bool, typer.Option("--debug", help="when a plug-in fails, show its own traceback (also: GOSSIPLAB_DEBUG=1)")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
     ] = False,
 ) -> None:
     """gossiplab: decentralized (gossip) deep learning on PyTorch."""

@@ -8,6 +8,7 @@ which are themselves the embedded default experiment.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 import json
 import math
@@ -541,7 +542,13 @@ def _coerce(path: str, value: Any, types: dict[str, Any]) -> Any:
     if hint is float and isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"field '{path}' = {value!r}: must be a finite number")
     if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool)):
-        raise ConfigError(f"field '{path}' = {value!r}: must be of type {hint.__name__}")
+        multirun = (
+            "; a comma list is Hydra's multirun, and one gossiplab run takes one value: run several (a shell "
+            "loop over the values), or a sweep (`gossiplab sweep`)"
+            if isinstance(value, str) and "," in value and hint is not str
+            else ""
+        )
+        raise ConfigError(f"field '{path}' = {value!r}: must be of type {hint.__name__}{multirun}")
     return value
 
 
@@ -573,7 +580,14 @@ def resolve_key(key: str, types: dict[str, Any]) -> str:
         return core[0] if core else matches[0]
     if matches:
         raise ConfigError(f"key '{key}' is ambiguous: write one of {', '.join(matches)}")
-    raise ConfigError(f"unknown key '{key}'; known keys: {', '.join(types)}")
+    by_leaf: dict[str, list[str]] = {}
+    for path in types:
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    nearest = difflib.get_close_matches(key, list(types), n=3, cutoff=0.8)
+    for leaf in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(by_leaf), n=3, cutoff=0.6):
+        nearest += [path for path in by_leaf[leaf] if path not in nearest]
+    hint = f"did you mean {', '.join(nearest[:3])}?" if nearest else "`gossiplab run --dry-run` prints every key"
+    raise ConfigError(f"unknown key '{key}': {hint}")
 
 
 def apply_values(config: Config, values: dict[str, Any]) -> None:
