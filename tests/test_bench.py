@@ -16,6 +16,7 @@ from gossiplab.models import build_model
 from gossiplab.runner import Runner
 
 
+@pytest.mark.long
 def test_bench_reports_every_model_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", "--sites", "2,3", "--repeats", "1", "--seconds", "0.01", "--json", str(out)]

@@ -118,7 +118,7 @@ def assert_same_run(theta: torch.Tensor, rows: list[dict], run_dir: Path, proces
         (2, "ring", "uniform"),
         pytest.param(4, "random-one-peer", "metropolis", marks=pytest.mark.long),
         pytest.param(4, "complete", "uniform", marks=pytest.mark.long),
-        (2, "exponential", "metropolis"),
+        pytest.param(2, "exponential", "metropolis", marks=pytest.mark.long),
     ],
 )
 def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, topology, mixing):

@@ -106,6 +106,7 @@ def test_resume_refuses_a_finished_run(small_config, tmp_path):
         Runner(small_config(), tmp_path / "done", resume=True)
 
 
+@pytest.mark.long
 def test_cli_run_writes_a_complete_run_directory_that_reruns_identically(tmp_path):
     args = ["num_sites=4", "train.steps=60", "eval.every=30", "--quiet"]
     first = subprocess.run(

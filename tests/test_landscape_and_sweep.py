@@ -78,6 +78,7 @@ def test_a_small_sweep_runs_resumes_and_tabulates(tmp_path):
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
 
 
+@pytest.mark.long
 def test_cli_landscape_of_a_run_before_its_final_merge(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "gossiplab", "run", "--preset", "final-merge-only", "num_sites=5", "train.steps=60",

@@ -125,6 +125,7 @@ def test_a_killed_run_does_not_keep_its_directory_locked(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.long
 def test_default_names_never_collide(tmp_path):
     claimed: list[Path] = []
     threads = [
@@ -364,6 +365,7 @@ def test_a_validation_share_that_starves_sites_is_refused_naming_it(gossiplab_ma
 # --- I/O faults ------------------------------------------------------------------------------
 
 
+@pytest.mark.long
 def test_a_failed_checkpoint_write_is_one_line_and_leaves_no_temporary_file(tmp_path):
     def small_file_limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us

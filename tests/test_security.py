@@ -101,6 +101,7 @@ def test_on_one_machine_is_loopback_with_every_process_local(monkeypatch):
         assert on_one_machine() is expected, (address, local)
 
 
+@pytest.mark.long
 def test_processes_without_the_secret_are_refused_and_the_run_finishes_unchanged(tmp_path, plain):
     (code0, out0), *intruders, (code1, out1) = run_with_intruders(tmp_path / "run")
     assert code0 == 0 and code1 == 0, out0 + out1
@@ -232,6 +233,7 @@ def test_a_named_secret_variable_that_is_unset_is_refused():
         join_secret(build_config("default", ["distributed.secret_env=MY_RUN_SECRET"]))
 
 
+@pytest.mark.long
 def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
     """Three ranks: rank 1 is admitted and waits for rank 2; an intruder claims rank 2 and is refused."""
     port = free_port()
@@ -249,6 +251,7 @@ def test_with_on_failure_stop_a_refused_process_stops_the_run(tmp_path):
     assert "Traceback" not in out0 + out1 and not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.long
 def test_a_process_that_finds_no_run_says_so(tmp_path):
     port = free_port()
     args = [*RUN, "distributed.timeout_s=1", "--run-dir", str(tmp_path / "run")]
@@ -256,6 +259,7 @@ def test_a_process_that_finds_no_run_says_so(tmp_path):
     assert code == 2 and f"127.0.0.1:{port}" in output and "Traceback" not in output, output
 
 
+@pytest.mark.long
 def test_a_process_holding_a_secret_does_not_join_a_run_without_one(tmp_path):
     port = free_port()
     args = [*RUN, "distributed.timeout_s=3", "--run-dir", str(tmp_path / "run")]
@@ -341,6 +345,7 @@ def gossiplab_cli(*args: str, cwd: Path, pythonpath: Path | None = None) -> subp
     return subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
+@pytest.mark.long
 def test_a_plugin_is_announced_imported_and_rerun_from_config_toml(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
@@ -356,6 +361,7 @@ def test_a_plugin_is_announced_imported_and_rerun_from_config_toml(tmp_path):
     assert one["ala"] == two["ala"] and one["accuracy_matrix"] == two["accuracy_matrix"]
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("name", ["one/evil.py", "../evil", "evil-module", "os;import evil"])
 def test_a_plugin_must_be_a_module_name(name, tmp_path):
     result = gossiplab_cli("run", "--dry-run", f"plugins=['{name}']", cwd=tmp_path)

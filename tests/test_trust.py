@@ -62,6 +62,7 @@ def final_metrics(run_dir):
     return json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.long
 def test_a_run_pins_its_thread_count_so_its_config_reruns_to_the_same_bytes_under_any_environment(tmp_path):
     """The promise (docs/trust.md): the same config, seed and thread count on the same kind of CPU
     and PyTorch give the same bytes. A run pins its thread count (`train.threads`, 0 = PyTorch's
@@ -143,6 +144,7 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_result(re
     assert resumed_from_checkpoint >= 1  # at least one kill landed mid-run
 
 
+@pytest.mark.long
 def test_a_checkpoint_cut_short_mid_write_is_never_the_one_resumed(reference, tmp_path):
     """Writes go to a temporary file then are renamed: a half-written one is ignored."""
     run_dir = tmp_path / "torn"
@@ -272,6 +274,7 @@ def test_a_checkpoint_from_another_config_is_refused_naming_the_fields(tmp_path)
         (["run", "--resume", "/nonexistent-run"], "no config.toml there"),
     ],
 )
+@pytest.mark.long
 def test_cli_bad_input_is_a_message_not_a_traceback(args, message, tmp_path):
     process = cli(*args, cwd=tmp_path)
     _, stderr = process.communicate()
