@@ -49,7 +49,7 @@ FIGURE_RUNS = {"default": "demo", "single-merge": "merge", "dimat": "dimat-*", "
 SHORTEN = ["train.steps=20", "eval.every=20"]
 # runs of a frozen-encoder preset embed every image once: on test_mazel.py's subset, whose cached
 # features then serve both (the presets' 17,000 images took a minute to embed on a fresh machine)
-FEATURE_SUBSET = ["data.train_per_source=400", "data.test_per_source=150"]
+FEATURE_SUBSET = ["data.train_per_source=400", "data.test_per_source=150", "model.pre_alignment_per_source=300"]
 
 
 def cli_lines(program: str = "gossiplab") -> list[list[str]]:

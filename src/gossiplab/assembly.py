@@ -25,6 +25,7 @@ from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault
 from gossiplab.population import Population, choose_strategy, state_entries
+from gossiplab.prealign import pre_aligned_projection
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, qualified_name
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
@@ -191,6 +192,8 @@ def build_data_and_model(config: Config, console: Console | None = None) -> tupl
     """The sites' data (frozen features in place of images when the model has a pretrained
     backbone) and one site's model (with the text head over the prompted class names)."""
     frozen = frozen_parts(config.model, console)
+    if frozen and config.model.pre_alignment != "none":
+        frozen.projection = pre_aligned_projection(config, frozen, console)
     federation = build_federation(config, frozen.inputs if frozen and frozen.image else None)
     class_embeddings = frozen.class_embeddings(federation.class_names) if config.model.head == "text" else None
     zero_shot_dim = frozen.zero_shot_dim if frozen else 0

@@ -32,6 +32,7 @@ TEXT_ENCODERS = ("minilm-l6", "clip")
 LOCAL_TESTS = ("split", "class-weighted")
 LR_SCHEDULES = ("constant", "cosine", "warmup-constant", "warmup-cosine")
 PARTITIONS = ("iid", "dirichlet", "shards", "by_domain")
+PRE_ALIGNMENTS = ("none", "held-out", "cross-domain")
 WITHIN_SOURCE = ("iid", "dirichlet")
 ENGINES = ("auto", "linear", "vmap", "loop")
 INITS = ("shared", "independent")
@@ -153,6 +154,15 @@ class ModelConfig:
     prompt: str = documented("a photo of a {}.", "the prompt template, `{}` where the class name goes")
     logit_scale: float = documented(20.0, "s in logits = s cos(v, t_k), > 0")
     zero_shot_init: bool = documented(False, "start from the encoder's zero-shot embedding (ConSE for EfficientNet)")
+    pre_alignment: str = documented(
+        "none", "simulated pre-training (LiT, gossiplab.prealign): the zero-shot embedding is a projection of the "
+        "features into the text space, trained once on public images no site holds: each source's images outside "
+        "the run's subset (`held-out`), or only sources the run does not use (`cross-domain`)", PRE_ALIGNMENTS,
+    )  # fmt: skip
+    pre_alignment_per_source: int = documented(5000, "pre_alignment: at most this many public images per source")
+    pre_alignment_steps: int = documented(
+        1500, "pre_alignment: Adam steps of the central alignment (batch 256, lr 1e-3), >= 1"
+    )
     norm: str = documented("group", "cnn/resnet20 normalisation: GroupNorm, BatchNorm (per-site statistics) or none",
                            NORMS)  # fmt: skip
     dropout: float = documented(0.0, "dropout before the last layer (mlp, cnn, resnet20), in [0, 1)")
@@ -172,6 +182,10 @@ class ModelConfig:
              "must name a local folder holding a CLIP saved with save_pretrained when a CLIP encoder is used"),
             (not self.zero_shot_init or (self.head == "text" and self.backbone != "pixels"), "model.zero_shot_init",
              "needs model.head = 'text' and a pretrained model.backbone (efficientnet-lite0 or clip)"),
+            (self.pre_alignment == "none" or self.zero_shot_init, "model.pre_alignment",
+             "needs model.zero_shot_init = true (the pre-aligned projection is the zero-shot start)"),
+            (self.pre_alignment_per_source >= 1, "model.pre_alignment_per_source", "must be >= 1"),
+            (self.pre_alignment_steps >= 1, "model.pre_alignment_steps", "must be >= 1"),
             (len(self.channels) >= 1 and all(c >= 1 for c in self.channels), "model.channels",
              "must be a non-empty list of channel counts >= 1"),
         ])  # fmt: skip
@@ -204,6 +218,10 @@ class TrainConfig:
     clip_grad_norm: float = documented(
         0.0, "clip each site's gradient to this L2 norm before its step (0: off), >= 0; a remedy for divergence"
     )
+    reset_optimizer: bool = documented(
+        False, "every site's optimizer state starts fresh after each communication round (DIMAT's code builds a new "
+        "optimizer for each training phase)",
+    )  # fmt: skip
     lr_schedule: str = documented("constant", '`warmup-constant` is MAZEL\'s "uniform with warmup"', LR_SCHEDULES)
     warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
     loss: str = documented("cross-entropy", "loss(logits, targets): `cross-entropy`, or a user's registered loss")
@@ -242,7 +260,8 @@ class GossipConfig:
     algorithm: str = documented(
         "dsgd",
         "what a round does: `dsgd` (D-PSGD)/`cdsgd` (mix before the step)/`sgp` (push-sum)/`dimat` "
-        "(activation-matched merge)/`weight-matching`/`ditto` (with FedAvg's global track)/`l2c`/`meta-l2c` "
+        "(activation-matched merge)/`weight-matching`/`merge-average` (WA through the same merge)/`ditto` "
+        "(with FedAvg's global track)/`l2c`/`meta-l2c` "
         "(learned weights)/`local` (no communication), or a user's registered algorithm",
     )
     topology: str = documented(
@@ -255,12 +274,21 @@ class GossipConfig:
     mixing: str = documented(
         "uniform",
         "W from the graph: `uniform`/`metropolis`/`influence` (MAZEL's softmax over DICE one-hop influence)/"
-        "`influence-share` (self-weight kept, the rest by positive influence)/`fomo`, or a user's registered rule",
+        "`influence-dice` (DICE's raw score with the receiver's held-out gradient)/`influence-share` (self-weight "
+        "kept, the rest by positive influence)/`fomo`, or a user's registered rule",
     )
     influence_temperature: float = documented(
         1.0, "influence: softmax temperature over each site's and its peers' scores relative to its own, > 0"
     )
+    dice_temperature: float = documented(
+        0.001, "influence-dice: softmax temperature over the raw DICE scores I_ij = lr W_ij <g'_i, g_j> (a loss "
+        "decrease, so it depends on the run's lr and gradients), > 0",
+    )  # fmt: skip
     schedule: str = documented("every", "when rounds happen", SCHEDULES)
+    start_after: int = documented(
+        0, "steps of local training before any round, >= 0: DIMAT's pre-training phase, every agent alone "
+        "(`every` counts from here; a run no longer has no rounds)",
+    )  # fmt: skip
     every: int = documented(10, "every/window: steps between rounds, >= 1")
     steps: list[int] = documented([], "steps: the steps that gossip")
     window_start: int = documented(0, "window: first step of the window")
@@ -290,8 +318,10 @@ class GossipConfig:
         checks = [
             (0 < self.p <= 1, "gossip.p", "must be in (0, 1]"),
             (self.influence_temperature > 0, "gossip.influence_temperature", "must be > 0"),
+            (self.dice_temperature > 0, "gossip.dice_temperature", "must be > 0"),
             (0 <= self.outside_window_p <= 1, "gossip.outside_window_p", "must be in [0, 1]"),
             (self.every >= 1, "gossip.every", "must be >= 1"),
+            (self.start_after >= 0, "gossip.start_after", "must be >= 0 (0: rounds from the start)"),
             (all(1 <= s <= steps for s in self.steps), "gossip.steps",
              f"every step must be in [1, train.steps={steps}]"),
             (self.schedule != "steps" or len(self.steps) > 0, "gossip.steps",

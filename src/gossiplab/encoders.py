@@ -262,6 +262,7 @@ class FrozenParts:
     image: ImageEncoder | None
     text: TextEncoder | None
     console: Console | None = None
+    projection: dict[str, torch.Tensor] | None = None  # the pre-aligned zero-shot start (gossiplab.prealign)
 
     @property
     def zero_shot_dim(self) -> int:
@@ -272,7 +273,9 @@ class FrozenParts:
         features, zero_shot = cached_image_features(self.image, images, self.console)
         if not self.config.zero_shot_init:
             return features
-        if self.config.backbone == "efficientnet-lite0":
+        if self.projection is not None:
+            zero_shot = F.normalize(features @ self.projection["weight"].T + self.projection["bias"], dim=-1)
+        elif self.config.backbone == "efficientnet-lite0":
             zero_shot = conse_embeddings(zero_shot, _imagenet_text(self.text, self.config.prompt))
         if zero_shot.shape[1] != self.text.dim:
             raise EncoderError(

@@ -55,6 +55,8 @@ def influence(adjacency: torch.Tensor, grad: torch.Tensor, temperature: float) -
     With one peer a round the weights still follow the scores' size: a peer whose update helps i
     as much as i's own gets half; an orthogonal one exp(-1/T) / (1 + exp(-1/T)) (0.27 at T = 1).
     T -> infinity is uniform mixing. Rows sum to 1; W is not symmetric, so the mean is not preserved.
+    MAZEL gives no formula for its softmax, so this rule is a reconstruction (the division by the
+    site's own score and T = 1 are ours); `influence-dice` is DICE's raw score as DICE defines it.
     """
     closed = adjacency | torch.eye(len(adjacency), dtype=torch.bool, device=adjacency.device)
     rows, cols = closed.nonzero(as_tuple=True)
@@ -131,6 +133,62 @@ def influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     """MAZEL's "Random (softmax)": a softmax over the DICE influence scores of the site and its peers."""
     grad = experiment.population.grad
     return influence(adjacency.to(grad.device), grad, experiment.config.gossip.influence_temperature).cpu()
+
+
+def dice_influence(adjacency: torch.Tensor, held_out: torch.Tensor, grad: torch.Tensor, lr: float,
+                   temperature: float) -> torch.Tensor:  # fmt: skip
+    """DICE's raw one-hop influence (Zhu et al., ICLR 2025), softmaxed as MAZEL's "Random (softmax)".
+
+    I_ij = lr W_ij <g'_i, g_j>: the first-order decrease of receiver i's held-out loss (g'_i, the
+    gradient of i's loss on its own validation sample) caused by candidate j's latest local update
+    (g_j, j's gradient on its own batch) reaching i with the uniform weight W_ij of the round's
+    graph; the candidates are i's peers and i itself. W_i = softmax(I_i / temperature) over them.
+    The scores are raw, so the temperature is in units of loss decrease (lr 1e-3 and gradient
+    products of order 1 give scores of order 1e-3): unlike `influence`, it must be set per run.
+    """
+    weights = uniform(adjacency)
+    rows, cols = weights.nonzero(as_tuple=True)
+    scores = torch.full(adjacency.shape, -torch.inf, dtype=grad.dtype, device=grad.device)
+    dots = torch.linalg.vecdot(held_out[rows], grad[cols])
+    scores[rows, cols] = lr * weights[rows, cols].to(grad) * dots / temperature
+    return torch.softmax(scores, dim=1)
+
+
+def dice_problems(config: Config) -> list[str]:
+    """The receiver's held-out gradient needs validation data; computing it must not move BatchNorm statistics."""
+    problems = []
+    if config.data.val_fraction <= 0:
+        problems.append(
+            f"field 'data.val_fraction' = {config.data.val_fraction}: must be > 0 with gossip.mixing = "
+            "'influence-dice' (each receiver's held-out gradient comes from its validation data)"
+        )
+    if config.model.norm == "batch" and config.model.name in ("cnn", "resnet20"):
+        problems.append(
+            "field 'gossip.mixing' = 'influence-dice': not with model.norm = 'batch' (the held-out "
+            "gradient would update the BatchNorm statistics); use `influence`"
+        )
+    return problems
+
+
+@MIXING_RULES.register("influence-dice", problems=dice_problems)
+def dice_influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
+    """DICE's raw one-hop score with the receiver's held-out gradient, softmaxed at `gossip.dice_temperature`.
+
+    The held-out sample is `fomo.val_batch` validation images per site, drawn from the seed and the
+    same every round; the sites' training gradients are left as they were."""
+    config, federation, population = experiment.config, experiment.federation, experiment.population
+    generator = torch.Generator().manual_seed(config.seed + 3)
+    x, y = sample_held_out(
+        federation.val_x, federation.val_y, federation.val_site, config.num_sites, config.fomo.val_batch, generator
+    )
+    training = population.grad.clone()
+    population.compute_gradients(x, y)
+    held_out = population.grad.clone()
+    population.grad.copy_(training)
+    weights = dice_influence(
+        adjacency.to(training.device), held_out, training, experiment.optimizer.lr, config.gossip.dice_temperature
+    )
+    return weights.cpu()
 
 
 @MIXING_RULES.register("influence-share")

@@ -147,17 +147,18 @@ def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: n
     )
 
 
+def kept(dataset: Dataset, size: int, count: int, salt: int) -> torch.Tensor:
+    """Which of `size` images a subset of `count` keeps (all at 0): fixed per source and salt."""
+    if not count or count >= size:
+        return torch.arange(size)
+    rng = np.random.default_rng([salt, *dataset.name.encode()])
+    return torch.from_numpy(np.sort(rng.permutation(size)[:count]))
+
+
 def subsample(dataset: Dataset, train: int, test: int) -> Dataset:
     """At most `train` / `test` images of a source (0: all), a random subset fixed per source and
     independent of the experiment's seed, so that cached features serve every seed."""
-
-    def keep(labels: torch.Tensor, count: int, salt: int) -> torch.Tensor:
-        if not count or count >= len(labels):
-            return torch.arange(len(labels))
-        rng = np.random.default_rng([salt, *dataset.name.encode()])
-        return torch.from_numpy(np.sort(rng.permutation(len(labels))[:count]))
-
-    tr, te = keep(dataset.train_y, train, 0), keep(dataset.test_y, test, 1)
+    tr, te = kept(dataset, len(dataset.train_y), train, 0), kept(dataset, len(dataset.test_y), test, 1)
     return Dataset(
         dataset.name,
         dataset.train_x[tr],
