@@ -94,8 +94,8 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
 
 
 def test_dimat_on_a_complete_graph_hands_every_agent_one_matched_model_and_reports_mmga_apart(tmp_path):
-    overrides = ["train.steps=20", "eval.every=20", "gossip.every=10", "model.hidden=[64]"]
-    config = build_config("dimat", overrides)
+    overrides = ["train.steps=20", "eval.every=20", "gossip.every=10", "gossip.start_after=0", "model.name=mlp"]
+    config = build_config("dimat", [*overrides, "model.hidden=[64]", "gossip.topology=complete"])
     assert config.num_sites == 5 and config.dimat.match_on == "global"
     experiment = build_experiment(config)
     federation = experiment.federation
@@ -116,7 +116,7 @@ def test_dimat_on_a_complete_graph_hands_every_agent_one_matched_model_and_repor
 
 
 def test_the_consensus_merge_aligns_every_row_to_the_first_and_averages_with_the_weights():
-    config = build_config("dimat", ["model.hidden=[32]"])
+    config = build_config("dimat", ["model.name=mlp", "model.hidden=[32]"])
     experiment = build_experiment(config)
     population = experiment.population
     spec = permutation_spec(population.module, experiment.federation.image_shape)
@@ -130,7 +130,14 @@ def test_the_consensus_merge_aligns_every_row_to_the_first_and_averages_with_the
 
 def test_dirichlet_redraws_leave_every_site_its_minimum_after_validation():
     config = build_config(
-        "mazel-fashion", ["seed=1", "model.backbone=pixels", "model.head=linear", "model.zero_shot_init=false"]
+        "mazel-fashion",
+        [
+            "seed=1",
+            "model.backbone=pixels",
+            "model.head=linear",
+            "model.zero_shot_init=false",
+            "model.pre_alignment=none",
+        ],
     )
     federation = build_federation(config)
     assert int(federation.train_sizes.min()) >= config.data.min_site_samples

@@ -30,8 +30,8 @@ def summaries(seeds: int = 3, **values) -> list[dict]:
     rows = []
     for k in range(seeds):
         row = {"ala": 0.8, "aga": 0.5, "mmga": 0.6, "ala_aga_mean": 0.65, "gossip_gain": 10.0, "worst10_local": 0.4,
-               "convergence_step": {"aga": 300}, "before_final_merge": {"aga": 0.3}, "matched_mmga": 0.5,
-               "learned_weight_same_task": 0.2, "learned_weight_other_task": 0.05}  # fmt: skip
+               "convergence_step": {"aga": 300}, "before_final_merge": {"aga": 0.3}, "start": {"aga": 0.4},
+               "matched_mmga": 0.5, "learned_weight_same_task": 0.2, "learned_weight_other_task": 0.05}  # fmt: skip
         for key, value in values.items():
             row[key] = value[k] if isinstance(value, list) else value
         rows.append(row)
@@ -47,6 +47,7 @@ def test_every_claim_has_its_paper_numbers_with_a_source_and_a_study():
     assert sorted(papers) == sorted(CLAIMS) == list(range(1, 13))
     for number, paper in papers.items():
         assert paper["statement"] and paper["paper"] and paper["source"], number
+        assert paper["protocol"] and paper["deviations"], number  # the paper's protocol, and how ours differs
         assert all(study in STUDIES for study in CLAIMS[number][0])
 
 
@@ -123,7 +124,7 @@ def test_the_report_sets_every_claim_beside_the_papers_numbers(tmp_path):
     assert all(v["verdict"] in ("holds", "partly", "does not hold") for v in verdicts)
     assert [v["claim"] for v in verdicts if v["check"]] == [10]
     for paper in paper_claims().values():
-        assert paper["source"] in text
+        assert paper["source"] in text and paper["protocol"] in text and paper["deviations"] in text
     assert "DIMAT Table 2" in page.read_text() and "<table>" in page.read_text()
     assert json.loads((tmp_path / "claims.json").read_text()) == verdicts
     assert (tmp_path / "mazel-rounds" / "rounds.png").is_file()

@@ -402,6 +402,7 @@ def sweep(
 
 
 MAX_SEEDS = 100
+MAX_JOBS = 64
 
 
 def check_output_folder(folder: Path, option: str) -> None:
@@ -449,6 +450,9 @@ def reproduce(
     claims: Annotated[str, typer.Option(help="which claims, e.g. 1-3,5")] = "1-12",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     dry_run: Annotated[bool, typer.Option(help="check every run's config, run nothing")] = False,
+    jobs: Annotated[
+        int, typer.Option(help="runs at once, in worker processes (with train.threads=1: at most one per core)")
+    ] = 1,
 ) -> None:
     """The papers' twelve claims on our data: run their studies over seeds, write report.md/report.html."""
     from gossiplab.reproduce import run_studies, studies_for, study_sweep, write_report
@@ -457,6 +461,8 @@ def reproduce(
     try:
         if not 1 <= seeds <= MAX_SEEDS:
             raise ConfigError(f"--seeds {seeds}: must be in 1..{MAX_SEEDS} (every seed runs every variant of a study)")
+        if not 1 <= jobs <= MAX_JOBS:
+            raise ConfigError(f"--jobs {jobs}: must be in 1..{MAX_JOBS} (worker processes, each running one run)")
         check_output_folder(out, "--out")
         chosen = parse_claims(claims)
         configs = {name: variant_configs(study_sweep(name), overrides or [], seeds) for name in studies_for(chosen)}
@@ -468,7 +474,7 @@ def reproduce(
         return
     with _many_runs_failing(f"report folder {out}", "the same --out resumes"):
         out.mkdir(parents=True, exist_ok=True)
-        results = run_studies(chosen, out, seeds, overrides or [], console=errors, show_progress=not quiet)
+        results = run_studies(chosen, out, seeds, overrides or [], console=errors, show_progress=not quiet, jobs=jobs)
         md, page, verdicts = write_report(chosen, results, out, seeds)
     table = Table(title=f"reproduction: {seeds} seed(s)")
     for column in ("#", "claim", "ours", "verdict"):

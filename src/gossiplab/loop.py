@@ -5,7 +5,8 @@ algorithm adjusts the gradients, gives W and communicates; callbacks log, checkp
         every site's gradient on its own batch               (one engine call)
         [communicate, for algorithms that mix before the step (CDSGD)]
         algorithm.adjust_gradients; the optimizer step on [N, P]
-        [communicate: if the schedule fires, W = algorithm.mixing(round, graph), algorithm.communicate(W)]
+        [communicate: if the schedule fires, W = algorithm.mixing(round, graph), algorithm.communicate(W)
+         (then, with train.reset_optimizer, a fresh optimizer state)]
         [at T with gossip.final_merge: the single global merge]
         every eval.every steps and at T: evaluate -> callbacks (metrics, checkpoint, progress, user)
 """
@@ -72,6 +73,8 @@ def communicate(runner: Runner) -> None:
             runner.count_round(adjacency, weights)
         if merges:
             runner.merge_globally()
+    if runner.config.train.reset_optimizer:
+        experiment.optimizer.reset()
 
 
 def evaluate(runner: Runner, callbacks: Sequence[Callback], train_loss: float | None) -> None:

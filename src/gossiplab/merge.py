@@ -114,7 +114,8 @@ class MatchedMerge:
     - "activation-matching": correlations of i's and j's activations on a fixed sample of inputs
       (`match_inputs[i]`: of the global training set, as DIMAT's code, or of i's own data), one
       linear assignment per layer;
-    - "weight-matching": Git Re-Basin's data-free weight matching.
+    - "weight-matching": Git Re-Basin's data-free weight matching;
+    - "identity": no alignment (plain weight averaging through the same merge, DIMAT's WA).
     P_ii is the identity, so with W = I nothing changes. When every row of W is the same (a complete
     graph with uniform weights) every site receives one model, as in DIMAT's code: all rows aligned
     to the first sender's units and averaged with that row's weights (exact consensus); aligning
@@ -132,6 +133,8 @@ class MatchedMerge:
         from gossiplab import permutation
 
         population, spec = self.population, self.spec
+        if self.method == "identity":
+            return [torch.arange(theta.shape[1], device=theta.device) for _ in senders]
         if self.method == "weight-matching":
             perms = [
                 permutation.match_weights(spec, population.names, population.shapes, theta[receiver], theta[j])

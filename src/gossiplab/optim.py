@@ -73,6 +73,11 @@ class StackedSGD:
         if self.momentum_buffer is not None:
             self.momentum_buffer[rows] = 0.0
 
+    def reset(self) -> None:
+        """Every site's state as a new optimizer's (train.reset_optimizer)."""
+        if self.momentum_buffer is not None:
+            self.momentum_buffer.zero_()
+
     def state_dict(self) -> dict:
         return {"momentum_buffer": self.momentum_buffer}
 
@@ -131,6 +136,12 @@ class StackedAdam:
         """Forget the state of some sites (a site dropped for divergence)."""
         self.exp_avg[rows] = 0.0
         self.exp_avg_sq[rows] = 0.0
+
+    def reset(self) -> None:
+        """Every site's state as a new optimizer's (train.reset_optimizer): moments and step count."""
+        self.steps = 0
+        self.exp_avg.zero_()
+        self.exp_avg_sq.zero_()
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

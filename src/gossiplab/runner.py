@@ -488,6 +488,7 @@ class Runner:
             "convergence_step": {
                 m: metrics.convergence_step(steps, [r[m] for r in rows]) for m in ("ala", "aga", "mmga")
             },
+            "start": {m: rows[0][m] for m in ("ala", "aga", "mmga")} if steps[0] == 0 else None,
             "local_accuracy": final["local_accuracy"],
             "accuracy_matrix": matrix.tolist(),
             "communication_steps": self.experiment.schedule.communication_steps(),

@@ -72,7 +72,8 @@ class GossipSchedule:
     """kind: 'every' (each `every` steps), 'steps' (an explicit list), 'window' (each `every` steps
     inside [window_start, window_end], the single-merge paper's communication windows; with
     `outside_p` > 0 the rounds go on outside it on the paper's low-budget graph, each site pulling
-    from one random peer with that probability) or 'none' (no gossip during training)."""
+    from one random peer with that probability) or 'none' (no gossip during training). No round
+    falls in the first `start_after` steps."""
 
     kind: str
     total_steps: int
@@ -81,6 +82,7 @@ class GossipSchedule:
     window: tuple[int, int] = (0, 0)
     final_merge: bool = False
     outside_p: float = 0.0
+    start_after: int = 0
 
     @classmethod
     def from_config(cls, config: GossipConfig, total_steps: int, seed: int = 0) -> GossipSchedule:
@@ -93,7 +95,10 @@ class GossipSchedule:
         }
         if config.schedule in fixed:
             steps = frozenset(fixed[config.schedule]())
-            return cls("steps", total_steps, steps=steps, final_merge=config.final_merge != "none")
+            return cls(
+                "steps", total_steps, steps=steps, final_merge=config.final_merge != "none",
+                start_after=config.start_after,
+            )  # fmt: skip
         return cls(
             config.schedule,
             total_steps,
@@ -102,11 +107,15 @@ class GossipSchedule:
             (config.window_start, config.window_end),
             config.final_merge != "none",
             config.outside_window_p,
+            config.start_after,
         )
 
     def gossips_at(self, step: int) -> bool:
+        """No round in the first `start_after` steps (a pre-training phase); `every` counts from its end."""
+        if step <= self.start_after:
+            return False
         if self.kind == "every":
-            return step % self.every == 0
+            return (step - self.start_after) % self.every == 0
         if self.kind == "steps":
             return step in self.steps
         if self.kind == "window":
@@ -123,7 +132,7 @@ class GossipSchedule:
     def rounds_until(self, step: int) -> int:
         """How many gossip rounds happen in steps 1..step; round r uses index r - 1 for its graph."""
         if self.kind == "every":
-            return step // self.every
+            return max(0, step - self.start_after) // self.every
         return sum(1 for t in range(1, step + 1) if self.gossips_at(t))
 
     def communication_steps(self) -> list[int]:

@@ -133,6 +133,49 @@ def run_sweep(
     return results
 
 
+def pending_runs(sweep: Sweep, sweep_dir: Path, extra: list[str], seeds: int) -> list[tuple[Config, Path]]:
+    """The (config, run directory) pairs of a sweep that have no summary yet, the folder checked first."""
+    configs = variant_configs(sweep, extra, seeds)
+    run_dirs = {key: sweep_dir / slug(key[0]) / f"seed-{key[1]}" for key in configs}
+    check_sweep_dir(sweep_dir, {run_dirs[key]: config for key, config in configs.items()})
+    return [(configs[key], run_dirs[key]) for key in configs if not (run_dirs[key] / "summary.json").is_file()]
+
+
+def run_one(config: Config, run_dir: Path) -> Path:
+    """One run to its end, quietly, resuming a checkpoint (what a worker process of `run_in_processes` does)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = (run_dir / "checkpoint.pt").is_file()
+    Runner(config, run_dir, resume=resume, console=Console(stderr=True, quiet=True), show_progress=False).run()
+    return run_dir
+
+
+def run_in_processes(runs: list[tuple[Config, Path]], jobs: int, console: Console | None = None) -> None:
+    """The runs spread over `jobs` worker processes (spawned: no state shared with this one), the
+    finished count shown. A run computes with its config's thread count whichever process runs it,
+    so its numbers are those of a serial run; give `train.threads` so that jobs x threads fits the
+    cores. The first failure stops the rest and is raised here."""
+    import concurrent.futures
+    import multiprocessing
+
+    from rich.progress import Progress
+
+    context = multiprocessing.get_context("spawn")
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
+        Progress(console=console or Console(stderr=True), transient=True) as progress,
+    ):
+        task = progress.add_task(f"{len(runs)} runs in {jobs} processes", total=len(runs))
+        futures = [pool.submit(run_one, config, run_dir) for config, run_dir in runs]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                future.result()
+                progress.advance(task)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
     """A sweep directory is reused only for the same sweep: refuse a run directory, and any
     variant's run that was made with another resolved config (changed overrides), before anything

@@ -4,7 +4,9 @@ theta_i <- sum_j W_ij P_ij(theta_j) (DIMAT eq. 2-4), P_ij the permutation of j's
 matches i's (gossiplab.merge.MatchedMerge): by activations on a fixed sample of the global training
 set, as DIMAT's code does at every merge, or of i's own data (`dimat.match_on`) ("dimat",
 activation matching), or by weights alone ("weight-matching", Git Re-Basin). On a complete graph
-every agent receives the one merged model (exact consensus, as in DIMAT's code). MMGA stays the
+every agent receives the one merged model (exact consensus, as in DIMAT's code). "merge-average"
+is weight averaging (WA) through the same merge with the units left as they are: DIMAT's baseline
+with nothing else changed. MMGA stays the
 uniform mean of the models (Definition 1); the matched merge of all of them, every row aligned to
 the first, is reported beside it as `matched_mmga`.
 """
@@ -35,6 +37,10 @@ class DimatConfig:
     reestimate_batches: int = documented(
         8, "BatchNorm models: batches of each site's own data its statistics are recomputed on after a merge "
         "(0: keep the merged statistics)",
+    )  # fmt: skip
+    reestimate_on: str = documented(
+        "own", "BatchNorm models: whose batches the statistics are recomputed on: each site's `own`, or the "
+        "`global` training set (DIMAT's code)", ("own", "global"),
     )  # fmt: skip
 
     def problems(self, config: Config) -> list[str]:
@@ -83,11 +89,19 @@ class ActivationMatching(Algorithm):
         state["rounds"] += 1
         if population.num_buffers and config.dimat.reestimate_batches:
             generator = torch.Generator().manual_seed(config.seed * 100_003 + int(state["rounds"]))
-            batches = [
-                self.experiment.federation.sample_batch(config.train.batch_size, generator, comm.sites)[0]
-                for _ in range(config.dimat.reestimate_batches)
-            ]
+            batches = [self.statistics_batch(generator, comm) for _ in range(config.dimat.reestimate_batches)]
             population.reestimate_statistics(batches)
+
+    def statistics_batch(self, generator: torch.Generator, comm: Any) -> torch.Tensor:
+        """[N, B, ...] images BatchNorm statistics are recomputed on: each site's own, or one batch
+        of the global training set for every site (`dimat.reestimate_on`)."""
+        federation, config = self.experiment.federation, self.experiment.config
+        if config.dimat.reestimate_on == "own":
+            return federation.sample_batch(config.train.batch_size, generator, comm.sites)[0]
+        pool = federation.train_index.cpu()
+        chosen = pool[torch.randint(len(pool), (config.train.batch_size,), generator=generator)]
+        images = federation.normalise(federation.pool_x[chosen.to(federation.pool_x.device)])
+        return images.expand(self.experiment.population.num_sites, *images.shape)
 
     def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor:
         return self.merge.merged_model(self.experiment.population.theta, active)
@@ -98,3 +112,12 @@ class WeightMatching(ActivationMatching):
     """Weight matching (Git Re-Basin, Ainsworth et al. 2023): units aligned from the weights alone, then averaged."""
 
     method = "weight-matching"
+
+
+@ALGORITHMS.register("merge-average")
+class PlainMerge(ActivationMatching):
+    """WA inside DIMAT's protocol: the same merge with no alignment (every permutation the
+    identity), so that it differs from DIMAT in nothing else (one model for every agent on a
+    complete graph, BatchNorm statistics recomputed after each merge, `dimat.*` alike)."""
+
+    method = "identity"
