@@ -91,7 +91,7 @@ def metric(results: Results, study: str, variant: str, key: str) -> np.ndarray:
             value = value[part]
         values.append(float(value))
     array = np.array(values)
-    return array * 100 if key.removeprefix("before_final_merge.") in PERCENT else array
+    return array * 100 if key.removeprefix("before_final_merge.").removeprefix("start.") in PERCENT else array
 
 
 def spread(values: np.ndarray, digits: int = 1) -> str:
@@ -136,13 +136,17 @@ def claim_1(r: Results) -> Verdict:
 def claim_2(r: Results) -> Verdict:
     mazel, mdsl = (metric(r, "mazel-table1", f"{s} random uniform", "convergence_step.aga") for s in ("MAZEL", "MDSL"))
     start = metric(r, "mazel-table1", "MAZEL random uniform", "start.aga")
-    best = metric(r, "mazel-table1", "MAZEL random uniform", "aga")
+    end = metric(r, "mazel-table1", "MAZEL random uniform", "aga")
+    verdict = direction(-mazel, -mdsl)
+    vacuous = verdict == "holds" and bool((mazel == 0).all())
     return Verdict(
         f"steps to 95% of the best AGA, random uniform: MAZEL {spread(mazel, 0)} vs MDSL {spread(mdsl, 0)} "
-        f"(MAZEL's AGA at step 0 {spread(start)}, at the end {spread(best)})",
-        direction(-mazel, -mdsl),
-        "MAZEL reaches 95% of its best AGA in fewer steps than MDSL, in every seed",
-    )
+        f"(MAZEL's AGA at step 0 {spread(start)}, at the end {spread(end)})",
+        "partly" if vacuous else verdict,
+        "MAZEL reaches 95% of its best AGA in fewer steps than MDSL, in every seed"
+        + ("; partly: MAZEL's best AGA is its start in every seed (training only lowers it), so it 'converges' at "
+           "step 0 without learning" if vacuous else ""),
+    )  # fmt: skip
 
 
 def claim_3(r: Results) -> Verdict:
