@@ -111,13 +111,13 @@ def one_point_source(site: int) -> SourceInfo:
     return SourceInfo(name, lambda: dataset_from_arrays(name, images, labels, images, labels, ["a", "b"]), "", "", "")
 
 
-def test_gradient_tracking_reaches_the_exact_minimiser_where_dsgd_keeps_a_bias(tmp_path):
+def test_gradient_tracking_reaches_the_exact_minimiser_where_dsgd_keeps_a_bias(tmp_path, request):
     """Every site's model at the minimum of the average loss F (F* = log 2) and in consensus under
     gradient tracking; DSGD with the same constant step leaves each site off the minimum, pulled
     towards its own label."""
     for site in range(SITES):
-        if f"one-point-{site}" not in SOURCES:
-            register_source(one_point_source(site))
+        name = register_source(one_point_source(site)).name
+        request.addfinalizer(lambda name=name: SOURCES.pop(name))  # no later test sees these sources
     problem = [
         f"num_sites={SITES}", f"data.sources={[f'one-point-{s}' for s in range(SITES)]}", "data.partition=by_domain",
         "data.image_size=4", "data.val_fraction=0", "data.min_site_samples=1", "model.hidden=[]",

@@ -4,12 +4,16 @@ the single-merge paper's round structure; `reproduce --jobs` giving a serial run
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+import types
+
 import pytest
 import torch
 
 from gossiplab.api import run
 from gossiplab.assembly import build_experiment
-from gossiplab.config import ConfigError, build_config
+from gossiplab.config import SECTIONS, ConfigError, build_config
 from gossiplab.data.federation import sample_held_out
 from gossiplab.merge import MatchedMerge
 from gossiplab.mixing import uniform
@@ -129,7 +133,15 @@ def test_the_single_merge_studies_run_the_papers_round_structure():
 
 
 @pytest.mark.long
-def test_runs_in_worker_processes_give_a_serial_runs_numbers(tmp_path):
+def test_runs_in_worker_processes_give_a_serial_runs_numbers(tmp_path, monkeypatch):
+    """Also when this process holds a config section from a module the workers cannot import (a
+    plug-in loaded from a notebook's folder): the workers get each config as its TOML text."""
+    notebook_plugin = types.ModuleType("notebook_only_plugin")
+    section = dataclasses.make_dataclass("NotebookSection", [("strength", float, 1.0)])
+    section.__module__ = notebook_plugin.__name__
+    notebook_plugin.NotebookSection = section
+    monkeypatch.setitem(sys.modules, notebook_plugin.__name__, notebook_plugin)
+    monkeypatch.setitem(SECTIONS, "notebook", section)
     overrides = ["num_sites=4", "train.steps=30", "eval.every=10", "train.threads=1", "data.test_per_source=500"]
     runs = [(build_config("default", [*overrides, f"seed={seed}"]), tmp_path / "jobs" / str(seed)) for seed in (0, 1)]
     run_in_processes(runs, 2)

@@ -26,11 +26,13 @@ from gossiplab.config import (
     ConfigError,
     apply_values,
     build_config,
+    config_from_toml,
     differing_fields,
     flatten,
     leaf_types,
     parse_override,
     resolve_key,
+    validate,
 )
 from gossiplab.devices import with_pinned_threads
 from gossiplab.rundir import atomic_write, read_summary
@@ -149,6 +151,15 @@ def run_one(config: Config, run_dir: Path) -> Path:
     return run_dir
 
 
+def run_config_text(config_toml: str, run_dir: Path) -> Path:
+    """`run_one` on a config passed as its TOML text: what a worker process receives, since a
+    pickled `Config` would carry every section registered in this process, some of them from
+    modules (plug-ins a test or a notebook imported) the worker cannot import."""
+    config = config_from_toml(config_toml, origin=f"the config of {run_dir}")
+    validate(config)
+    return run_one(config, run_dir)
+
+
 def run_in_processes(runs: list[tuple[Config, Path]], jobs: int, console: Console | None = None) -> None:
     """The runs spread over `jobs` worker processes (spawned: no state shared with this one), the
     finished count shown. A run computes with its config's thread count whichever process runs it,
@@ -165,7 +176,7 @@ def run_in_processes(runs: list[tuple[Config, Path]], jobs: int, console: Consol
         Progress(console=console or Console(stderr=True), transient=True) as progress,
     ):
         task = progress.add_task(f"{len(runs)} runs in {jobs} processes", total=len(runs))
-        futures = [pool.submit(run_one, config, run_dir) for config, run_dir in runs]
+        futures = [pool.submit(run_config_text, config.to_toml(), run_dir) for config, run_dir in runs]
         try:
             for future in concurrent.futures.as_completed(futures):
                 future.result()
