@@ -15,6 +15,12 @@ DEBIAN_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-fr
 	fonts-texgyre fonts-crosextra-carlito fonts-crosextra-caladea fonts-ebgaramond fonts-lato fonts-open-sans \
 	fonts-roboto-unhinted fonts-cantarell fonts-linuxlibertine fonts-go
 
+# PyTorch's wheel index: PyPI's torch is the CUDA build (2.7 GB of NVIDIA libraries); a CPU-only machine
+# can take the CPU build instead: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# pyproject.toml declares compatible ranges; constraints.txt pins the exact versions tested together.
+PIP_INSTALL := $(BIN)/python -m pip install --no-compile -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+
 # Only for the tests: a real browser renders the HTML report.
 TEST_DEBIAN := chromium
 
@@ -34,9 +40,10 @@ $(BIN)/python:
 # Reinstalled when the declared dependencies change; the stamp is written only after all succeeded.
 # --no-compile: byte-compiling every installed file (torch's thousands) took half the install (42 -> 21 s);
 # Python compiles the modules it imports on first use instead.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements-data.txt
-	$(BIN)/python -m pip install -q --no-compile -e '.[test,tensorboard,encoders,frames,docs]'
-	$(BIN)/python -m pip install -q --no-compile --no-deps -r requirements-data.txt
+# pip's own lines show progress (which package, downloads with their bars).
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt requirements-data.txt
+	$(PIP_INSTALL) -e '.[test,tensorboard,encoders,frames,docs]'
+	$(PIP_INSTALL) --no-deps -r requirements-data.txt
 	touch $@
 
 install: $(VENV)/.installed

