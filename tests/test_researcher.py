@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas
 import pytest
 import torch
 from PIL import Image
@@ -70,6 +71,22 @@ def test_compare_groups_by_the_differing_key_and_plots(two_runs, tmp_path):
     assert "schedule=every" in result.stdout and "schedule=none" in result.stdout
     assert f"{default.final['ala']:.4f}" in result.stdout and f"{local.final['aga']:.4f}" in result.stdout
     assert (tmp_path / "compare_curves.png").stat().st_size > 5000 and (tmp_path / "compare_cost.png").is_file()
+
+
+def test_load_runs_is_one_tidy_frame_and_compare_csv_writes_the_same_table(two_runs, tmp_path, gossiplab_main):
+    default, local = two_runs
+    frame = gossiplab.load_runs([default.run_dir, local.run_dir])
+    assert list(frame.columns[:2]) == ["run", "seed"] and list(frame.columns[-3:]) == ["step", "metric", "value"]
+    assert "gossip.schedule" in frame.columns and "train.steps" not in frame.columns  # only keys that differ
+    mmga = frame[frame.metric == "mmga"].set_index(["gossip.schedule", "step"]).value
+    assert mmga["every", 60] == default.final["mmga"] and mmga["none", 30] == local.metrics["mmga"][1]
+    assert len(frame) == len(frame.drop_duplicates(["run", "step", "metric"]))
+    runs = [str(default.run_dir), str(local.run_dir)]
+    code, out, err = gossiplab_main("compare", *runs, "--out", str(tmp_path), "--csv", str(tmp_path / "runs.csv"))
+    assert code == 0 and f"wrote {tmp_path / 'runs.csv'}" in out, err
+    written = pandas.read_csv(tmp_path / "runs.csv")
+    assert written.shape == frame.shape and list(written.columns) == list(frame.columns)
+    assert written.value.tolist() == pytest.approx(frame.value.tolist(), rel=1e-12)
 
 
 def find_chromium():

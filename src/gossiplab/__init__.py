@@ -1,7 +1,7 @@
 """gossiplab: decentralized (gossip, peer-to-peer) deep learning with all sites in one [N, P] tensor."""
 
 from gossiplab.algorithms import Algorithm
-from gossiplab.api import Result, run
+from gossiplab.api import Result, load_runs, run
 from gossiplab.assembly import Experiment, build_experiment
 from gossiplab.callbacks import Callback
 from gossiplab.config import Config, ConfigError, build_config, load_preset
@@ -28,6 +28,7 @@ __all__ = [
     "build_experiment",
     "evaluate",
     "load_preset",
+    "load_runs",
     "run",
 ]
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 import gossiplab
 result = gossiplab.run("ring", ["train.steps=300"])
 result.final["mmga"], result.metrics["ala"], result.accuracy_matrix, result.plots, result.to_frame()
+frame = gossiplab.load_runs(["sweeps/lr"])  # every run of a sweep, one tidy frame
 """
 
 from __future__ import annotations
@@ -69,11 +70,30 @@ class Result:
     def to_frame(self) -> Any:
         """The metrics as a pandas DataFrame, one row per evaluation and one column per metric; the
         per-site columns (local_accuracy, site_train_loss) hold lists. Needs the `frames` extra."""
-        try:
-            import pandas
-        except ImportError as error:
-            raise ImportError("Result.to_frame needs pandas: pip install 'gossiplab[frames]'") from error
-        return pandas.DataFrame(self.rows).set_index("step")
+        return _pandas("Result.to_frame").DataFrame(self.rows).set_index("step")
+
+
+def _pandas(what: str) -> Any:
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError(f"{what} needs pandas: pip install 'gossiplab[frames]'") from error
+    return pandas
+
+
+def load_runs(paths: str | Path | list[str | Path]) -> Any:
+    """Every finished run under `paths` (run folders and sweep folders) as one tidy pandas frame:
+    a row per (run, evaluation step, metric) with columns run, seed, the config keys that differ
+    between the runs, step, metric and value; unfinished runs are left out with a warning. For
+    example `frame[frame.metric == "mmga"].groupby(["train.lr", "step"]).value.mean()`. Needs the
+    `frames` extra (`gossiplab compare --csv` writes the same table without it)."""
+    import warnings
+
+    from gossiplab.compare import find_runs, tidy_rows
+
+    pandas = _pandas("load_runs")
+    folders = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    return pandas.DataFrame(tidy_rows(find_runs(folders, warn=lambda text: warnings.warn(text, stacklevel=3))))
 
 
 def run(

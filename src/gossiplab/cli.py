@@ -220,16 +220,26 @@ def run(
 def compare(
     paths: Annotated[list[Path], typer.Argument(help="finished run directories and/or sweep directories")],
     out: Annotated[Path, typer.Option(help="folder for compare_curves.png and compare_cost.png")] = Path("."),
+    csv: Annotated[
+        Path | None,
+        typer.Option(help="also write every run's metrics to this CSV file, one row per run, step and metric"),
+    ] = None,
 ) -> None:
-    """One table of final metrics across runs (grouped by the config keys that differ), overlay plots."""
-    from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves
+    """One table of final metrics across runs (grouped by the config keys that differ), overlay plots;
+    --csv writes the runs' metrics as one tidy table (what gossiplab.load_runs returns)."""
+    from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves, write_csv
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is a file: give a folder for compare_curves.png and compare_cost.png")
+    if csv is not None and csv.is_dir():
+        _fail(f"--csv {csv} is a folder: give a file name such as {csv / 'runs.csv'}")
     try:
-        groups = group_runs(find_runs(paths, warn=lambda text: errors.print(f"[yellow]warning:[/] {escape(text)}")))
+        runs = find_runs(paths, warn=lambda text: errors.print(f"[yellow]warning:[/] {escape(text)}"))
+        groups = group_runs(runs)
     except (*USER_ERRORS, FileNotFoundError) as error:
         _fail(error)
+    if csv is not None:
+        console.print(f"wrote {write_csv(runs, csv)}")
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),

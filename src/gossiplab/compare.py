@@ -5,6 +5,7 @@ Used by `gossiplab compare` (any run or sweep directories) and `gossiplab sweep`
 
 from __future__ import annotations
 
+import csv
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -86,15 +87,7 @@ def find_runs(paths: list[Path], warn: Callable[[str], None] = print) -> list[Pa
 def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Group finished runs by the config keys that differ between them (seeds pooled within a group)."""
     configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
-    ignored = {"name", "description", "seed"}
-    keys = sorted(
-        {
-            k
-            for c in configs.values()
-            for k in c
-            if k not in ignored and len({str(d.get(k)) for d in configs.values()}) > 1
-        }
-    )
+    keys = differing_keys(configs, frozenset({"name", "description", "seed"}))
     groups: dict[str, list[dict[str, Any]]] = {}
     for run, config in configs.items():
         label = ", ".join(f"{k.split('.')[-1]}={config[k]}" for k in keys) or config["name"]
@@ -102,6 +95,50 @@ def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
         summary["run_dir"] = str(run)
         groups.setdefault(label, []).append(summary)
     return groups
+
+
+def differing_keys(configs: dict[Path, dict[str, Any]], ignored: frozenset[str] = frozenset()) -> list[str]:
+    """The config keys whose values are not the same in every run."""
+    return sorted(
+        {
+            k
+            for c in configs.values()
+            for k in c
+            if k not in ignored and len({str(d.get(k)) for d in configs.values()}) > 1
+        }
+    )
+
+
+def tidy_rows(runs: list[Path]) -> list[dict[str, Any]]:
+    """One row per (run, evaluation step, scalar metric): the run's folder, its seed, the config
+    keys that differ between the runs (full dotted names), step, metric and value. The long
+    ("tidy") layout that pandas, seaborn and R's ggplot group and plot without reshaping."""
+    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
+    keys = differing_keys(configs, frozenset({"name", "description", "seed"}))
+    rows = []
+    for run, config in configs.items():
+        fixed = {"run": str(run), "seed": config["seed"], **{k: _cell(config.get(k)) for k in keys}}
+        for metrics in read_metrics(run / "metrics.jsonl"):
+            for metric, value in metrics.items():
+                if metric != "step" and isinstance(value, int | float) and not isinstance(value, bool):
+                    rows.append({**fixed, "step": metrics["step"], "metric": metric, "value": value})
+    return rows
+
+
+def write_csv(runs: list[Path], path: Path) -> Path:
+    """The runs' `tidy_rows` as a CSV file (columns in the order of the first row)."""
+    rows = tidy_rows(runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["run", "step", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def _cell(value: Any) -> Any:
+    """A config value as one table cell: lists and tables as their text."""
+    return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
 def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
