@@ -76,7 +76,7 @@ def plot_graph(config: Config, run_dir: Path, graph: tuple[torch.Tensor, torch.T
             ax.annotate(str(i), (xs[i], ys[i]), ha="center", va="center", fontsize=7, color="white", zorder=4)
         ax.set_aspect("equal")
         ax.axis("off")
-        ax.set_title(f"{gossip.topology} ({when}): j -> i when i receives from j", fontsize=9)
+        ax.set_title(f"{gossip.topology} ({when})\nan arrow j \u2192 i: site i receives from site j", fontsize=9)
         written.append(_save(fig, run_dir / "topology.png"))
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     image = ax.imshow(weights.numpy(), cmap="Blues", vmin=0)
@@ -118,7 +118,7 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
     ax.plot(steps, distance, marker="o", markersize=3)
     ax.set(
         xlabel="step",
-        ylabel="(1/N) sum ||theta_i - mean||^2",
+        ylabel=r"$\frac{1}{N}\sum_i \Vert\theta_i - \bar{\theta}\Vert^2$",
         yscale="log",
         title=f"{summary['name']}: consensus distance",
     )
