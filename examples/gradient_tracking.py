@@ -14,7 +14,7 @@ Gossip every step: gossip.every = 1.
 
 import torch
 
-from gossiplab.algorithms import Algorithm
+from gossiplab.algorithms import Algorithm, Sent
 from gossiplab.registry import ALGORITHMS
 
 
@@ -34,9 +34,11 @@ class GradientTracking(Algorithm):
         theta = self.experiment.population.parameters
         return {"tracker": torch.zeros_like(theta), "previous_gradient": torch.zeros_like(theta)}
 
-    def communicate(self, weights, state, comm) -> None:
-        super().communicate(weights, state, comm)  # x <- W x
+    def communicate(self, weights, state, comm) -> Sent:
+        model = super().communicate(weights, state, comm)  # x <- W x
         comm.mix(state["tracker"], weights, self.averager(state["tracker"]))  # y <- W y
+        tracker = Sent.vectors(weights, state["tracker"].shape[1])
+        return Sent(model.messages, model.bytes + tracker.bytes)  # x and y travel together on every edge
 
     def adjust_gradients(self, x, y, state) -> None:
         gradient = self.experiment.population.grad

@@ -32,6 +32,7 @@ class ProximalDSGD(DSGD):
         anchor = state["anchor"][:, : population.num_parameters]
         population.grad.add_(population.parameters - anchor, alpha=self.experiment.config.prox.mu)
 
-    def communicate(self, weights, state, comm) -> None:
-        super().communicate(weights, state, comm)
+    def communicate(self, weights, state, comm):
+        sent = super().communicate(weights, state, comm)  # DSGD's round, and what it sent
         state["anchor"].copy_(self.experiment.population.theta)
+        return sent

@@ -69,8 +69,8 @@ def communicate(runner: Runner) -> None:
             weights = algorithm.mixing(round_index, adjacency, experiment.state)
             check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"], adjacency)
             weights = without_sites(weights, runner.active)
-            algorithm.communicate(weights, experiment.state, runner.comm)
-            runner.count_round(adjacency, weights)
+            sent = algorithm.communicate(weights, experiment.state, runner.comm)
+            runner.count_round(adjacency, weights, sent)
         if merges:
             runner.merge_globally()
     if runner.config.train.reset_optimizer:

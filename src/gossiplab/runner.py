@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from gossiplab import loop, merge, metrics
-from gossiplab.algorithms import restore, saved
+from gossiplab.algorithms import Sent, restore, saved
+from gossiplab.algorithms.base import BYTES_PER_NUMBER
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
 from gossiplab.callbacks import Callback, Checkpoints, Hooks, MetricsLog, ProgressBar, TensorBoardLog
 from gossiplab.config import Config, build_config, differing_fields, flatten, upgrade_keys
@@ -39,8 +40,6 @@ from gossiplab.rundir import (
     read_metrics,
     write_checkpoint,
 )
-
-BYTES_PER_PARAMETER = 4
 
 
 class RunInterrupted(RuntimeError):
@@ -141,7 +140,8 @@ class Runner:
             )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
-        self.gossip_messages = 0  # parameter vectors sent by gossip rounds
+        self.gossip_messages = 0  # messages sent by gossip rounds
+        self.gossip_bytes = 0  # and their bytes, as each round's algorithm reported them
         self.merge_messages = 0  # parameter vectors sent by the final global merge
         self.wall_time = 0.0
         self.loss_sum, self.loss_count = 0.0, 0  # mean training loss since the last evaluation
@@ -171,6 +171,7 @@ class Runner:
         state = {
             "step": self.step,
             "gossip_messages": self.gossip_messages,
+            "gossip_bytes": self.gossip_bytes,
             "merge_messages": self.merge_messages,
             "wall_time": self.wall_time,
             "loss_sum": self.loss_sum,
@@ -223,6 +224,8 @@ class Runner:
         self.active.copy_(state["active"])
         self.last_finite_loss.copy_(state["last_finite_loss"])
         self.gossip_messages = state["gossip_messages"]
+        # a checkpoint from before the algorithms reported their bytes: one parameter vector per message
+        self.gossip_bytes = state.get("gossip_bytes", self.gossip_messages * self.vector_bytes)
         self.merge_messages = state["merge_messages"]
         self.wall_time = state["wall_time"]
         self.experiment.population.theta.copy_(state["theta"])
@@ -278,9 +281,12 @@ class Runner:
         if not mine.all():
             rows[~mine] = 0.0
 
-    def count_round(self, adjacency: torch.Tensor, weights: torch.Tensor) -> None:
-        """Count a gossip round's messages (one per off-diagonal non-zero of W); keep the first round's graph."""
-        self.gossip_messages += merge.message_count(weights)
+    def count_round(self, adjacency: torch.Tensor, weights: torch.Tensor, sent: Sent | None) -> None:
+        """Add what a gossip round sent, as its algorithm reported it (None: one parameter vector
+        per off-diagonal non-zero of W); keep the first round's graph."""
+        sent = sent or Sent.vectors(weights, self.experiment.population.theta.shape[1])
+        self.gossip_messages += sent.messages
+        self.gossip_bytes += sent.bytes
         if self._first_round is None:
             self._first_round = (adjacency, weights)
 
@@ -329,11 +335,14 @@ class Runner:
         )
 
     @property
+    def vector_bytes(self) -> int:
+        """One row of theta on the wire: a site's parameters and, with BatchNorm, its running statistics."""
+        return self.experiment.population.theta.shape[1] * BYTES_PER_NUMBER
+
+    @property
     def bytes_sent(self) -> int:
-        """Bytes sent by all sites so far: 4 bytes per number of every row sent (a site's
-        parameters and, with BatchNorm, its running statistics)."""
-        vector_bytes = self.experiment.population.theta.shape[1] * BYTES_PER_PARAMETER
-        return (self.gossip_messages + self.merge_messages) * vector_bytes
+        """Bytes sent by all sites so far: what the gossip rounds reported, and the final merge's rows."""
+        return self.gossip_bytes + self.merge_messages * self.vector_bytes
 
     def callbacks(
         self,
@@ -450,8 +459,8 @@ class Runner:
             "parameters_P": p,
             "gossip_rounds_T": rounds,
             "peers_per_round_R": self.gossip_messages / (m * rounds) if rounds else 0.0,
-            "gossip_bytes": self.gossip_messages * p * BYTES_PER_PARAMETER,
-            "final_merge_bytes": self.merge_messages * p * BYTES_PER_PARAMETER,
+            "gossip_bytes": self.gossip_bytes,
+            "final_merge_bytes": self.merge_messages * self.vector_bytes,
             "total_bytes": self.bytes_sent,
         }
 

@@ -10,6 +10,6 @@ The protocol is `Algorithm` (base.py); a user's algorithm subclasses it and regi
 """
 
 from gossiplab.algorithms import dimat, ditto, dsgd, l2c, local, sgp
-from gossiplab.algorithms.base import Algorithm, restore, saved
+from gossiplab.algorithms.base import Algorithm, Sent, restore, saved
 
-__all__ = ["Algorithm", "dimat", "ditto", "dsgd", "l2c", "local", "restore", "saved", "sgp"]
+__all__ = ["Algorithm", "Sent", "dimat", "ditto", "dsgd", "l2c", "local", "restore", "saved", "sgp"]

@@ -8,7 +8,8 @@ The loop (gossiplab.loop) calls an algorithm unconditionally and names none:
                  the optimizer step on [N, P]
                  if the schedule fires:
                      W = mixing(round, adjacency, state)  default: the configured mixing rule
-                     communicate(W, state, comm)          default: theta <- W theta (DSGD)
+                     communicate(W, state, comm) -> Sent  default: theta <- W theta (DSGD),
+                                                        one parameter vector per edge
     evaluation:  merged_model(active, state, comm)       the counterfactual merged model
     the end:     summary(state, run_dir)                 extra summary fields and files
 
@@ -19,20 +20,45 @@ place, so an algorithm's own buffers may alias its tensors. An algorithm registe
 whether it runs when the sites are spread over processes (only `comm.mix` and `comm.gather`
 cross processes). The options it needs come from a config section it declares
 (`gossiplab.config.register_section`).
+
+`communicate` returns what it sent (`Sent`: messages and their bytes, all sites together), and the
+run's accounting (summary.json's `bytes_sent`, the communication cost) sums those: a compressed or
+a two-vector algorithm reports what it really sends. Returning None counts one parameter vector per
+off-diagonal non-zero of W, the plain gossip message.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from gossiplab.merge import GossipAverager
+from gossiplab.merge import GossipAverager, message_count
 
 if TYPE_CHECKING:
     from gossiplab.assembly import Experiment
     from gossiplab.config import Config
+
+
+BYTES_PER_NUMBER = 4  # float32 values and int32 indices on the wire
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one communication round sent, all sites together: how many messages (one per
+    receiver and sender), and the bytes of their payloads."""
+
+    messages: int
+    bytes: int
+
+    @classmethod
+    def vectors(cls, weights: torch.Tensor, width: int, per_message: int = 1) -> Sent:
+        """One message per off-diagonal non-zero W_ij (j sends to i), each `per_message` vectors
+        of `width` float32 numbers."""
+        messages = message_count(weights)
+        return cls(messages, messages * per_message * width * BYTES_PER_NUMBER)
 
 
 class Algorithm:
@@ -61,11 +87,12 @@ class Algorithm:
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         """Change `population.grad` [N, P] before the optimizer step (the batch is [N, B, ...])."""
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent | None:
         """One communication round with W; default: theta <- W theta, in place, through `comm`
-        (which exchanges the rows other processes hold)."""
+        (which exchanges the rows other processes hold), one row of theta per edge."""
         theta = self.experiment.population.theta
         comm.mix(theta, weights, self.averager(theta))
+        return Sent.vectors(weights, theta.shape[1])
 
     def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor | None:
         """The counterfactual merged model [1, P]; None: the uniform mean of the active rows."""

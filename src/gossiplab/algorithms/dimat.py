@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gossiplab.algorithms.base import Algorithm
+from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.config import Config, documented, register_section
 from gossiplab.merge import MatchedMerge
 from gossiplab.permutation import permutation_spec
@@ -80,7 +80,7 @@ class ActivationMatching(Algorithm):
         self.merge = MatchedMerge(population, spec, self.method, match_inputs)
         return {"rounds": torch.zeros((), dtype=torch.long)}
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
         """The matched merge; then, for BatchNorm models, each site's statistics recomputed on
         `dimat.reestimate_batches` batches of its own training data (drawn from the seed and the
         round: resumable)."""
@@ -91,6 +91,7 @@ class ActivationMatching(Algorithm):
             generator = torch.Generator().manual_seed(config.seed * 100_003 + int(state["rounds"]))
             batches = [self.statistics_batch(generator, comm) for _ in range(config.dimat.reestimate_batches)]
             population.reestimate_statistics(batches)
+        return Sent.vectors(weights, population.theta.shape[1])
 
     def statistics_batch(self, generator: torch.Generator, comm: Any) -> torch.Tensor:
         """[N, B, ...] images BatchNorm statistics are recomputed on: each site's own, or one batch

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from gossiplab.algorithms.base import Algorithm
+from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.config import Config, documented, register_section
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
@@ -63,6 +63,8 @@ class Ditto(Algorithm):
         optimizer.step(self.global_track.parameters, self.global_track.grad)
 
     @torch.no_grad()
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+        """Only the global track is gossiped; the personal models stay home."""
         comm.mix(state["global"], weights, self.averager(state["global"]))
         state["received"].copy_(state["global"])
+        return Sent.vectors(weights, state["global"].shape[1])

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gossiplab.algorithms.base import Algorithm
+from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.config import Config, documented, register_section
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.registry import ALGORITHMS
@@ -88,9 +88,10 @@ class L2C(Algorithm):
         with torch.no_grad():
             return state["learned"].weights()
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
         """Aggregate the neighbours' updates with the learned W, then one step on the weights."""
         state["learned"](self.experiment.population.theta, weights)
+        return Sent.vectors(weights, self.experiment.population.theta.shape[1])
 
     def summary(self, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         return state["learned"].summarize(run_dir)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from gossiplab.algorithms.base import Algorithm
+from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.registry import ALGORITHMS
 
 
@@ -29,7 +29,8 @@ class SGP(Algorithm):
         self.experiment.population.grad.div_(state["push_sum_weights"][:, None])
 
     @torch.no_grad()
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+        """Each message carries the sender's scaled row and its push-sum weight (P + 1 numbers)."""
         theta, push_sum_weights = self.experiment.population.theta, state["push_sum_weights"]
         links = weights.to(theta.device) != 0
         links.diagonal().fill_(True)
@@ -37,3 +38,4 @@ class SGP(Algorithm):
         mass = push_sum_weights[:, None] * theta
         push_sum_weights.copy_(column_stochastic @ push_sum_weights)
         theta.copy_(column_stochastic @ mass / push_sum_weights[:, None])
+        return Sent.vectors(links.fill_diagonal_(False), theta.shape[1] + 1)
