@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import os
 import re
 import shlex
@@ -203,3 +204,32 @@ def test_every_object_of_the_api_reference_has_docstrings():
             if not member_name.startswith("_") and documented and not (member.__doc__ or "").strip():
                 missing.append(f"{path}.{member_name}")
     assert missing == [], f"no docstring: {missing}"
+
+
+PRESET_ROW = re.compile(r"^\| `(default|local-only|complete-graph)` \([^)]*\) \| (.*) \|$", re.M)
+
+
+@pytest.mark.long
+def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(tmp_path):
+    """The README's and the getting-started page's table of the three baseline presets: every
+    number is what `gossiplab run --preset NAME` gives now, at its full 2,000 steps."""
+    tables = {page: PRESET_ROW.findall((ROOT / page).read_text()) for page in ("README.md", "docs/getting-started.md")}
+    assert all(len(rows) == 3 for rows in tables.values()), tables
+    summaries = {}
+    for preset in ("default", "local-only", "complete-graph"):
+        result = CliRunner().invoke(app, ["run", "--quiet", "--preset", preset, "--run-dir", str(tmp_path / preset)])
+        assert result.exit_code == 0, result.output
+        summaries[preset] = json.loads((tmp_path / preset / "summary.json").read_text())
+    shared = ("ala", "aga", "mmga")
+    columns = {"README.md": (*shared, "gossip_gain", "consensus_distance"),
+               "docs/getting-started.md": (*shared, "ala_aga_mean", "gossip_gain", "consensus_distance")}  # fmt: skip
+    for page, rows in tables.items():
+        for preset, cells in rows:
+            shown = [float(cell.strip().rstrip("%")) for cell in cells.split("|")]
+            measured = [summaries[preset][key] for key in columns[page]]
+            assert len(shown) == len(measured), (page, preset)
+            for key, value, run in zip(columns[page], shown, measured, strict=True):
+                tolerance = 0.06 if key == "gossip_gain" else 0.02 * value if key == "consensus_distance" else 6e-4
+                assert abs(value - run) <= max(tolerance, 1e-9), (
+                    f"{page} {preset} {key}: shows {value}, a run gives {run}"
+                )
