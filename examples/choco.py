@@ -17,6 +17,7 @@ import torch
 from gossiplab.algorithms import Algorithm, Sent
 from gossiplab.algorithms.base import BYTES_PER_NUMBER
 from gossiplab.config import documented, register_section
+from gossiplab.merge import message_count
 from gossiplab.registry import ALGORITHMS
 
 
@@ -48,5 +49,5 @@ class ChocoSGD(Algorithm):
         mixed = public.clone()
         comm.mix(mixed, weights, self.averager(mixed))  # sum_j W_ij x_hat_j
         theta.add_(mixed - public, alpha=options.gamma)
-        messages = Sent.vectors(weights, 1).messages
+        messages = message_count(weights)
         return Sent(messages, messages * k * 2 * BYTES_PER_NUMBER)  # k values and k indices per message

@@ -35,10 +35,10 @@ class GradientTracking(Algorithm):
         return {"tracker": torch.zeros_like(theta), "previous_gradient": torch.zeros_like(theta)}
 
     def communicate(self, weights, state, comm) -> Sent:
-        model = super().communicate(weights, state, comm)  # x <- W x
+        super().communicate(weights, state, comm)  # x <- W x
         comm.mix(state["tracker"], weights, self.averager(state["tracker"]))  # y <- W y
-        tracker = Sent.vectors(weights, state["tracker"].shape[1])
-        return Sent(model.messages, model.bytes + tracker.bytes)  # x and y travel together on every edge
+        width = self.experiment.population.theta.shape[1] + state["tracker"].shape[1]
+        return Sent.vectors(weights, width)  # x and y travel together on every edge
 
     def adjust_gradients(self, x, y, state) -> None:
         gradient = self.experiment.population.grad

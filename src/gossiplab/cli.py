@@ -236,10 +236,10 @@ def compare(
     try:
         runs = find_runs(paths, warn=lambda text: errors.print(f"[yellow]warning:[/] {escape(text)}"))
         groups = group_runs(runs)
+        if csv is not None:
+            console.print(f"wrote {write_csv(runs, csv)}")
     except (*USER_ERRORS, FileNotFoundError) as error:
         _fail(error)
-    if csv is not None:
-        console.print(f"wrote {write_csv(runs, csv)}")
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),

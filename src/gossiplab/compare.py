@@ -86,8 +86,7 @@ def find_runs(paths: list[Path], warn: Callable[[str], None] = print) -> list[Pa
 
 def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     """Group finished runs by the config keys that differ between them (seeds pooled within a group)."""
-    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
-    keys = differing_keys(configs, frozenset({"name", "description", "seed"}))
+    configs, keys = configs_and_differing_keys(runs)
     groups: dict[str, list[dict[str, Any]]] = {}
     for run, config in configs.items():
         label = ", ".join(f"{k.split('.')[-1]}={config[k]}" for k in keys) or config["name"]
@@ -97,9 +96,12 @@ def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return groups
 
 
-def differing_keys(configs: dict[Path, dict[str, Any]], ignored: frozenset[str] = frozenset()) -> list[str]:
-    """The config keys whose values are not the same in every run."""
-    return sorted(
+def configs_and_differing_keys(runs: list[Path]) -> tuple[dict[Path, dict[str, Any]], list[str]]:
+    """Each run's flattened config, and the keys whose values are not the same in every run (its
+    name, description and seed aside: seeds are pooled, not compared)."""
+    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
+    ignored = {"name", "description", "seed"}
+    return configs, sorted(
         {
             k
             for c in configs.values()
@@ -113,8 +115,7 @@ def tidy_rows(runs: list[Path]) -> list[dict[str, Any]]:
     """One row per (run, evaluation step, scalar metric): the run's folder, its seed, the config
     keys that differ between the runs (full dotted names), step, metric and value. The long
     ("tidy") layout that pandas, seaborn and R's ggplot group and plot without reshaping."""
-    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
-    keys = differing_keys(configs, frozenset({"name", "description", "seed"}))
+    configs, keys = configs_and_differing_keys(runs)
     rows = []
     for run, config in configs.items():
         fixed = {"run": str(run), "seed": config["seed"], **{k: _cell(config.get(k)) for k in keys}}

@@ -284,7 +284,8 @@ class Runner:
     def count_round(self, adjacency: torch.Tensor, weights: torch.Tensor, sent: Sent | None) -> None:
         """Add what a gossip round sent, as its algorithm reported it (None: one parameter vector
         per off-diagonal non-zero of W); keep the first round's graph."""
-        sent = sent or Sent.vectors(weights, self.experiment.population.theta.shape[1])
+        if sent is None:
+            sent = Sent.vectors(weights, self.experiment.population.theta.shape[1])
         self.gossip_messages += sent.messages
         self.gossip_bytes += sent.bytes
         if self._first_round is None:

@@ -38,4 +38,4 @@ class SGP(Algorithm):
         mass = push_sum_weights[:, None] * theta
         push_sum_weights.copy_(column_stochastic @ push_sum_weights)
         theta.copy_(column_stochastic @ mass / push_sum_weights[:, None])
-        return Sent.vectors(links.fill_diagonal_(False), theta.shape[1] + 1)
+        return Sent.vectors(weights, theta.shape[1] + 1)
