@@ -133,3 +133,19 @@ def test_an_unknown_key_suggests_the_nearest_keys_and_a_comma_list_is_named_as_m
         build_config("default", ["train.lr=0.1,0.01"])
     code, out, _ = gossiplab_main("--version")
     assert code == 0 and out.strip().startswith("gossiplab 0.")
+
+
+@pytest.mark.parametrize("arguments", [["--help"], ["--version"], ["run", "--help"], ["sweep", "--help"]])
+def test_help_and_version_answer_without_importing_pytorch(arguments):
+    """`gossiplab --help` and the shell's completion must answer at once; PyTorch's import takes
+    seconds, so only a command that runs something may import it."""
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['gossiplab', *{arguments!r}]\n"
+        "from gossiplab.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout or result.stdout.startswith("gossiplab 0.")

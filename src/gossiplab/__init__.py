@@ -1,15 +1,46 @@
-"""gossiplab: decentralized (gossip, peer-to-peer) deep learning with all sites in one [N, P] tensor."""
+"""gossiplab: decentralized (gossip, peer-to-peer) deep learning with all sites in one [N, P] tensor.
 
-from gossiplab.algorithms import Algorithm
-from gossiplab.api import Result, load_runs, run
-from gossiplab.assembly import Experiment, build_experiment
-from gossiplab.callbacks import Callback
-from gossiplab.config import Config, ConfigError, build_config, load_preset
-from gossiplab.evaluation import evaluate
-from gossiplab.population import Population
-from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
-from gossiplab.runner import Runner
+The public names are imported on first use (PEP 562): `import gossiplab` and `gossiplab --help` do not
+pay for PyTorch's import (seconds) until something that needs it is touched.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gossiplab.algorithms import Algorithm
+    from gossiplab.api import Result, load_runs, run
+    from gossiplab.assembly import Experiment, build_experiment
+    from gossiplab.callbacks import Callback
+    from gossiplab.config import Config, ConfigError, build_config, load_preset
+    from gossiplab.evaluation import evaluate
+    from gossiplab.population import Population
+    from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
+    from gossiplab.runner import Runner
+
+_HOMES = {
+    "Algorithm": "gossiplab.algorithms",
+    "Result": "gossiplab.api",
+    "load_runs": "gossiplab.api",
+    "run": "gossiplab.api",
+    "Experiment": "gossiplab.assembly",
+    "build_experiment": "gossiplab.assembly",
+    "Callback": "gossiplab.callbacks",
+    "Config": "gossiplab.config",
+    "ConfigError": "gossiplab.config",
+    "build_config": "gossiplab.config",
+    "load_preset": "gossiplab.config",
+    "evaluate": "gossiplab.evaluation",
+    "Population": "gossiplab.population",
+    "ALGORITHMS": "gossiplab.registry",
+    "LOSSES": "gossiplab.registry",
+    "MIXING_RULES": "gossiplab.registry",
+    "MODELS": "gossiplab.registry",
+    "TOPOLOGIES": "gossiplab.registry",
+    "Runner": "gossiplab.runner",
+}
 __all__ = [
     "ALGORITHMS",
     "LOSSES",
@@ -32,3 +63,16 @@ __all__ = [
     "run",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'gossiplab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

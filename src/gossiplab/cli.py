@@ -21,35 +21,38 @@ from rich.table import Table
 
 from gossiplab import __version__
 from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
-from gossiplab.data.partition import PartitionError
-from gossiplab.data.sources import SOURCES, DataFileError, SourceMissingError, is_local, load_source
-from gossiplab.distributed import (
-    JoinRefused,
-    PeerLost,
-    ProcessGroup,
-    ResumeError,
-    launched_distributed,
-    rank_of_process,
-    relaunched_by_torchrun,
-)
-from gossiplab.encoders import EncoderError
 from gossiplab.memory import ResourceError
 from gossiplab.plugins import DEBUG_OPTION, debugging, plugin_fault
-from gossiplab.report import summary_values
-from gossiplab.rundir import WRITE_PROBE, RunDirError, claim_new_dir, read_summary
-from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
-from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors, plain_error
 
-USER_ERRORS = (
-    ConfigError,
-    RunDirError,
-    SourceMissingError,
-    DataFileError,
-    PartitionError,
-    ResourceError,
-    EncoderError,
-    JoinRefused,
-)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that are a user's mistake or the environment's (one line, exit 2), imported only
+    when an exception is being matched: most of their modules import PyTorch, which `gossiplab --help`
+    and the shell's completion must not wait for (seconds)."""
+    from gossiplab.data.partition import PartitionError
+    from gossiplab.data.sources import DataFileError, SourceMissingError
+    from gossiplab.distributed import JoinRefused
+    from gossiplab.encoders import EncoderError
+    from gossiplab.rundir import RunDirError
+
+    return (
+        ConfigError,
+        RunDirError,
+        SourceMissingError,
+        DataFileError,
+        PartitionError,
+        ResourceError,
+        EncoderError,
+        JoinRefused,
+    )
+
+
+def file_errors() -> tuple[type[Exception], ...]:
+    """A data or checkpoint file that is unsafe to load or unreadable (one line, exit 2)."""
+    from gossiplab.safeload import PlainDataFileError, UnsafeFileError
+
+    return (UnsafeFileError, PlainDataFileError)
+
 
 app = typer.Typer(
     add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
@@ -61,6 +64,8 @@ errors = Console(stderr=True, soft_wrap=True)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
+    from gossiplab.report import summary_values
+
     table = Table(title=f"{summary['name']}: final metrics at step {summary['step']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -153,6 +158,18 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
+    from gossiplab.distributed import (
+        JoinRefused,
+        PeerLost,
+        ProcessGroup,
+        ResumeError,
+        launched_distributed,
+        rank_of_process,
+        relaunched_by_torchrun,
+    )
+    from gossiplab.rundir import WRITE_PROBE, claim_new_dir
+    from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
+
     comm = None
     if run_dir_text is not None and not run_dir_text.strip():
         _fail("--run-dir is empty: name the folder for the run's results (or leave the option out)")
@@ -192,7 +209,7 @@ def run(
             except OSError as error:
                 _fail(f"run directory {target} cannot be written ({error.strerror or error})")
         runner = Runner(config, target, resume=resume is not None, console=errors, show_progress=not quiet, comm=comm)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         if comm is not None:
             comm.close(together=False)
         _fail(error)
@@ -238,7 +255,7 @@ def compare(
         groups = group_runs(runs)
         if csv is not None:
             console.print(f"wrote {write_csv(runs, csv)}")
-    except (*USER_ERRORS, FileNotFoundError) as error:
+    except (*user_errors(), FileNotFoundError) as error:
         _fail(error)
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
@@ -283,10 +300,11 @@ def parts(
 def report(run_dir: Annotated[Path, typer.Argument(help="a finished run directory")]) -> None:
     """Redraw a finished run's plots, write its self-contained report.html, print its final metrics."""
     from gossiplab.report import replot
+    from gossiplab.rundir import read_summary
 
     try:
         written = replot(run_dir)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         _fail(error)
     for path in written:
         console.print(f"wrote {path}")
@@ -300,6 +318,8 @@ app.add_typer(data_app, name="data")
 @data_app.callback(invoke_without_command=True)
 def data_list(context: typer.Context) -> None:
     """List the data sources with sizes, shapes, class counts and how to install each."""
+    from gossiplab.data.sources import SOURCES, SourceMissingError, load_source
+
     if context.invoked_subcommand is not None:
         return
     table = Table(title="data sources (data.sources=NAME; a path to an .npz file or image folder also works)")
@@ -332,6 +352,7 @@ def data_show(
     """A source: save a grid of samples per class. A preset or config: print the sites and save a heatmap."""
     from gossiplab.data.federation import build_federation
     from gossiplab.data.show import sample_grid, site_class_heatmap, site_rows
+    from gossiplab.data.sources import SOURCES, is_local, load_source
 
     stem = Path(target).stem.replace("/", "-")
     path = out or Path(f"data-{stem}.png")
@@ -348,7 +369,7 @@ def data_show(
         else:
             _fail(f"'{target}' is no source ({', '.join(SOURCES)}), preset ({', '.join(preset_names())}) or .toml file")
         federation = build_federation(config)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         _fail(error)
     rows = site_rows(federation)
     table = Table(title=f"{config.name}: {federation.num_sites} sites, {federation.num_classes} classes in all")
@@ -363,11 +384,14 @@ def data_show(
 @contextmanager
 def _many_runs_failing(folder: str, resume: str) -> Iterator[None]:
     """A sweep's or the report's failures, one line each: a diverged run (exit 1), bad input, the folder."""
+    from gossiplab.runner import DivergenceError
+    from gossiplab.safeload import plain_error
+
     try:
         yield
     except DivergenceError as error:
         _fail(f"{error} (train.on_divergence=drop goes on without the site; {resume})", 1)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         _fail(error)
     except OSError as error:
         _fail(f"{folder}: {plain_error(error)}")
@@ -385,6 +409,7 @@ def sweep(
     dry_run: Annotated[bool, typer.Option(help="check every variant's config, run nothing")] = False,
 ) -> None:
     """Run a sweep's variants side by side: a table in the paper's layout and comparison plots."""
+    from gossiplab.rundir import claim_new_dir
     from gossiplab.sweep import load_sweep, run_sweep, sweep_names, variant_configs
 
     if name is None:
@@ -511,6 +536,8 @@ def landscape(
     from gossiplab.assembly import build_experiment
     from gossiplab.landscape import MAX_MODELS, plot_landscape
     from gossiplab.landscape import landscape as compute
+    from gossiplab.runner import load_run_config
+    from gossiplab.safeload import load_tensors
 
     if metric not in ("loss", "accuracy"):
         _fail(f"--metric {metric}: must be loss or accuracy")
@@ -521,11 +548,11 @@ def landscape(
     try:
         config = load_run_config(run_dir, finished_ok=True)
         experiment = build_experiment(config)
-    except USER_ERRORS as error:
+    except user_errors() as error:
         _fail(error)
     try:
         loaded = load_tensors(source, "checkpoint")
-    except (UnsafeFileError, PlainDataFileError) as error:
+    except file_errors() as error:
         _fail(error)
     theta = loaded["theta"] if isinstance(loaded, dict) else loaded
     federation = experiment.federation
@@ -711,7 +738,9 @@ def main() -> None:
     with its traceback and how to report it (exit code 1)."""
     try:
         app()
-    except (*USER_ERRORS, UnsafeFileError, PlainDataFileError) as error:
+    except SystemExit:  # click's own exit (--help, --version, a command's code): matched before the
+        raise  # user errors below, whose modules import PyTorch
+    except (*user_errors(), *file_errors()) as error:
         if error.__cause__ is not None and debugging():
             traceback.print_exception(error.__cause__)
         errors.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
