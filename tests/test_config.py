@@ -135,7 +135,9 @@ def test_an_unknown_key_suggests_the_nearest_keys_and_a_comma_list_is_named_as_m
     assert code == 0 and out.strip().startswith("gossiplab 0.")
 
 
-@pytest.mark.parametrize("arguments", [["--help"], ["--version"], ["run", "--help"], ["sweep", "--help"]])
+@pytest.mark.parametrize(
+    "arguments", [["--help"], ["--version"], ["run", "--help"], ["sweep", "--help"], ["data", "show", "--help"]]
+)
 def test_help_and_version_answer_without_importing_pytorch(arguments):
     """`gossiplab --help` and the shell's completion must answer at once; PyTorch's import takes
     seconds, so only a command that runs something may import it."""

@@ -318,10 +318,10 @@ app.add_typer(data_app, name="data")
 @data_app.callback(invoke_without_command=True)
 def data_list(context: typer.Context) -> None:
     """List the data sources with sizes, shapes, class counts and how to install each."""
+    if context.invoked_subcommand is not None:  # `data show ...` (and its --help) imports what it needs
+        return
     from gossiplab.data.sources import SOURCES, SourceMissingError, load_source
 
-    if context.invoked_subcommand is not None:
-        return
     table = Table(title="data sources (data.sources=NAME; a path to an .npz file or image folder also works)")
     for column in ("name", "train", "test", "shape", "classes", "description / install"):
         table.add_column(column)
