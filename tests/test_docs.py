@@ -1,8 +1,9 @@
-"""Every example in the README and the documentation site runs: Python blocks as they are, the
-command-line walk-through in order, page by page (with `train.steps=20 eval.every=10` appended to
-each `gossiplab run`, a smaller data subset to runs of the frozen-encoder presets, `--dry-run`
-added to `gossiplab sweep NAME ...`; a bare `gossiplab sweep NAME` has its name checked, since
-tests/test_environment.py dry-runs every sweep), so the docs cannot rot. The site builds with
+"""Every example in the README and the documentation site runs as written, at full length: Python
+blocks as they are, the command-line walk-through in order, page by page (a run cut to 20 steps once
+hid a divergence at step 66). Two kinds of line are checked instead of run, because each is hours of
+runs that their own tests cover on made-up results: `gossiplab reproduce ...` and
+`gossiplab sweep NAME ...` get `--dry-run` (every run's config is built and checked), and a bare
+`gossiplab sweep NAME` has its name checked (tests/test_environment.py dry-runs every sweep). The site builds with
 `mkdocs build --strict` (a broken link fails) from the walk-through's runs, and a real browser
 opens it."""
 
@@ -19,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import yaml
@@ -44,13 +46,10 @@ def nav_pages(nav: list) -> list[str]:
 
 PAGES = ["README.md"] + [f"docs/{page}" for page in nav_pages(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])]
 FENCE = re.compile(r"```(\w+)\n(.*?)```", re.S)
+TUTORIALS = [page for page in PAGES if page.startswith("docs/tutorials/")]
 BLOCKS = [(language, code, page) for page in PAGES for language, code in FENCE.findall((ROOT / page).read_text())]
 # the walk-through's runs whose plots the site shows (docs/hooks.py FIGURES), by figure folder
 FIGURE_RUNS = {"default": "demo", "single-merge": "merge", "dimat": "dimat-*", "l2c": "l2c", "mazel": "mazel-8site-*"}
-SHORTEN = ["train.steps=20", "eval.every=20"]
-# runs of a frozen-encoder preset embed every image once: on test_mazel.py's subset, whose cached
-# features then serve both (the presets' 17,000 images took a minute to embed on a fresh machine)
-FEATURE_SUBSET = ["data.train_per_source=400", "data.test_per_source=150", "model.pre_alignment_per_source=300"]
 
 
 def cli_lines(program: str = "gossiplab") -> list[list[str]]:
@@ -81,19 +80,13 @@ def walked(tmp_path_factory) -> Path:
         for words in cli_lines():
             args = words[1:]
             if args[:1] == ["run"] and "--dry-run" not in args:
-                args += [*SHORTEN, "--quiet"]
-                if any(a.startswith("mazel-") for a in args):
-                    args += FEATURE_SUBSET
+                args += ["--quiet"]
             if args[:1] == ["sweep"] and len(args) == 2:  # dry-run by test_environment, every sweep
                 assert args[1] in sweep_names(), shlex.join(words)
                 continue
             long_runs = args[:1] == ["reproduce"] or (args[:1] == ["sweep"] and len(args) > 1)
             if long_runs and "--dry-run" not in args:  # the report's own test uses made-up runs
                 args += ["--dry-run"]
-            if args[:1] == ["bench"]:
-                args += ["--seconds", "0.01"]
-            if args[:1] == ["landscape"]:
-                args += ["--resolution", "9", "--samples", "250"]
             result = CliRunner().invoke(app, args)
             torch.set_num_threads(threads)  # a command may pin torch's threads for the rest of its process
             assert result.exit_code == 0, f"{shlex.join(words)}\n{result.output}\n{result.exception!r}"
@@ -151,24 +144,41 @@ def test_the_site_builds_strictly_and_a_browser_shows_its_pages(walked, tmp_path
             assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000, path
 
 
-@pytest.mark.parametrize("index", [i for i, (language, _, _) in enumerate(BLOCKS) if language == "python"])
-def test_python_example(index, tmp_path, monkeypatch):
-    """Each block as a script of its own, run in this process (a fresh namespace, its own folder);
-    what a block registers (a plug-in's data source) is taken back afterwards."""
-    code = (
-        BLOCKS[index][1]
-        .replace('"train.steps=300"', '"train.steps=20"')
-        .replace('"train.steps=200"', '"train.steps=20"')
-    )
-    monkeypatch.chdir(tmp_path)
+def run_python(cells: list[tuple[str, str]], folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cells (name, code) run in order in one namespace, in this process, in `folder`; what they
+    register (a plug-in's data source) is taken back afterwards."""
+    monkeypatch.chdir(folder)
     sources = dict(SOURCES)
     threads = torch.get_num_threads()
+    namespace = {"__name__": "__main__"}
     try:
-        exec(compile(code, f"{BLOCKS[index][2]} python block {index}", "exec"), {"__name__": "__main__"})
+        for name, code in cells:
+            exec(compile(code, name, "exec"), namespace)
     finally:
+        plt.close("all")
         SOURCES.clear()
         SOURCES.update(sources)
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, (language, _, page) in enumerate(BLOCKS) if language == "python" and page not in TUTORIALS]
+)
+def test_python_example(index, tmp_path, monkeypatch):
+    """Each block outside the tutorials as a script of its own (a fresh namespace, its own folder)."""
+    run_python([(f"{BLOCKS[index][2]} python block {index}", BLOCKS[index][1])], tmp_path, monkeypatch)
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("page", TUTORIALS)
+def test_tutorial_walk_through(page, tmp_path, monkeypatch):
+    """A tutorial's Python cells run in order in one namespace, as a reader runs them in one
+    session or notebook (each page is a walk-through: at least three cells, with the checks of
+    what it claims written in them)."""
+    codes = [code for language, code, block_page in BLOCKS if language == "python" and block_page == page]
+    cells = [(f"{page} cell {n}", code) for n, code in enumerate(codes, 1)]
+    assert len(cells) >= 3, f"{page} has no walk-through"
+    run_python(cells, tmp_path, monkeypatch)
 
 
 @pytest.mark.long
@@ -176,7 +186,7 @@ def test_one_machine_torchrun_example(tmp_path):
     """The README's single-machine launch (a free port instead of torchrun's default 29500)."""
     words = next(w for w in cli_lines("torchrun") if "--nnodes" not in w and "--resume" not in w)
     port = str(free_port())
-    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", port, *words[1:], *SHORTEN, "--quiet"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", port, *words[1:], "--quiet"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
     run_dir = tmp_path / words[words.index("--run-dir") + 1]
@@ -210,16 +220,19 @@ PRESET_ROW = re.compile(r"^\| `(default|local-only|complete-graph)` \([^)]*\) \|
 
 
 @pytest.mark.long
-def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(tmp_path):
+def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(walked, tmp_path):
     """The README's and the getting-started page's table of the three baseline presets: every
-    number is what `gossiplab run --preset NAME` gives now, at its full 2,000 steps."""
+    number is what `gossiplab run --preset NAME` gives now, at its full 2,000 steps (the default
+    and local-only are the walk-through's own runs)."""
     tables = {page: PRESET_ROW.findall((ROOT / page).read_text()) for page in ("README.md", "docs/getting-started.md")}
     assert all(len(rows) == 3 for rows in tables.values()), tables
-    summaries = {}
-    for preset in ("default", "local-only", "complete-graph"):
-        result = CliRunner().invoke(app, ["run", "--quiet", "--preset", preset, "--run-dir", str(tmp_path / preset)])
-        assert result.exit_code == 0, result.output
-        summaries[preset] = json.loads((tmp_path / preset / "summary.json").read_text())
+    run_dirs = {"default": walked / "runs" / "demo", "local-only": walked / "runs" / "local"}
+    for config in run_dirs.values():
+        assert "[train]\nsteps = 2000" in (config / "config.toml").read_text()
+    result = CliRunner().invoke(app, ["run", "--quiet", "--preset", "complete-graph", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    run_dirs["complete-graph"] = tmp_path
+    summaries = {preset: json.loads((path / "summary.json").read_text()) for preset, path in run_dirs.items()}
     shared = ("ala", "aga", "mmga")
     columns = {"README.md": (*shared, "gossip_gain", "consensus_distance"),
                "docs/getting-started.md": (*shared, "ala_aga_mean", "gossip_gain", "consensus_distance")}  # fmt: skip
