@@ -12,6 +12,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends
+# $(call apt_ensure,PACKAGES): install those Debian packages unless all are installed already
+apt_ensure = dpkg -s $(1) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(1); }
 # Debian packages with real data: Fashion-MNIST (the default's), and the typefaces the font-letters
 # source renders.
 DEBIAN_DEFAULT := dataset-fashion-mnist
@@ -55,10 +57,10 @@ $(VENV)/.installed: $(VENV)/.installed-core requirements-data.txt
 	touch $@
 
 install: $(VENV)/.installed
-	@dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(DEBIAN_DATA); }
+	@$(call apt_ensure,$(DEBIAN_DATA))
 
 demo: $(VENV)/.installed-core
-	@dpkg -s $(DEBIAN_DEFAULT) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(DEBIAN_DEFAULT); }
+	@$(call apt_ensure,$(DEBIAN_DEFAULT))
 	$(BIN)/gossiplab run
 
 run: install
@@ -69,7 +71,7 @@ docs: install
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d site
 
 test: install
-	@dpkg -s $(TEST_DEBIAN) >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT_INSTALL) $(TEST_DEBIAN); }
+	@$(call apt_ensure,$(TEST_DEBIAN))
 	$(BIN)/ruff check src tests examples
 	$(BIN)/ruff format --check src tests examples
 	$(BIN)/python -m pytest -q

@@ -227,8 +227,8 @@ def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(walked, tm
     tables = {page: PRESET_ROW.findall((ROOT / page).read_text()) for page in ("README.md", "docs/getting-started.md")}
     assert all(len(rows) == 3 for rows in tables.values()), tables
     run_dirs = {"default": walked / "runs" / "demo", "local-only": walked / "runs" / "local"}
-    for config in run_dirs.values():
-        assert "[train]\nsteps = 2000" in (config / "config.toml").read_text()
+    for run_dir in run_dirs.values():
+        assert "[train]\nsteps = 2000" in (run_dir / "config.toml").read_text()
     result = CliRunner().invoke(app, ["run", "--quiet", "--preset", "complete-graph", "--run-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     run_dirs["complete-graph"] = tmp_path
