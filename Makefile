@@ -48,11 +48,11 @@ $(BIN)/python:
 # Python compiles the modules it imports on first use instead.
 # pip's own lines show progress (which package, downloads with their bars).
 $(VENV)/.installed-core: $(BIN)/python pyproject.toml constraints.txt
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[compiled]'
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-core requirements-data.txt
-	$(PIP_INSTALL) -e '.[test,tensorboard,encoders,frames,docs]'
+	$(PIP_INSTALL) -e '.[compiled,test,tensorboard,encoders,frames,docs]'
 	$(PIP_INSTALL) --no-deps -r requirements-data.txt
 	touch $@
 
@@ -72,6 +72,6 @@ docs: install
 
 test: install
 	@$(call apt_ensure,$(TEST_DEBIAN))
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples docs/hooks.py
+	$(BIN)/ruff format --check src tests examples docs/hooks.py
 	$(BIN)/python -m pytest -q

@@ -15,10 +15,12 @@ import tempfile
 from pathlib import Path
 
 FIGURES = {  # folder -> (preset, overrides, plots the pages show); short runs: the site builds in the tests
-    "default": ("default", ["train.steps=200", "eval.every=25"], ["accuracy", "consensus", "accuracy_matrix", "topology", "mixing"]),
+    "default": ("default", ["train.steps=200", "eval.every=25"],
+                ["accuracy", "consensus", "accuracy_matrix", "topology", "mixing"]),
     "single-merge": ("final-merge-only", ["train.steps=200", "eval.every=25"], ["accuracy", "accuracy_matrix"]),
     "dimat": ("dimat", ["train.steps=200", "eval.every=25", "gossip.every=50"], ["accuracy", "accuracy_matrix"]),
-    "l2c": ("l2c", ["train.steps=300", "eval.every=50", "gossip.every=50", "l2c.prune_round=3"], ["accuracy", "learned_weights"]),
+    "l2c": ("l2c", ["train.steps=300", "eval.every=50", "gossip.every=50", "l2c.prune_round=3"],
+            ["accuracy", "learned_weights"]),
     "mazel": ("mazel-8site", ["train.steps=100", "eval.every=25", "gossip.every=25", "data.train_per_source=400",
                               "data.test_per_source=150"], ["accuracy", "accuracy_matrix"]),
 }  # fmt: skip

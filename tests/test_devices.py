@@ -4,6 +4,7 @@ any work, FedBN keeps normalisation layers local, and a user's loss trains throu
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -49,6 +50,18 @@ def test_a_run_on_torch_kernels_equals_the_default_run(tmp_path):
         assert averager.kernels == {"auto": "numba", "torch": "torch"}[kernels]  # auto: compiled on the CPU
     torch.testing.assert_close(runs["torch"][1], runs["auto"][1], rtol=1e-5, atol=1e-6)
     assert abs(runs["torch"][0]["ala"] - runs["auto"][0]["ala"]) < 1e-6
+
+
+def test_without_numba_auto_takes_the_torch_kernels_and_numba_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    """numba is the optional `compiled` extra: a core-only install runs (here the default's one-peer
+    W, which the compiled pass serves when numba is there) on torch, with the same numbers."""
+    with_numba = Runner(build_config("default", TINY), tmp_path / "numba", show_progress=False).run()
+    monkeypatch.setitem(sys.modules, "numba", None)  # what importing it is like when it is not installed
+    runner = Runner(build_config("default", TINY), tmp_path / "torch", show_progress=False)
+    assert runner.experiment.algorithm.averager(runner.experiment.population.theta).kernels == "torch"
+    assert abs(runner.run()["ala"] - with_numba["ala"]) < 1e-6
+    with pytest.raises(ConfigError, match=r"train.kernels.*pip install 'gossiplab\[compiled\]'"):
+        build_config("default", ["train.kernels=numba"])
 
 
 def test_a_device_this_machine_lacks_or_an_unknown_one_is_refused_naming_the_field():

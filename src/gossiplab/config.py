@@ -226,17 +226,19 @@ class TrainConfig:
     warmup_steps: int = documented(0, "linear warmup steps, in [0, steps)")
     loss: str = documented("cross-entropy", "loss(logits, targets): `cross-entropy`, or a user's registered loss")
     device: str = documented("cpu", "where the run's tensors live: cpu, cuda, cuda:K, mps or auto")
-    kernels: str = documented("auto", "gossip kernels: compiled (numba, CPU only) or torch-only; auto: numba on CPU",
-                              KERNELS)  # fmt: skip
+    kernels: str = documented("auto", "gossip kernels: compiled (numba, CPU only, the `compiled` extra) or "
+                              "torch-only; auto: numba on the CPU when installed", KERNELS)  # fmt: skip
 
     def problems(self, config: Any) -> list[str]:
-        from gossiplab.devices import device_problem
+        from gossiplab.devices import compiled_kernels_installed, device_problem
 
         model, device = config.model, device_problem(self.device)
         return problems_of(config, [
             (device is None, "train.device", str(device)),
             (self.kernels != "numba" or self.device == "cpu", "train.kernels",
              "'numba' runs on the CPU only (train.device = 'cpu'); use auto or torch"),
+            (self.kernels != "numba" or compiled_kernels_installed(), "train.kernels",
+             "'numba' needs numba: pip install 'gossiplab[compiled]'; or use auto or torch"),
             (self.steps >= 1, "train.steps", "must be >= 1"),
             (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.lr > 0, "train.lr", "must be > 0"),

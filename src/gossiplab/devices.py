@@ -9,6 +9,7 @@ memory only, so a device run uses the torch-only kernels; on the CPU they are se
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import re
@@ -103,10 +104,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def compiled_kernels_installed() -> bool:
+    """Whether numba is installed (the `compiled` extra); without it every gossip runs on torch."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def resolve_kernels(kernels: str, device: torch.device) -> str:
-    """'auto': the compiled kernels on the CPU, torch's elsewhere."""
+    """'auto': the compiled kernels on the CPU when numba is installed, torch's otherwise."""
     if kernels == "auto":
-        return "numba" if device.type == "cpu" else "torch"
+        return "numba" if device.type == "cpu" and compiled_kernels_installed() else "torch"
     return kernels
 
 

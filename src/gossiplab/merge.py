@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from gossiplab import kernels as compiled
 from gossiplab.devices import resolve_kernels
 from gossiplab.distributed import SingleProcess
 from gossiplab.mixing import mixing_matrix
@@ -51,6 +50,9 @@ class GossipAverager:
         num_sites, self.num_parameters = shape
         self.block = min(self.num_parameters, max(64, self.CACHE_FLOATS // num_sites))
         if self.kernels == "numba":
+            from gossiplab import kernels as compiled  # numba is optional (the `compiled` extra)
+
+            self._compiled = compiled
             columns = max(self.SPARSE_MIN_COLUMNS, self.SPARSE_CACHE_FLOATS // num_sites)
             self._sparse = compiled.SparseMixer(num_sites, min(self.num_parameters, columns))
         self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters), device=self.device)
@@ -63,7 +65,7 @@ class GossipAverager:
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         num_sites = len(weights)
         if self.kernels == "numba":
-            width = compiled.row_width(weights.numpy())
+            width = self._compiled.row_width(weights.numpy())
             if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
                 self._sparse(theta, weights, width)
                 return
