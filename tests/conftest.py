@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gossiplab.config import build_config
+from gossiplab.catalogue import build_config
 from gossiplab.data.sources import FASHION_MNIST_DIR
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from gossiplab.assembly import build_experiment, memory_estimate
 from gossiplab.bench import training_flops
-from gossiplab.config import ModelConfig, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ModelConfig
 from gossiplab.models import build_model
 from gossiplab.runner import Runner
 

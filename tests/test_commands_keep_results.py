@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.data.partition import listed_sites
 from gossiplab.optim import clip_site_gradients
 

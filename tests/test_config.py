@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from gossiplab.config import ConfigError, build_config, config_from_toml, preset_names
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError, config_from_toml, preset_names
 
 
 def test_presets_exist_and_build():
@@ -136,18 +137,27 @@ def test_an_unknown_key_suggests_the_nearest_keys_and_a_comma_list_is_named_as_m
 
 
 @pytest.mark.parametrize(
-    "arguments", [["--help"], ["--version"], ["run", "--help"], ["sweep", "--help"], ["data", "show", "--help"]]
+    ("arguments", "exit_code", "says"),
+    [
+        (["--help"], 0, "Usage"),
+        (["--version"], 0, "gossiplab 0."),
+        (["run", "--help"], 0, "Usage"),
+        (["sweep", "--help"], 0, "Usage"),
+        (["data", "show", "--help"], 0, "Usage"),
+        (["presets"], 0, "mazel-8site"),  # every preset read: a config is data, it imports no part
+        (["run", "train.lrr=0.1"], 2, "did you mean train.lr"),  # a typo is answered before PyTorch
+    ],
 )
-def test_help_and_version_answer_without_importing_pytorch(arguments):
-    """`gossiplab --help` and the shell's completion must answer at once; PyTorch's import takes
-    seconds, so only a command that runs something may import it."""
+def test_help_presets_and_typos_answer_without_importing_pytorch(arguments, exit_code, says):
+    """`gossiplab --help`, the shell's completion, the preset list and a mistyped key must answer at
+    once; PyTorch's import takes seconds, so only a command that runs something may import it."""
     probe = (
         "import sys\n"
         f"sys.argv = ['gossiplab', *{arguments!r}]\n"
         "from gossiplab.cli import main\n"
-        "try:\n    main()\nexcept SystemExit as end:\n    assert not end.code, end.code\n"
+        f"try:\n    main()\nexcept SystemExit as end:\n    assert (end.code or 0) == {exit_code}, end.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "Usage" in result.stdout or result.stdout.startswith("gossiplab 0.")
+    assert says in result.stdout + result.stderr

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gossiplab.config import build_config
+from gossiplab.catalogue import build_config
 from gossiplab.data import partition
 from gossiplab.data.federation import build_federation, to_shape
 from gossiplab.data.sources import SOURCES, SourceMissingError, load_fashion_mnist, load_source, package_file

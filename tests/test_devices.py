@@ -11,7 +11,8 @@ import torch
 
 import gossiplab
 from gossiplab.assembly import build_data_and_model, memory_estimate
-from gossiplab.config import ConfigError, ModelConfig, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError, ModelConfig
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
 from gossiplab.models import build_model

@@ -10,7 +10,8 @@ import torch
 
 from gossiplab.algorithms.sgp import SGP
 from gossiplab.assembly import build_experiment
-from gossiplab.config import ModelConfig, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ModelConfig
 from gossiplab.distributed import SingleProcess
 from gossiplab.merge import MatchedMerge
 from gossiplab.models import build_model

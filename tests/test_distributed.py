@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from gossiplab.bench_distributed import free_port
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.distributed import check_distributed, payload_rows
 from gossiplab.rundir import read_metrics
 from gossiplab.runner import Runner

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from gossiplab.config import build_config
+from gossiplab.catalogue import build_config
 from gossiplab.metrics import consensus_distance
 from gossiplab.runner import RunInterrupted, Runner
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gossiplab.assembly import build_experiment
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.mixing import fomo, uniform
 from gossiplab.runner import Runner

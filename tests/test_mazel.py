@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from gossiplab.assembly import build_experiment
-from gossiplab.config import ConfigError, ModelConfig, TrainConfig, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError, ModelConfig, TrainConfig
 from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features, clip_encoders, conse_embeddings
 from gossiplab.mixing import influence, influence_share, uniform
 from gossiplab.models import TextEmbeddingHead, build_model

@@ -13,7 +13,8 @@ import torch
 
 from gossiplab.api import run
 from gossiplab.assembly import build_experiment
-from gossiplab.config import SECTIONS, ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import SECTIONS, ConfigError
 from gossiplab.data.federation import sample_held_out
 from gossiplab.merge import MatchedMerge
 from gossiplab.mixing import uniform

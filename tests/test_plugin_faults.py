@@ -13,7 +13,8 @@ import textwrap
 import pytest
 
 from gossiplab.assembly import build_experiment
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
 
 TINY = ["num_sites=4", "train.steps=2", "eval.every=2", "data.test_per_source=500", "--quiet"]

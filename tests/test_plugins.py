@@ -10,7 +10,8 @@ import torch
 
 import gossiplab
 from gossiplab.assembly import PartMismatch
-from gossiplab.config import SECTIONS, ConfigError, build_config, config_from_toml, config_reference, leaf_types
+from gossiplab.catalogue import build_config
+from gossiplab.config import SECTIONS, ConfigError, config_from_toml, config_reference, leaf_types
 from gossiplab.population import Population
 
 ROOT = Path(__file__).parent.parent

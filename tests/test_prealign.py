@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from gossiplab.assembly import build_data_and_model
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.data.federation import kept
 from gossiplab.data.sources import SOURCES, load_source
 from gossiplab.prealign import public_indices, public_sources

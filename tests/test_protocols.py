@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gossiplab.assembly import build_experiment
-from gossiplab.config import build_config
+from gossiplab.catalogue import build_config
 from gossiplab.data.federation import build_federation
 from gossiplab.evaluation import evaluate
 from gossiplab.merge import MatchedMerge

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.data.sources import DataFileError, SourceMissingError, load_local
 from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features
 from gossiplab.report import replot

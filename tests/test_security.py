@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from gossiplab.bench_distributed import free_port
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.distributed import join_secret, on_one_machine
 from gossiplab.rundir import RunDirError, read_metrics
 from gossiplab.runner import Runner

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from gossiplab.assembly import check_memory, memory_estimate
-from gossiplab.config import ConfigError, build_config
+from gossiplab.catalogue import build_config
+from gossiplab.config import ConfigError
 from gossiplab.data.federation import build_federation
 from gossiplab.data.partition import PartitionError
 from gossiplab.data.sources import SourceMissingError

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from gossiplab.api import Result, load_runs, run
     from gossiplab.assembly import Experiment, build_experiment
     from gossiplab.callbacks import Callback
-    from gossiplab.config import Config, ConfigError, build_config, load_preset
+    from gossiplab.catalogue import build_config
+    from gossiplab.config import Config, ConfigError, load_preset
     from gossiplab.evaluation import evaluate
     from gossiplab.population import Population
     from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
@@ -30,7 +31,7 @@ _HOMES = {
     "Callback": "gossiplab.callbacks",
     "Config": "gossiplab.config",
     "ConfigError": "gossiplab.config",
-    "build_config": "gossiplab.config",
+    "build_config": "gossiplab.catalogue",
     "load_preset": "gossiplab.config",
     "evaluate": "gossiplab.evaluation",
     "Population": "gossiplab.population",

@@ -19,7 +19,8 @@ import torch
 
 from gossiplab.assembly import Experiment
 from gossiplab.callbacks import ACCURACY_MATRICES, Callback
-from gossiplab.config import Config, ConfigError, apply_values, build_config, parse_override, read_run_config, validate
+from gossiplab.catalogue import build_config, validate
+from gossiplab.config import Config, ConfigError, apply_values, parse_override, read_run_config
 from gossiplab.registry import LOSSES, qualified_name
 from gossiplab.rundir import read_metrics, read_summary
 from gossiplab.runner import Runner

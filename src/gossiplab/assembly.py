@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from gossiplab.catalogue import load_builtin_parts
 from gossiplab.config import Config, ConfigError
 from gossiplab.data.federation import Federation, build_federation
 from gossiplab.devices import available_device_memory, resolve_device
@@ -191,6 +192,7 @@ def check_run_memory(config: Config, federation: Federation, module: torch.nn.Mo
 def build_data_and_model(config: Config, console: Console | None = None) -> tuple[Federation, torch.nn.Module]:
     """The sites' data (frozen features in place of images when the model has a pretrained
     backbone) and one site's model (with the text head over the prompted class names)."""
+    load_builtin_parts()  # a config read without the catalogue (a run's config.toml) names built-in parts
     frozen = frozen_parts(config.model, console)
     if frozen and config.model.pre_alignment != "none":
         frozen.projection = pre_aligned_projection(config, frozen, console)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from gossiplab.assembly import build_experiment
-from gossiplab.config import build_config
+from gossiplab.catalogue import build_config
 from gossiplab.distributed import DEFAULT_SECRET_ENV, ProcessGroup, SingleProcess, payload_rows
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix

@@ -20,7 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from gossiplab import __version__
-from gossiplab.config import Config, ConfigError, build_config, load_preset, preset_names
+from gossiplab.catalogue import build_config
+from gossiplab.config import Config, ConfigError, load_preset, preset_names
 from gossiplab.memory import ResourceError
 from gossiplab.plugins import DEBUG_OPTION, debugging, plugin_fault
 
@@ -158,31 +159,31 @@ def run(
     ] = False,
 ) -> None:
     """Run an experiment: the embedded default, or a preset with key=value overrides."""
-    from gossiplab.distributed import (
-        JoinRefused,
-        PeerLost,
-        ProcessGroup,
-        ResumeError,
-        launched_distributed,
-        rank_of_process,
-        relaunched_by_torchrun,
-    )
-    from gossiplab.rundir import WRITE_PROBE, claim_new_dir
-    from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
+    from gossiplab.launch import launched_distributed, rank_of_process, relaunched_by_torchrun
 
     comm = None
     if run_dir_text is not None and not run_dir_text.strip():
         _fail("--run-dir is empty: name the folder for the run's results (or leave the option out)")
     run_dir = Path(run_dir_text) if run_dir_text is not None else None
+    if relaunched_by_torchrun(run_dir):  # torchrun --max-restarts: the same command continues the run
+        resume, run_dir, overrides, preset, config_file = run_dir, None, None, "default", None
+    try:
+        if dry_run and resume is not None:
+            _fail("--dry-run checks a new run; it takes no --resume")
+        if resume is None and config_file is not None and preset != "default":
+            _fail("give either --preset or --config, not both")
+        # a new run's config first: a typo is answered before PyTorch is imported (seconds)
+        config = build_config(preset, overrides, config_file) if resume is None else None
+    except ConfigError as error:
+        _fail(error)
+    from gossiplab.distributed import JoinRefused, PeerLost, ProcessGroup, ResumeError
+    from gossiplab.rundir import WRITE_PROBE, claim_new_dir
+    from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
+
     try:
         if dry_run:
-            if resume is not None:
-                _fail("--dry-run checks a new run; it takes no --resume")
-            config = build_config(preset, overrides, config_file)
             _print_dry_run(config)
             return
-        if relaunched_by_torchrun(run_dir):  # torchrun --max-restarts: the same command continues the run
-            resume, run_dir, overrides, preset, config_file = run_dir, None, None, "default", None
         if resume is not None:
             if overrides or preset != "default" or run_dir is not None or config_file is not None:
                 _fail("--resume takes no preset, --config, overrides or --run-dir: the run's own config.toml is used")
@@ -191,9 +192,6 @@ def run(
             if launched_distributed():
                 comm = ProcessGroup(config)
         else:
-            if config_file is not None and preset != "default":
-                _fail("give either --preset or --config, not both")
-            config = build_config(preset, overrides, config_file)
             if launched_distributed():
                 comm = ProcessGroup(config)
             try:
@@ -277,7 +275,7 @@ def parts(
     plugins: Annotated[list[str] | None, typer.Argument(help="plug-in modules whose parts to list as well")] = None,
 ) -> None:
     """List the parts a config can name: algorithms, topologies, mixing rules and models."""
-    from gossiplab.config import load_builtin_parts
+    from gossiplab.catalogue import load_builtin_parts
     from gossiplab.plugins import import_plugins
     from gossiplab.registry import ALGORITHMS, MIXING_RULES, MODELS, TOPOLOGIES
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import tomli_w
 
+from gossiplab.errors import ConfigError
+
 SCHEDULES = ("every", "steps", "window", "uniform", "two-stage", "cosine", "cosine-random", "none")
 ROUND_SCHEDULES = ("uniform", "two-stage", "cosine", "cosine-random")  # a fixed total of gossip.rounds
 FINAL_MERGES = ("none", "exact", "exponential", "one-peer-exponential")
@@ -39,10 +41,6 @@ INITS = ("shared", "independent")
 NORMS = ("group", "batch", "none")
 KERNELS = ("auto", "numba", "torch")
 NORMALIZATION_GOSSIP = ("average", "local")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names every bad field and what is allowed."""
 
 
 def documented(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
@@ -120,11 +118,6 @@ class DataConfig:
                 (sum(per_source) == config.num_sites, "num_sites",
                  f"must equal the sites of data.sites_per_source with partition 'by_domain' ({sum(per_source)})"),
             ]  # fmt: skip
-        from gossiplab.data.sources import SOURCES, is_local
-
-        unknown = [s for s in self.sources if s not in SOURCES and not is_local(s)]
-        allowed = f"{unknown} unknown: use {', '.join(SOURCES)}, or a path to an .npz file or a folder"
-        checks.append((not unknown, "data.sources", allowed))
         return problems_of(config, checks)
 
 
@@ -230,15 +223,10 @@ class TrainConfig:
                               "torch-only; auto: numba on the CPU when installed", KERNELS)  # fmt: skip
 
     def problems(self, config: Any) -> list[str]:
-        from gossiplab.devices import compiled_kernels_installed, device_problem
-
-        model, device = config.model, device_problem(self.device)
+        model = config.model
         return problems_of(config, [
-            (device is None, "train.device", str(device)),
             (self.kernels != "numba" or self.device == "cpu", "train.kernels",
              "'numba' runs on the CPU only (train.device = 'cpu'); use auto or torch"),
-            (self.kernels != "numba" or compiled_kernels_installed(), "train.kernels",
-             "'numba' needs numba: pip install 'gossiplab[compiled]'; or use auto or torch"),
             (self.steps >= 1, "train.steps", "must be >= 1"),
             (self.batch_size >= 1, "train.batch_size", "must be >= 1"),
             (self.lr > 0, "train.lr", "must be > 0"),
@@ -404,11 +392,102 @@ def register_section(name: str, section: type) -> type:
     return section
 
 
+# The built-in parts' own sections are data too, declared here so that reading a config (a preset,
+# a run's config.toml) imports no part: a user's part declares its section the same way, in its module.
+
+
+@dataclass
+class DimatConfig:
+    """[dimat]"""
+
+    match_samples: int = documented(1024, "training images that activations are matched on")
+    match_on: str = documented(
+        "global", "whose images: one sample of the global training set for every merge (DIMAT's code), or each "
+        "receiver's `own` training data", ("global", "own"),
+    )  # fmt: skip
+    reestimate_batches: int = documented(
+        8, "BatchNorm models: batches of each site's own data its statistics are recomputed on after a merge "
+        "(0: keep the merged statistics)",
+    )  # fmt: skip
+    reestimate_on: str = documented(
+        "own", "BatchNorm models: whose batches the statistics are recomputed on: each site's `own`, or the "
+        "`global` training set (DIMAT's code)", ("own", "global"),
+    )  # fmt: skip
+
+    def problems(self, config: Config) -> list[str]:
+        problems = []
+        if self.match_samples < 2:
+            problems.append(
+                f"field 'dimat.match_samples' = {self.match_samples}: must be >= 2 (samples per site to match on)"
+            )
+        if self.reestimate_batches < 0:
+            problems.append(f"field 'dimat.reestimate_batches' = {self.reestimate_batches}: must be >= 0")
+        return problems
+
+
+register_section("dimat", DimatConfig)
+
+
+@dataclass
+class DittoConfig:
+    """[ditto]"""
+
+    strength: float = documented(0.1, "lambda, the proximal pull of personal models to the global one")
+
+    def problems(self, config: Config) -> list[str]:
+        return [] if self.strength >= 0 else [f"field 'ditto.strength' = {self.strength}: must be >= 0"]
+
+
+register_section("ditto", DittoConfig)
+
+
+@dataclass
+class L2CConfig:
+    """[l2c]"""
+
+    lr: float = documented(0.1, "Adam's step on the mixing logits (0: the weights stay uniform)")
+    weight_decay: float = documented(0.01, "Adam's weight decay on the logits")
+    val_batch: int = documented(32, "validation images per site per round")
+    prune_round: int = documented(0, "the round T0 after which only the largest weights stay (0: never)")
+    keep_neighbours: int = documented(10, "K0, the neighbours each site keeps at pruning")
+    meta_encoder: str = documented("", "a trained meta-L2C encoder (learned_encoder.pt) to start from")
+
+    def problems(self, config: Config) -> list[str]:
+        checks = [
+            (self.lr >= 0, "lr", "must be >= 0 (0: the weights stay uniform)"),
+            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
+            (self.val_batch >= 1, "val_batch", "must be >= 1"),
+            (self.prune_round >= 0, "prune_round", "must be >= 0 (0: never prune)"),
+            (self.keep_neighbours >= 1, "keep_neighbours", "must be >= 1"),
+            (not self.meta_encoder or config.gossip.algorithm == "meta-l2c", "meta_encoder",
+             "is a trained meta-L2C encoder: set gossip.algorithm = 'meta-l2c' to use it"),
+            (not self.meta_encoder or Path(self.meta_encoder).is_file(), "meta_encoder",
+             f"'{self.meta_encoder}' is not a file (a learned_encoder.pt from a meta-l2c run)"),
+        ]  # fmt: skip
+        return [f"field 'l2c.{key}' = {getattr(self, key)!r}: {allowed}" for ok, key, allowed in checks if not ok]
+
+
+register_section("l2c", L2CConfig)
+
+
+@dataclass
+class FomoConfig:
+    """[fomo]: the validation sample FOMO scores the models on."""
+
+    val_batch: int = documented(32, "validation images per site scoring every model, drawn once")
+
+    def problems(self, config: Config) -> list[str]:
+        return [] if self.val_batch >= 1 else [f"field 'fomo.val_batch' = {self.val_batch}: must be >= 1"]
+
+
+register_section("fomo", FomoConfig)
+
+
 def config_reference(builtin_only: bool = True) -> list[str]:
     """The configuration reference as Markdown table rows, generated from the declarations of the
     fields (default, documentation, allowed values): the core sections, then the parts' own
     (`register_section`). The site's configuration page is these rows (docs/hooks.py)."""
-    tables = core_tables(Config())  # (making a Config registers the built-in parts' sections)
+    tables = core_tables(Config())
     tables += [(f"{name}.", section) for name, section in SECTIONS.items()
                if not builtin_only or section.__module__.startswith("gossiplab.")]  # fmt: skip
     rows = []
@@ -442,11 +521,6 @@ def choice_problems(config: Config) -> list[str]:
     return errors
 
 
-def load_builtin_parts() -> None:
-    """Import the modules that register the built-in parts and their config sections."""
-    import gossiplab.algorithms  # noqa: F401
-
-
 @dataclass
 class Config:
     name: str = documented("default", "the run's name (its directory under `runs/`)")
@@ -470,7 +544,6 @@ class Config:
     sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the parts' own sections, by name
 
     def __post_init__(self) -> None:
-        load_builtin_parts()
         for name, section in SECTIONS.items():
             self.sections.setdefault(name, section())
 
@@ -515,7 +588,6 @@ def _leaf_paths(cls: type, prefix: str = "") -> dict[str, Any]:
 
 def leaf_types() -> dict[str, Any]:
     """Every settable key of a config, the parts' sections included, as 'section.key' -> type."""
-    load_builtin_parts()
     paths = _leaf_paths(Config)
     for name, section in SECTIONS.items():
         paths.update(_leaf_paths(section, f"{name}."))
@@ -673,29 +745,12 @@ def config_from_toml(text: str, origin: str = "config", untrusted: tuple[Path, .
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{origin} is not valid TOML: {error}") from error
-    _import_plugins(table.get("plugins", []), untrusted)
+    import_config_plugins(table.get("plugins", []), untrusted)
     config = Config()
     try:
         apply_values(config, flatten(table))
     except ConfigError as error:
         raise ConfigError(f"{origin}: {error}") from error
-    return config
-
-
-def build_config(preset: str = "default", overrides: list[str] | None = None, path: Path | None = None) -> Config:
-    """The preset (or the config file at `path`) with the overrides applied, validated."""
-    if path is not None:
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise ConfigError(f"--config {path}: cannot read it ({error.strerror})") from error
-        config = config_from_toml(text, origin=str(path), untrusted=(path.parent,))
-    else:
-        config = load_preset(preset)
-    values = dict(parse_override(o) for o in overrides or [])
-    _import_plugins(values.get("plugins", []), (path.parent,) if path is not None else ())
-    apply_values(config, values)
-    validate(config)
     return config
 
 
@@ -709,54 +764,8 @@ def read_run_config(path: Path) -> Config:
     return config_from_toml(text, origin=str(path), untrusted=(path.parent,))
 
 
-def _import_plugins(names: Any, untrusted: tuple[Path, ...]) -> None:
+def import_config_plugins(names: Any, untrusted: tuple[Path, ...]) -> None:
     from gossiplab.plugins import import_plugins
 
     names = _coerce("plugins", names, {"plugins": list[str]})
     import_plugins(names, untrusted=list(untrusted))
-
-
-def part_problems(config: Config) -> list[str]:
-    """The named parts exist, and what they say of the config: each registered section's own
-    `problems(config)`, and the chosen algorithm's and mixing rule's cross-field rules."""
-    from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
-
-    errors = []
-    for registry, name in (
-        (ALGORITHMS, config.gossip.algorithm),
-        (TOPOLOGIES, config.gossip.topology),
-        (MIXING_RULES, config.gossip.mixing),
-        (MODELS, config.model.name),
-        (LOSSES, config.train.loss),
-    ):
-        try:
-            registry.get(name)
-        except UnknownPart as error:
-            errors.append(str(error))
-            continue
-        problems = registry.property(name, "problems")
-        errors += problems(config) if problems else []
-    for section in config.sections.values():
-        if hasattr(section, "problems"):
-            errors += section.problems(config)
-    return errors
-
-
-def validate(config: Config) -> None:
-    """Refuse every impossible value up front, naming the field, the value and what is allowed:
-    the declared choices, each section's own `problems`, and the named parts' rules."""
-    name = Path(config.name)
-    errors = problems_of(config, [
-        (config.num_sites >= 1, "num_sites", "must be >= 1"),
-        (0 <= config.seed < 2**63, "seed", "must be in [0, 2**63) (a 64-bit seed)"),
-        (bool(config.name.strip()) and not name.is_absolute() and ".." not in name.parts and "\\" not in config.name
-         and not any(part.startswith(".") for part in Path(config.name.strip()).parts) and config.name.strip() != ".",
-         "name", "must be a relative name without '..' whose parts do not start with '.' (it names the run's "
-                 "directory under runs/, which must not be hidden)"),
-    ])  # fmt: skip
-    errors += choice_problems(config)
-    for _, section in core_tables(config)[1:]:
-        errors += section.problems(config)
-    errors += part_problems(config)
-    if errors:
-        raise ConfigError("\n".join(errors))

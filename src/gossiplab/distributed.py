@@ -149,11 +149,6 @@ def backend_for(device: torch.device) -> str:
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
-def launched_distributed() -> bool:
-    """True when a launcher (torchrun, srun wrappers) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def everyone_needs_everything(needs: torch.Tensor, blocks: list[tuple[int, int]], members: list[int]) -> bool:
     """True when every process reads every row of every process (a dense W): then one all_gather."""
     return all(
@@ -174,11 +169,6 @@ def payload_rows(weights: torch.Tensor, blocks: list[tuple[int, int]], members: 
         lo, hi = blocks[sender]
         rows.append(sum(int(needs[slice(*blocks[peer]), lo:hi].any(0).sum()) for peer in members if peer != sender))
     return rows
-
-
-def rank_of_process() -> int:
-    """This process's rank in a distributed run (0 in simulation)."""
-    return int(os.environ.get("RANK", "0")) if launched_distributed() else 0
 
 
 def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
@@ -522,16 +512,6 @@ def prove_members(
             "any exchange of parameters"
         )
     return _key(secret, "payload", digest, challenges.hex())
-
-
-def relaunched_by_torchrun(run_dir: Path | None) -> bool:
-    """True for a worker torchrun restarted (`--max-restarts`) into a run directory its earlier
-    attempt already started: the same command must then continue that run from its checkpoints."""
-    if not launched_distributed() or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-        return False
-    rank = rank_of_process()
-    own = "config.toml" if rank == 0 else f"rank{rank}/config.toml"
-    return run_dir is not None and (run_dir / own).is_file()
 
 
 def check_distributed(config: Config) -> None:

@@ -8,13 +8,12 @@ rules computed from the graph alone, which run when the sites are spread over pr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from gossiplab.config import Config, documented, register_section
+from gossiplab.config import Config
 from gossiplab.data.federation import sample_held_out
 from gossiplab.registry import MIXING_RULES
 
@@ -195,19 +194,6 @@ def dice_influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tenso
 def influence_share_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     """Self-weight kept, the rest shared by positive DICE influence (with one peer: 50/50 or nothing)."""
     return influence_share(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
-
-
-@dataclass
-class FomoConfig:
-    """[fomo]: the validation sample FOMO scores the models on."""
-
-    val_batch: int = documented(32, "validation images per site scoring every model, drawn once")
-
-    def problems(self, config: Config) -> list[str]:
-        return [] if self.val_batch >= 1 else [f"field 'fomo.val_batch' = {self.val_batch}: must be >= 1"]
-
-
-register_section("fomo", FomoConfig)
 
 
 def fomo_problems(config: Config) -> list[str]:

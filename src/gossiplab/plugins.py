@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import NamedTuple
 
-from gossiplab.config import ConfigError
+from gossiplab.errors import ConfigError
 
 MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 ENTRY_POINTS = "gossiplab.plugins"

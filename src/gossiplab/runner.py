@@ -24,11 +24,13 @@ from gossiplab.algorithms import Sent, restore, saved
 from gossiplab.algorithms.base import BYTES_PER_NUMBER
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
 from gossiplab.callbacks import Callback, Checkpoints, Hooks, MetricsLog, ProgressBar, TensorBoardLog
-from gossiplab.config import Config, build_config, differing_fields, flatten, upgrade_keys
+from gossiplab.catalogue import build_config
+from gossiplab.config import Config, differing_fields, flatten, upgrade_keys
 from gossiplab.data.partition import listed_sites
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
-from gossiplab.distributed import PeerLost, SingleProcess, launched_distributed
+from gossiplab.distributed import PeerLost, SingleProcess
 from gossiplab.evaluation import evaluate
+from gossiplab.launch import launched_distributed
 from gossiplab.report import write_outputs
 from gossiplab.rundir import (
     RunDirError,

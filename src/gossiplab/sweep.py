@@ -20,19 +20,18 @@ from typing import Any
 
 from rich.console import Console
 
+from gossiplab.catalogue import build_config, validate
 from gossiplab.compare import plot_against, plot_cost, plot_curves
 from gossiplab.config import (
     Config,
     ConfigError,
     apply_values,
-    build_config,
     config_from_toml,
     differing_fields,
     flatten,
     leaf_types,
     parse_override,
     resolve_key,
-    validate,
 )
 from gossiplab.devices import with_pinned_threads
 from gossiplab.rundir import atomic_write, read_summary

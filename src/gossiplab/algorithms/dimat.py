@@ -13,48 +13,14 @@ the first, is reported beside it as `matched_mmga`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
-from gossiplab.config import Config, documented, register_section
 from gossiplab.merge import MatchedMerge
 from gossiplab.permutation import permutation_spec
 from gossiplab.registry import ALGORITHMS
-
-
-@dataclass
-class DimatConfig:
-    """[dimat]"""
-
-    match_samples: int = documented(1024, "training images that activations are matched on")
-    match_on: str = documented(
-        "global", "whose images: one sample of the global training set for every merge (DIMAT's code), or each "
-        "receiver's `own` training data", ("global", "own"),
-    )  # fmt: skip
-    reestimate_batches: int = documented(
-        8, "BatchNorm models: batches of each site's own data its statistics are recomputed on after a merge "
-        "(0: keep the merged statistics)",
-    )  # fmt: skip
-    reestimate_on: str = documented(
-        "own", "BatchNorm models: whose batches the statistics are recomputed on: each site's `own`, or the "
-        "`global` training set (DIMAT's code)", ("own", "global"),
-    )  # fmt: skip
-
-    def problems(self, config: Config) -> list[str]:
-        problems = []
-        if self.match_samples < 2:
-            problems.append(
-                f"field 'dimat.match_samples' = {self.match_samples}: must be >= 2 (samples per site to match on)"
-            )
-        if self.reestimate_batches < 0:
-            problems.append(f"field 'dimat.reestimate_batches' = {self.reestimate_batches}: must be >= 0")
-        return problems
-
-
-register_section("dimat", DimatConfig)
 
 
 @ALGORITHMS.register("dimat")

@@ -12,29 +12,14 @@ a decentralized Ditto), and w^t <- w. Personal models are never averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
-from gossiplab.config import Config, documented, register_section
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
 from gossiplab.registry import ALGORITHMS
-
-
-@dataclass
-class DittoConfig:
-    """[ditto]"""
-
-    strength: float = documented(0.1, "lambda, the proximal pull of personal models to the global one")
-
-    def problems(self, config: Config) -> list[str]:
-        return [] if self.strength >= 0 else [f"field 'ditto.strength' = {self.strength}: must be >= 0"]
-
-
-register_section("ditto", DittoConfig)
 
 
 @ALGORITHMS.register("ditto")

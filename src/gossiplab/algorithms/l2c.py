@@ -7,45 +7,15 @@ uniform over them (`gossip.mixing` must stay "uniform": the learned weights repl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
-from gossiplab.config import Config, documented, register_section
+from gossiplab.config import Config
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.registry import ALGORITHMS
-
-
-@dataclass
-class L2CConfig:
-    """[l2c]"""
-
-    lr: float = documented(0.1, "Adam's step on the mixing logits (0: the weights stay uniform)")
-    weight_decay: float = documented(0.01, "Adam's weight decay on the logits")
-    val_batch: int = documented(32, "validation images per site per round")
-    prune_round: int = documented(0, "the round T0 after which only the largest weights stay (0: never)")
-    keep_neighbours: int = documented(10, "K0, the neighbours each site keeps at pruning")
-    meta_encoder: str = documented("", "a trained meta-L2C encoder (learned_encoder.pt) to start from")
-
-    def problems(self, config: Config) -> list[str]:
-        checks = [
-            (self.lr >= 0, "lr", "must be >= 0 (0: the weights stay uniform)"),
-            (self.weight_decay >= 0, "weight_decay", "must be >= 0"),
-            (self.val_batch >= 1, "val_batch", "must be >= 1"),
-            (self.prune_round >= 0, "prune_round", "must be >= 0 (0: never prune)"),
-            (self.keep_neighbours >= 1, "keep_neighbours", "must be >= 1"),
-            (not self.meta_encoder or config.gossip.algorithm == "meta-l2c", "meta_encoder",
-             "is a trained meta-L2C encoder: set gossip.algorithm = 'meta-l2c' to use it"),
-            (not self.meta_encoder or Path(self.meta_encoder).is_file(), "meta_encoder",
-             f"'{self.meta_encoder}' is not a file (a learned_encoder.pt from a meta-l2c run)"),
-        ]  # fmt: skip
-        return [f"field 'l2c.{key}' = {getattr(self, key)!r}: {allowed}" for ok, key, allowed in checks if not ok]
-
-
-register_section("l2c", L2CConfig)
 
 
 @ALGORITHMS.register("l2c")

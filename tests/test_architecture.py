@@ -1,0 +1,71 @@
+"""The layering of the package, read from its source: no import circle, and a config is data.
+
+Every import counts, those inside functions too (a lazy import that closes a circle is still a
+circle: it only hides it until run time); imports under `if TYPE_CHECKING:` do not run and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gossiplab"
+
+
+def module_name(path: Path) -> str:
+    return ".".join(("gossiplab", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+
+
+def import_graph() -> dict[str, set[str]]:
+    """gossiplab module -> the gossiplab modules it imports (anywhere in its code, at run time)."""
+    modules = {module_name(path): path for path in PACKAGE.rglob("*.py")}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        type_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for statement in block.body
+            for node in ast.walk(statement)
+        }
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    base = f"{parent}.{base}" if base else parent
+                targets |= {resolve(f"{base}.{alias.name}") or resolve(base) for alias in node.names}
+        graph[name] = {target for target in targets if target and target != name}
+    return graph
+
+
+def test_the_package_has_no_import_circle():
+    try:
+        order = list(graphlib.TopologicalSorter(import_graph()).static_order())
+    except graphlib.CycleError as error:
+        raise AssertionError(f"import circle: {' -> '.join(error.args[1])}") from None
+    assert "gossiplab.config" in order and "gossiplab.algorithms.dimat" in order  # the graph was read
+
+
+def test_a_config_imports_no_part_and_no_data():
+    """Reading a config (a preset, a run's config.toml) needs only the config's own module, the
+    error it raises and the plug-in importer (a config names its plug-ins); the checks that need
+    the parts or the data sources live above both, in gossiplab.catalogue."""
+    graph = import_graph()
+    assert graph["gossiplab.config"] == {"gossiplab.errors", "gossiplab.plugins"}
+    assert graph["gossiplab.plugins"] <= {"gossiplab.errors", "gossiplab.registry"}
+    assert not graph["gossiplab.errors"]
