@@ -69,3 +69,27 @@ def test_a_config_imports_no_part_and_no_data():
     assert graph["gossiplab.config"] == {"gossiplab.errors", "gossiplab.plugins"}
     assert graph["gossiplab.plugins"] <= {"gossiplab.errors", "gossiplab.registry"}
     assert not graph["gossiplab.errors"]
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module `start` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for target in graph[todo.pop()] - seen:
+            seen.add(target)
+            todo.append(target)
+    return seen
+
+
+def test_the_loop_draws_nothing_and_the_parts_know_no_process_runtime():
+    """Training (loop, runner, callbacks, evaluation) reaches no plotting code: the plots are a
+    callback the API and the command line add. Parts (operators, mixing rules, algorithms) and the
+    loop talk to the communicator protocol, never to torch.distributed's runtime, and the runtime
+    consults no registry of parts (the catalogue refuses what it cannot run)."""
+    graph = import_graph()
+    for module in ("gossiplab.loop", "gossiplab.runner", "gossiplab.callbacks", "gossiplab.evaluation"):
+        assert not reachable(graph, module) & {"gossiplab.report", "gossiplab.plots"}, module
+    parts = [m for m in graph if m.startswith("gossiplab.algorithms")]
+    for module in [*parts, "gossiplab.merge", "gossiplab.mixing", "gossiplab.runner", "gossiplab.evaluation"]:
+        assert "gossiplab.distributed" not in reachable(graph, module), module
+    assert not graph["gossiplab.distributed"] & {"gossiplab.registry", "gossiplab.catalogue"}

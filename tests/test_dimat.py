@@ -11,8 +11,8 @@ import torch
 from gossiplab.algorithms.sgp import SGP
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
+from gossiplab.communicator import SingleProcess
 from gossiplab.config import ModelConfig
-from gossiplab.distributed import SingleProcess
 from gossiplab.merge import MatchedMerge
 from gossiplab.models import build_model
 from gossiplab.permutation import (

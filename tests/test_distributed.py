@@ -20,7 +20,7 @@ import torch
 from gossiplab.bench_distributed import free_port
 from gossiplab.catalogue import build_config
 from gossiplab.config import ConfigError
-from gossiplab.distributed import check_distributed, payload_rows
+from gossiplab.distributed import payload_rows
 from gossiplab.rundir import read_metrics
 from gossiplab.runner import Runner
 
@@ -306,13 +306,19 @@ def test_processes_with_different_configs_refuse_to_start(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_rules_that_need_the_whole_population_are_refused_by_field():
-    with pytest.raises(ConfigError, match=r"gossip\.mixing.*uniform, metropolis"):
-        check_distributed(build_config("default", ["gossip.mixing=influence"]))
-    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*'l2c' runs only in one process.*dsgd"):
-        check_distributed(build_config("l2c"))
-    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*'dimat'"):
-        check_distributed(build_config("dimat"))
+def test_rules_that_need_the_whole_population_are_refused_by_field(monkeypatch):
+    """A process a launcher started (WORLD_SIZE > 1) refuses, while reading its config, the parts that
+    need every site in one process, and fewer sites than processes."""
+    build_config("l2c")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match=r"mixing' = 'influence': runs only in one process.*uniform, metropolis"):
+        build_config("default", ["gossip.mixing=influence"])
+    with pytest.raises(ConfigError, match=r"gossip\.algorithm' = 'l2c': runs only in one process.*dsgd"):
+        build_config("l2c")
+    with pytest.raises(ConfigError, match=r"gossip\.algorithm' = 'dimat'"):
+        build_config("dimat")
+    with pytest.raises(ConfigError, match=r"num_sites' = 3: 3 sites cannot fill 4 processes"):
+        build_config("default", ["num_sites=3"])
 
 
 @pytest.mark.long

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ import torch
 
 import gossiplab
 from gossiplab.data.sources import SOURCES, SourceInfo, dataset_from_arrays, register_source
+from gossiplab.registry import MIXING_RULES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SHORT = ["num_sites=8", "train.steps=60", "eval.every=30", "gossip.every=10"]
@@ -190,3 +194,102 @@ def test_gradient_tracking_counts_both_vectors_it_sends(tmp_path):
     tracking = ["plugins=['gradient_tracking']", "gossip.algorithm=gradient-tracking"]
     tracking = gossiplab.run("default", [*problem, *tracking], run_dir=tmp_path / "tracking")
     assert tracking.final["bytes_sent"] == 2 * dsgd.final["bytes_sent"] > 0
+
+
+def test_a_user_model_declares_the_units_dimat_may_permute_and_a_model_without_is_refused_by_name():
+    """The spec of examples/user_model.py leaves the function unchanged under a random permutation
+    (BatchNorm statistics included); a model without a spec, or with a wrong one, is refused naming it."""
+    from torch import nn
+    from user_model import SmallConvNet, small_convnet
+
+    from gossiplab.config import ConfigError
+    from gossiplab.permutation import (
+        Axis,
+        PermutationGroup,
+        PermutationSpec,
+        permutation_spec,
+        permuted_index,
+        random_permutations,
+    )
+    from gossiplab.population import Population
+
+    population = Population(small_convnet(None, (1, 28, 28), 10), 2, seed=0, init="independent")
+    population.theta[:, population.num_parameters :].uniform_(0.5, 1.5)
+    spec = permutation_spec(population.module, (1, 28, 28))
+    index = permuted_index(spec, population.names, population.shapes, random_permutations(spec, torch.Generator()))
+    assert not torch.equal(index, torch.arange(len(index)))
+    x = torch.randn(6, 1, 28, 28)
+    with population.evaluating():
+        permuted, plain = (
+            torch.func.functional_call(population.module, population.views(row), (x,))
+            for row in (population.theta[0][index], population.theta[0])
+        )
+    torch.testing.assert_close(permuted, plain, atol=1e-5, rtol=1e-5)
+
+    class NoSpec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.linear(x.flatten(1))
+
+    with pytest.raises(ConfigError, match=r"model NoSpec does not say which: give it a method permutation_spec"):
+        permutation_spec(NoSpec(), (1, 28, 28))
+
+    class WrongSpec(SmallConvNet):
+        def permutation_spec(self, input_shape):
+            axes = (Axis("features.0.weight", 1), Axis("head.weight", 1))
+            return PermutationSpec((PermutationGroup(8, axes, "relu"),))
+
+    with pytest.raises(ConfigError, match=r"model WrongSpec.permutation_spec: activation 'relu' is not a submodule"
+                                          r".*'features.0.weight' has shape \[8, 1, 3, 3\]: axis 1 must hold 8 units"
+                                          r".*'head.weight' is not a parameter or buffer"):  # fmt: skip
+        permutation_spec(WrongSpec(1, 392, 10), (1, 28, 28))
+
+
+@pytest.mark.long
+def test_dimat_runs_on_a_user_model_and_its_matching_acts(tmp_path):
+    """DIMAT's preset with examples/user_model.py's network: two matched merges after pre-training,
+    against weight averaging through the same merge (merge-average), same seed and data."""
+    shorter = ["plugins=['user_model']", "model.name=small-convnet", "train.steps=400", "eval.every=100",
+               "gossip.start_after=200"]  # fmt: skip
+    matched = gossiplab.run("dimat", shorter, run_dir=tmp_path / "dimat", progress=False).final
+    averaged = gossiplab.run("dimat", [*shorter, "gossip.algorithm=merge-average"], run_dir=tmp_path / "wa").final
+    assert matched["parts"]["model.name"] == "small-convnet"
+    # measured: ALA 0.770 vs 0.701, AGA 0.374 vs 0.327, matched MMGA 0.429 (the uniform mean 0.324 vs 0.412)
+    assert matched["aga"] > averaged["aga"] + 0.02 and matched["ala"] > averaged["ala"]
+    assert matched["matched_mmga"] > matched["mmga"]
+
+
+def test_a_part_registered_by_a_plain_import_is_recorded_so_config_toml_reruns_it(tmp_path, capsys):
+    """A script that imports its parts (without naming them in `plugins`) still saves a config that
+    re-runs in a fresh process: the part's module goes into `plugins`, and its section with it. A
+    part registered in a script or notebook (`__main__`) is run, with a warning that it cannot be."""
+    import proximal  # noqa: F401  (registers dsgd-prox and its [prox] section)
+
+    first = gossiplab.run("default", [*SHORT, "gossip.algorithm=dsgd-prox", "prox.mu=0.5"], run_dir=tmp_path / "first")
+    saved = (first.run_dir / "config.toml").read_text()
+    assert 'plugins = [\n    "proximal",\n]' in saved and "[prox]\nmu = 0.5" in saved
+    again = tmp_path / "again"
+    command = [sys.executable, "-m", "gossiplab", "run", "--config", str(first.run_dir / "config.toml"), "--quiet",
+               "--run-dir", str(again)]  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(EXAMPLES)}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert metrics(again) == metrics(first.run_dir)
+
+    notebook = {"__name__": "__main__"}
+    exec(  # a cell of a notebook (its module is __main__)
+        "from gossiplab.mixing import metropolis\nfrom gossiplab.registry import MIXING_RULES\n"
+        "MIXING_RULES.register('notebook-metropolis', lambda adjacency, experiment: metropolis(adjacency))",
+        notebook,
+    )
+    capsys.readouterr()
+    try:
+        gossiplab.run("default", [*SHORT, "gossip.mixing=notebook-metropolis"], run_dir=tmp_path / "notebook")
+    finally:  # other tests list the registered rules
+        for table in (MIXING_RULES._parts, MIXING_RULES._properties, MIXING_RULES._origins):
+            del table["notebook-metropolis"]
+    warning = " ".join(capsys.readouterr().err.split())
+    assert "gossip.mixing = 'notebook-metropolis' is not importable by name: config.toml cannot re-run it" in warning

@@ -104,3 +104,20 @@ def test_a_run_keeps_every_accuracy_matrix_per_site_losses_and_a_frame(tmp_path)
     assert result.final["parts"] == {"gossip.algorithm": "dsgd", "gossip.topology": "random-one-peer",
                                      "gossip.mixing": "uniform", "train.loss": "cross-entropy",
                                      "model.name": "mlp"}  # fmt: skip
+
+
+def test_a_notebook_cell_that_declares_a_section_runs_twice_and_another_class_is_refused():
+    cell = (
+        "from dataclasses import dataclass\nfrom gossiplab.config import register_section\n"
+        "@dataclass\nclass NotebookOptions:\n    rate: float = RATE\n"
+        "register_section('notebook', NotebookOptions)\n"
+    )
+    try:
+        exec(cell.replace("RATE", "0.1"), {"__name__": "__main__"})
+        exec(cell.replace("RATE", "0.2"), {"__name__": "__main__"})  # the cell again, edited: it replaces
+        assert build_config("default", ["notebook.rate=0.3"]).notebook.rate == 0.3
+        assert SECTIONS["notebook"]().rate == 0.2
+        with pytest.raises(ValueError, match=r"\[notebook\] is declared already by __main__.NotebookOptions: declare"):
+            exec(cell.replace("RATE", "0.1").replace("NotebookOptions", "Other"), {"__name__": "__main__"})
+    finally:  # other tests list the sections
+        SECTIONS.pop("notebook", None)

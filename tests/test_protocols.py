@@ -9,6 +9,7 @@ import torch
 
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
+from gossiplab.communicator import SingleProcess
 from gossiplab.data.federation import build_federation
 from gossiplab.evaluation import evaluate
 from gossiplab.merge import MatchedMerge
@@ -85,7 +86,7 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
         per_class = [correct[:, federation.test_y == c].float().mean(1) for c in classes]
         torch.testing.assert_close(matrix[:, site], share[0] * per_class[0] + share[1] * per_class[1])
     assert config.eval.local_test == "class-weighted" and config.data.val_fraction == 0.2
-    _, scored = evaluate(experiment)
+    _, scored = evaluate(experiment, None, SingleProcess(config.num_sites))
     population = experiment.population
     hits = population.predict(population.theta, federation.test_x) == federation.test_y
     torch.testing.assert_close(

@@ -22,6 +22,7 @@ from gossiplab.callbacks import ACCURACY_MATRICES, Callback
 from gossiplab.catalogue import build_config, validate
 from gossiplab.config import Config, ConfigError, apply_values, parse_override, read_run_config
 from gossiplab.registry import LOSSES, qualified_name
+from gossiplab.report import Plots
 from gossiplab.rundir import read_metrics, read_summary
 from gossiplab.runner import Runner
 from gossiplab.safeload import load_tensors
@@ -120,7 +121,7 @@ def run(
         if experiment is not None:
             raise ConfigError("`loss_fn` would not reach a pre-built experiment: set train.loss before building it")
         name = qualified_name(loss_fn)
-        LOSSES.register(name, loss_fn)
+        LOSSES.register(name, loss_fn, origin=loss_fn.__module__)
         overrides = [*(overrides or []), f"train.loss={name}"]
     if experiment is not None:
         if overrides:
@@ -142,5 +143,5 @@ def run(
     )
     target.mkdir(parents=True, exist_ok=True)
     runner = Runner(config, target, show_progress=progress, experiment=experiment)
-    runner.run(on_evaluation=on_evaluation, on_step=on_step, callbacks=callbacks)
+    runner.run(on_evaluation=on_evaluation, on_step=on_step, callbacks=[Plots(), *(callbacks or [])])
     return Result.load(target)

@@ -27,7 +27,7 @@ from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
-from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, qualified_name
+from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency
 
@@ -258,15 +258,20 @@ def part_names(experiment: Experiment) -> dict[str, str]:
 
 def record_parts(experiment: Experiment, config: Config) -> list[str]:
     """Write the parts that run into `config` (the run's copy, so config.toml re-runs them), adding
-    the module of a user's part to `plugins`; returns the names that cannot be re-run from a
-    config (a lambda, a function of a script run as __main__)."""
-    unresolvable = []
+    the module a user's part comes from (the module that registered it, or that defines an
+    unregistered one) to `plugins`, so the saved config imports it, and with it the part's own
+    config section; returns the names that cannot be re-run from a config (a lambda, a part from
+    a script or notebook, `__main__`)."""
     for key, name in part_names(experiment).items():
         section, leaf = key.split(".")
         setattr(getattr(config, section), leaf, name)
-        module = name.rpartition(".")[0]
+    unresolvable = []
+    for registry in (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS, LOSSES):
+        section, leaf = registry.field.split(".")
+        name = getattr(getattr(config, section), leaf)
+        module = registry.origin(name)
         if "<" in name or module == "__main__":
-            unresolvable.append(f"{key} = {name!r}")
+            unresolvable.append(f"{registry.field} = {name!r}")
         elif module and not module.startswith("gossiplab") and module not in config.plugins:
             config.plugins.append(module)
     return unresolvable

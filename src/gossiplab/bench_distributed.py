@@ -27,7 +27,8 @@ import torch
 
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
-from gossiplab.distributed import DEFAULT_SECRET_ENV, ProcessGroup, SingleProcess, payload_rows
+from gossiplab.communicator import SingleProcess
+from gossiplab.distributed import DEFAULT_SECRET_ENV, ProcessGroup, payload_rows
 from gossiplab.merge import GossipAverager
 from gossiplab.mixing import mixing_matrix
 from gossiplab.topology import build_adjacency

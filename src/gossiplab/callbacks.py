@@ -2,7 +2,9 @@
 accuracy matrices, TensorBoard, checkpoints, and a user's own `on_step` / `on_evaluation`.
 
 A callback gets the Runner (its `step`, `experiment`, `run_dir`, `comm`) at every step, at every
-evaluation with the metrics row, and at the start and end of the run. Only the process that
+evaluation with the metrics row, at the start and end of the loop, and with the summary of a
+finished run (the plots and the HTML report are such a callback, `gossiplab.report.Plots`, added
+by the API and the command line: the loop's layer draws nothing). Only the process that
 writes the run directory (`runner.comm.writes`) writes files.
 """
 
@@ -39,6 +41,10 @@ class Callback:
 
     def on_end(self, runner: Runner) -> None:
         """When the loop stops, finished or not."""
+
+    def on_finish(self, runner: Runner, summary: dict[str, Any]) -> None:
+        """After a finished run's summary is complete, before summary.json marks the run finished
+        (in the process that writes the run directory)."""
 
 
 def matrix_path(run_dir: Path, step: int) -> Path:

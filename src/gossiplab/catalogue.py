@@ -9,6 +9,7 @@ result against the parts, so every impossible value is refused before any work s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gossiplab.config import (
@@ -24,6 +25,7 @@ from gossiplab.config import (
     problem,
     problems_of,
 )
+from gossiplab.launch import launched_distributed
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
 
 
@@ -101,6 +103,22 @@ def part_problems(config: Config) -> list[str]:
     return errors
 
 
+def distributed_problems(config: Config, world_size: int) -> list[str]:
+    """What the multi-process runtime cannot run, for `world_size` processes: parts that need the
+    whole population in one process (they do not declare `distributed=True`), and fewer sites than
+    processes."""
+    load_builtin_parts()
+    errors = []
+    for registry, name in ((ALGORITHMS, config.gossip.algorithm), (MIXING_RULES, config.gossip.mixing)):
+        if name in registry.names() and not registry.property(name, "distributed", False):
+            allowed = [n for n in registry.names() if registry.property(n, "distributed", False)]
+            where = f"runs only in one process; across processes use one of {', '.join(allowed)}"
+            errors.append(problem(config, registry.field, where))
+    if config.num_sites < world_size:
+        errors.append(problem(config, "num_sites", f"{config.num_sites} sites cannot fill {world_size} processes"))
+    return errors
+
+
 def validate(config: Config) -> None:
     """Refuse every impossible value up front, naming the field, the value and what is allowed:
     the declared choices, each section's own `problems`, and the named parts' rules."""
@@ -117,5 +135,7 @@ def validate(config: Config) -> None:
     for _, section in core_tables(config)[1:]:
         errors += section.problems(config)
     errors += part_problems(config)
+    if launched_distributed():
+        errors += distributed_problems(config, int(os.environ["WORLD_SIZE"]))
     if errors:
         raise ConfigError("\n".join(errors))

@@ -176,7 +176,9 @@ def run(
         config = build_config(preset, overrides, config_file) if resume is None else None
     except ConfigError as error:
         _fail(error)
-    from gossiplab.distributed import JoinRefused, PeerLost, ProcessGroup, ResumeError
+    from gossiplab.communicator import PeerLost
+    from gossiplab.distributed import JoinRefused, ProcessGroup, ResumeError
+    from gossiplab.report import Plots
     from gossiplab.rundir import WRITE_PROBE, claim_new_dir
     from gossiplab.runner import DivergenceError, RunInterrupted, Runner, load_run_config
 
@@ -213,7 +215,7 @@ def run(
         _fail(error)
     previous = signal.signal(signal.SIGINT, lambda *_: runner.request_stop())
     try:
-        summary = runner.run()
+        summary = runner.run(callbacks=[Plots()])
     except RunInterrupted as stop:
         errors.print(f"[yellow]interrupted:[/] {stop}")
         raise typer.Exit(130) from None

@@ -385,9 +385,14 @@ SECTIONS: dict[str, type] = {}  # config sections declared by parts (algorithms,
 def register_section(name: str, section: type) -> type:
     """Declare the config section `[name]` a part owns: a dataclass whose fields are its keys, with
     their defaults and (in the field's metadata) their documentation. Its optional
-    `problems(config) -> list[str]` method validates it, each problem naming its field."""
-    if name in SECTIONS and SECTIONS[name] is not section:
-        raise ValueError(f"config section [{name}] is declared already by {SECTIONS[name].__qualname__}")
+    `problems(config) -> list[str]` method validates it, each problem naming its field. Declaring
+    the same class again (a notebook cell run twice) replaces it; another class is refused."""
+    known = SECTIONS.get(name)
+    if known is not None and (known.__module__, known.__qualname__) != (section.__module__, section.__qualname__):
+        raise ValueError(
+            f"config section [{name}] is declared already by {known.__module__}.{known.__qualname__}: declare "
+            f"{section.__module__}.{section.__qualname__} under another name"
+        )
     SECTIONS[name] = section
     return section
 

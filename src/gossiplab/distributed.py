@@ -1,7 +1,7 @@
 """Where the sites live: all in this process (simulation) or in blocks across processes (DESIGN section 7).
 
-The runner trains, mixes and evaluates through a communicator, so one algorithm code serves both:
-- `SingleProcess`: the N sites are all here; gossip is the merge operator on the whole [N, P] tensor.
+The runner trains, mixes and evaluates through a communicator (`gossiplab.communicator`), so one
+algorithm code serves both the simulation (`SingleProcess`, every site in this process) and this:
 - `ProcessGroup`: `torchrun --nproc-per-node K -m gossiplab run ...` (or any launcher that sets
   RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Process r owns the contiguous block r of the sites
   (`torch.tensor_split`, sizes differ by at most one) as its own [N_r, P] population, trained
@@ -47,9 +47,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gossiplab.communicator import PeerLost
 from gossiplab.config import Config, ConfigError, DistributedConfig, differing_fields, flatten
 from gossiplab.devices import resolve_device
-from gossiplab.registry import ALGORITHMS, MIXING_RULES
 
 DEFAULT_SECRET_ENV = DistributedConfig.__dataclass_fields__["secret_env"].default
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
@@ -89,58 +89,6 @@ class JoinRefused(RuntimeError):
 class Unauthenticated(JoinRefused):
     """A value or payload of a secret-protected run failed its authentication: someone without the
     join secret wrote it or altered it on the way. The run stops; nothing foreign is used."""
-
-
-class PeerLost(RuntimeError):
-    """Processes of the run were lost; `lost_sites` are the sites they held."""
-
-    def __init__(self, message: str, lost_sites: list[int]):
-        super().__init__(message)
-        self.lost_sites = lost_sites
-
-
-class SingleProcess:
-    """All sites in this process: the simulation."""
-
-    rank = 0
-    world_size = 1
-    writes = True  # this process writes metrics, summary and plots
-    bytes_sent = 0
-    failures: tuple[type[Exception], ...] = ()  # nothing to recover from
-
-    def __init__(self, num_sites: int):
-        self.num_sites = num_sites
-        self.sites = slice(0, num_sites)
-
-    def mix(self, theta: torch.Tensor, weights: torch.Tensor, operator: Callable) -> int:
-        """theta <- W theta by the merge operator; returns the bytes this process sent (none)."""
-        operator(theta, weights)
-        return 0
-
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-site rows [N_r, ...] of every process stacked in site order: [N, ...]."""
-        return rows
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum over processes (here: the value)."""
-        return value
-
-    def rank_file(self, run_dir: Path, name: str) -> Path:
-        """Where this process keeps its own file `name` (checkpoints): the run directory."""
-        return run_dir / name
-
-    def share(self, key: str, value: str) -> str:
-        """Rank 0's `value`, seen by every process."""
-        return value
-
-    def agree_on_step(self, steps: list[int]) -> int:
-        return steps[0]
-
-    def recover(self, error: Exception) -> PeerLost:
-        raise error
-
-    def close(self, together: bool = True) -> None:
-        pass
 
 
 def backend_for(device: torch.device) -> str:
@@ -514,31 +462,12 @@ def prove_members(
     return _key(secret, "payload", digest, challenges.hex())
 
 
-def check_distributed(config: Config) -> None:
-    """Refuse, before any work, what the multi-process runtime does not run (named by field)."""
-    gossip = config.gossip
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    errors = []
-    for registry, name in ((ALGORITHMS, gossip.algorithm), (MIXING_RULES, gossip.mixing)):
-        if not registry.property(name, "distributed", False):
-            allowed = [n for n in registry.names() if registry.property(n, "distributed", False)]
-            errors.append(
-                f"field '{registry.field}': '{name}' runs only in one process; across processes use one of "
-                f"{', '.join(allowed)}"
-            )
-    if config.num_sites < world:
-        errors.append(f"field 'num_sites': {config.num_sites} sites cannot fill {world} processes")
-    if errors:
-        raise ConfigError("\n".join(errors))
-
-
 class ProcessGroup:
     """This process's block of sites in a gloo process group, with failure detection and regrouping."""
 
     writes: bool
 
     def __init__(self, config: Config):
-        check_distributed(config)
         timeout = datetime.timedelta(seconds=config.distributed.timeout_s)
         self.timeout = timeout
         self.on_failure = config.distributed.on_failure

@@ -7,12 +7,10 @@ from typing import Any
 import torch
 
 from gossiplab import merge, metrics
-from gossiplab.distributed import SingleProcess
+from gossiplab.communicator import Communicator
 
 
-def evaluate(
-    experiment: Any, active: torch.Tensor | None = None, comm: Any = None
-) -> tuple[dict[str, Any], torch.Tensor]:
+def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -> tuple[dict[str, Any], torch.Tensor]:
     """Every model and the counterfactual merged model (the mean of the active rows, MMGA; an
     algorithm's own merged model, DIMAT's matched one, as `matched_mmga`) on the global test set,
     scored per site (or by L2C's class-weighted rule, `eval.local_test`); sites dropped for divergence (`active` False)
@@ -21,7 +19,6 @@ def evaluate(
     Across processes (`comm`), each scores its own models, the merged model is a sum over
     processes, and the [N, n_test] hits are gathered so every process computes the same metrics."""
     federation, population = experiment.federation, experiment.population
-    comm = comm or SingleProcess(len(population.theta))
     theta = population.theta
     active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
+from gossiplab.communicator import Communicator
 from gossiplab.devices import resolve_kernels
-from gossiplab.distributed import SingleProcess
 from gossiplab.mixing import mixing_matrix
 from gossiplab.topology import build_adjacency
 
@@ -83,21 +83,25 @@ class GossipAverager:
 
 
 @torch.no_grad()
-def merged_model(theta: torch.Tensor, active: torch.Tensor | None = None, comm: Any = None) -> torch.Tensor:
+def merged_model(
+    theta: torch.Tensor, active: torch.Tensor | None = None, comm: Communicator | None = None
+) -> torch.Tensor:
     """The uniform average of the (active) rows, [1, P] (model soup; MAZEL: theta_merged = 1/N sum_i theta_i).
-    Across processes (`comm`), theta is this process's block and the sum runs over every process."""
-    comm = comm or SingleProcess(len(theta))
-    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
-    return comm.sum(theta[active[comm.sites]].sum(0, keepdim=True)) / int(active.sum())
+    Across processes (`comm`), theta is this process's block and the sum runs over every process;
+    without `comm`, theta holds every site."""
+    count = len(theta) if comm is None else comm.num_sites
+    if active is not None:
+        theta, count = theta[active if comm is None else active[comm.sites]], int(active.sum())
+    total = theta.sum(0, keepdim=True)
+    return (total if comm is None else comm.sum(total)) / count
 
 
 @torch.no_grad()
-def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: Any = None) -> None:
+def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: Communicator | None = None) -> None:
     """Replace every (active) row by their mean: the single final global merge (an all-reduce
     across processes)."""
-    comm = comm or SingleProcess(len(theta))
-    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
-    theta[active[comm.sites]] = merged_model(theta, active, comm)
+    rows = slice(None) if active is None else active if comm is None else active[comm.sites]
+    theta[rows] = merged_model(theta, active, comm)
 
 
 def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -182,7 +186,7 @@ class MatchedMerge:
         theta.copy_(mixed)
 
 
-def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Any) -> int:
+def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Communicator) -> int:
     """The single global merge after the last step; returns how many parameter vectors it sent.
 
     'exact': every row <- the mean (an all-reduce: 2 (N - 1) vectors, ring all-reduce).

@@ -5,7 +5,9 @@ normalisation, columns of the next layer's weight) leaves the network's function
 `PermutationSpec` lists every permutable hidden dimension (a `PermutationGroup`) with each
 parameter axis it acts on and the module whose output holds its activations, so that the matched
 merges of DIMAT (activation matching) and Git Re-Basin (weight matching) are written once for
-every architecture. Adding an architecture means writing its spec, not merge code.
+every architecture. Adding an architecture means writing its spec, not merge code: a user's
+model declares its own as a method, `permutation_spec(input_shape) -> PermutationSpec`, in the
+names of its own parameters (examples/user_model.py).
 
 GroupNorm normalises groups of consecutive channels: moving one channel to another group changes
 the statistics, so under GroupNorm (`blocks` groups) a permutation moves whole groups and
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gossiplab.config import ConfigError
+from gossiplab.errors import ConfigError
 from gossiplab.models import ResNet20, TextEmbeddingHead, ZeroShotResidual
 
 
@@ -118,23 +120,69 @@ def _resnet_spec(model: ResNet20, prefix: str) -> list[PermutationGroup]:
     return groups
 
 
+def with_prefix(spec: PermutationSpec, prefix: str) -> PermutationSpec:
+    """A module's spec as seen from a model that holds it under `prefix` (a text head's encoder)."""
+    return PermutationSpec(
+        tuple(
+            PermutationGroup(
+                group.size,
+                tuple(Axis(f"{prefix}{axis.name}", axis.axis, axis.repeat) for axis in group.axes),
+                f"{prefix}{group.activation}",
+                group.blocks,
+            )
+            for group in spec.groups
+        )
+    )
+
+
 def permutation_spec(module: nn.Module, input_shape: tuple[int, ...]) -> PermutationSpec:
-    """The spec of any gossiplab model: MLP, CNN, ResNet-20, under a text head or zero-shot residual."""
+    """The spec of a model: gossiplab's MLP, CNN, ResNet-20 (also under a text head or zero-shot
+    residual), or a user model's own `permutation_spec(input_shape)`, checked against its parameters."""
     prefix = ""
     if isinstance(module, TextEmbeddingHead):
         module, prefix = module.encoder, "encoder."
     if isinstance(module, ZeroShotResidual):
         input_shape = (input_shape[0] - module.zero_shot_dim,)
         module, prefix = module.body, f"{prefix}body."
+    if hasattr(module, "permutation_spec"):
+        spec = module.permutation_spec(input_shape)
+        check_spec(spec, module)
+        return with_prefix(spec, prefix)
     if isinstance(module, ResNet20):
         return PermutationSpec(tuple(_resnet_spec(module, prefix)))
     if isinstance(module, nn.Sequential):
         return PermutationSpec(tuple(_sequential_spec(module, prefix, input_shape)))
     raise ConfigError(
-        f"field 'gossip.algorithm': matching (dimat, weight-matching) permutes the hidden units of gossiplab's "
-        f"models (mlp, cnn, resnet20); model {type(module).__name__} has no permutation spec: use one of those "
-        "models, or an algorithm that averages (dsgd)"
+        f"field 'gossip.algorithm': matching (dimat, weight-matching) permutes hidden units, and model "
+        f"{type(module).__name__} does not say which: give it a method permutation_spec(input_shape) -> "
+        "gossiplab.permutation.PermutationSpec (examples/user_model.py), or use gossiplab's mlp, cnn or resnet20, "
+        "or an algorithm that averages (dsgd)"
     )
+
+
+def check_spec(spec: PermutationSpec, module: nn.Module) -> None:
+    """A model's own spec names its entries (parameters and buffers) and sizes them right: `size`
+    units times `repeat` along each axis, and an activation module that exists."""
+    entries = dict(module.named_parameters()) | dict(module.named_buffers())
+    modules = dict(module.named_modules())
+    owner = f"{type(module).__name__}.permutation_spec"
+    problems = []
+    if not isinstance(spec, PermutationSpec):
+        problems.append(f"returned {type(spec).__name__}, not a PermutationSpec")
+    for group in spec.groups if not problems else ():
+        if group.activation not in modules:
+            problems.append(f"activation {group.activation!r} is not a submodule of the model")
+        for axis in group.axes:
+            entry = entries.get(axis.name)
+            if entry is None:
+                problems.append(f"{axis.name!r} is not a parameter or buffer of the model")
+            elif axis.axis >= entry.dim() or entry.shape[axis.axis] != group.size * axis.repeat:
+                problems.append(
+                    f"{axis.name!r} has shape {list(entry.shape)}: axis {axis.axis} must hold {group.size} units x "
+                    f"{axis.repeat}"
+                )
+    if problems:
+        raise ConfigError(f"model {owner}: {'; '.join(problems)}")
 
 
 def permuted_index(

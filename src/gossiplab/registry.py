@@ -41,10 +41,14 @@ class Registry(Generic[T]):
         self.kind, self.field = kind, field
         self._parts: dict[str, T] = {}
         self._properties: dict[str, dict[str, Any]] = {}
+        self._origins: dict[str, str] = {}
 
-    def register(self, name: str, part: T | None = None, **properties: Any) -> Any:
+    def register(self, name: str, part: T | None = None, *, origin: str | None = None, **properties: Any) -> Any:
         """Register `part` under `name` (as a decorator when `part` is omitted). A name is taken
-        once; defining the same function again (a notebook cell run twice) replaces it."""
+        once; defining the same function again (a notebook cell run twice) replaces it. `origin` is
+        the module a saved config must import to find the part again: by default the module that
+        registers it (`__main__` for a script or a notebook, which a saved config cannot import)."""
+        origin = origin or sys._getframe(1).f_globals.get("__name__", "")
 
         def add(part: T) -> T:
             known = self._parts.get(name)
@@ -57,6 +61,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} '{name}' is registered already (by {qualified_name(known)})")
             self._parts[name] = part
             self._properties[name] = properties
+            self._origins[name] = origin
             return part
 
         return add if part is None else add(part)
@@ -89,6 +94,13 @@ class Registry(Generic[T]):
         if key in self._properties.get(name, {}):
             return self._properties[name][key]
         return getattr(self._resolve(name), key, default)
+
+    def origin(self, name: str) -> str:
+        """The module a config naming this part must import to find it: the module that registered
+        it, or the one that defines an unregistered part named by qualified name ('' if unknown)."""
+        if name in self._origins:
+            return self._origins[name]
+        return getattr(self._resolve(name), "__module__", None) or ""
 
     def name_of(self, part: Any) -> str:
         """The name a config uses for `part`: its registered name, else its qualified name."""

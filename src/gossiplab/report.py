@@ -10,16 +10,20 @@ import base64
 import html
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gossiplab.callbacks import Callback
 from gossiplab.config import Config, read_run_config
 from gossiplab.mixing import mixing_matrix, spectral_gap
 from gossiplab.plots import plt
 from gossiplab.registry import MIXING_RULES
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
 from gossiplab.topology import build_adjacency, is_time_varying
+
+if TYPE_CHECKING:
+    from gossiplab.runner import Runner
 
 SUMMARY_ROWS = (  # label, summary key, format
     ("ALA", "ala", "{:.4f}"),
@@ -169,6 +173,14 @@ def write_outputs(
     """Every plot and the HTML report of a run (`graph`: the adjacency and W of its first round)."""
     paths = plot_run(run_dir, rows, summary) + plot_graph(config, run_dir, graph)
     return [*paths, write_html(run_dir, config, rows, summary)]
+
+
+class Plots(Callback):
+    """Every plot and the HTML report of a finished run, drawn from its metrics rows and summary."""
+
+    def on_finish(self, runner: Runner, summary: dict[str, Any]) -> None:
+        rows = read_metrics(runner.metrics_path)
+        write_outputs(runner.run_dir, runner.config, rows, summary, runner.drawn_graph())
 
 
 def replot(run_dir: Path) -> list[Path]:

@@ -25,13 +25,12 @@ from gossiplab.algorithms.base import BYTES_PER_NUMBER
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
 from gossiplab.callbacks import Callback, Checkpoints, Hooks, MetricsLog, ProgressBar, TensorBoardLog
 from gossiplab.catalogue import build_config
+from gossiplab.communicator import Communicator, PeerLost, SingleProcess
 from gossiplab.config import Config, differing_fields, flatten, upgrade_keys
 from gossiplab.data.partition import listed_sites
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
-from gossiplab.distributed import PeerLost, SingleProcess
 from gossiplab.evaluation import evaluate
 from gossiplab.launch import launched_distributed
-from gossiplab.report import write_outputs
 from gossiplab.rundir import (
     RunDirError,
     RunDirLock,
@@ -92,7 +91,7 @@ class Runner:
         console: Console | None = None,
         show_progress: bool = True,
         experiment: Experiment | None = None,
-        comm: Any = None,
+        comm: Communicator | None = None,
     ):
         # where the sites live: all here (simulation), or a block per process (gossiplab.distributed)
         self.comm = comm or SingleProcess(config.num_sites)
@@ -373,8 +372,8 @@ class Runner:
         on_step: Callable[[Runner], None] | None = None,
         callbacks: list[Callback] | None = None,
     ) -> dict[str, Any]:
-        """Train to `train.steps`, then write summary.json and the plots; return the summary.
-        `on_step(runner)` / `on_evaluation(runner, row)` and `callbacks` are the user's."""
+        """Train to `train.steps`, then write summary.json; return the summary. `on_step(runner)` /
+        `on_evaluation(runner, row)` and `callbacks` are the user's (and the plots: `report.Plots()`)."""
         try:
             return self._run(on_evaluation, on_step, callbacks)
         finally:
@@ -411,7 +410,7 @@ class Runner:
             for callback in started:
                 callback.on_end(self)
             self._lock.release()
-        return self._finish()
+        return self._finish(chosen)
 
     def _continue_without_lost(self, lost: PeerLost) -> None:
         """A process of the run died: roll every survivor back to the last checkpoint they all hold,
@@ -467,7 +466,7 @@ class Runner:
             "total_bytes": self.bytes_sent,
         }
 
-    def _drawn_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def drawn_graph(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The graph and W of the first gossip round this process ran (else, as the parts give them
         for round 0): what topology.png and mixing.png show."""
         if self._first_round is not None:
@@ -475,7 +474,7 @@ class Runner:
         adjacency = self.experiment.topology(0)
         return adjacency, self.experiment.algorithm.mixing(0, adjacency, self.experiment.state)
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self, callbacks: list[Callback]) -> dict[str, Any]:
         matrix = self._last_matrix
         if matrix is None:
             matrix = evaluate(self.experiment, self.active, self.comm)[1]
@@ -511,6 +510,7 @@ class Runner:
         if processes > 1:  # parameter bytes the processes actually sent each other since they started
             summary["distributed"] = {"processes": processes, "payload_bytes_sent": network}
         summary.update(self.experiment.algorithm.summary(self.experiment.state, self.run_dir))
-        write_outputs(self.run_dir, self.config, rows, summary, self._drawn_graph())
+        for callback in callbacks:
+            callback.on_finish(self, summary)
         atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return summary

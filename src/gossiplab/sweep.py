@@ -34,6 +34,7 @@ from gossiplab.config import (
     resolve_key,
 )
 from gossiplab.devices import with_pinned_threads
+from gossiplab.report import Plots
 from gossiplab.rundir import atomic_write, read_summary
 from gossiplab.runner import Runner
 
@@ -127,7 +128,8 @@ def run_sweep(
         else:
             resume = (run_dir / "checkpoint.pt").is_file()
             run_dir.mkdir(parents=True, exist_ok=True)
-            summary = Runner(config, run_dir, resume=resume, console=console, show_progress=show_progress).run()
+            runner = Runner(config, run_dir, resume=resume, console=console, show_progress=show_progress)
+            summary = runner.run(callbacks=[Plots()])
         results[variant].append(summary)
         atomic_write(sweep_dir / "sweep.json", json.dumps({"sweep": sweep.name, "results": results}).encode())
     plot_sweep(sweep, sweep_dir, results)
@@ -146,7 +148,8 @@ def run_one(config: Config, run_dir: Path) -> Path:
     """One run to its end, quietly, resuming a checkpoint (what a worker process of `run_in_processes` does)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = (run_dir / "checkpoint.pt").is_file()
-    Runner(config, run_dir, resume=resume, console=Console(stderr=True, quiet=True), show_progress=False).run()
+    runner = Runner(config, run_dir, resume=resume, console=Console(stderr=True, quiet=True), show_progress=False)
+    runner.run(callbacks=[Plots()])
     return run_dir
 
 

@@ -17,9 +17,9 @@ The loop (gossiplab.loop) calls an algorithm unconditionally and names none:
 `state_dict()`/`load_state_dict()`. It is what the checkpoint saves, and resume restores it in
 place, so an algorithm's own buffers may alias its tensors. An algorithm registers under its
 `gossip.algorithm` name; `problems(config)` holds its cross-field rules, and `distributed` says
-whether it runs when the sites are spread over processes (only `comm.mix` and `comm.gather`
-cross processes). The options it needs come from a config section it declares
-(`gossiplab.config.register_section`).
+whether it runs when the sites are spread over processes (`comm` is a
+`gossiplab.communicator.Communicator`: only its `mix`, `gather` and `sum` cross processes).
+The options it needs come from a config section it declares (`gossiplab.config.register_section`).
 
 `communicate` returns what it sent (`Sent`: messages and their bytes, all sites together), and the
 run's accounting (summary.json's `bytes_sent`, the communication cost) sums those: a compressed or
@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from gossiplab.communicator import Communicator
 from gossiplab.merge import GossipAverager, message_count
 
 if TYPE_CHECKING:
@@ -87,14 +88,14 @@ class Algorithm:
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         """Change `population.grad` [N, P] before the optimizer step (the batch is [N, B, ...])."""
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent | None:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent | None:
         """One communication round with W; default: theta <- W theta, in place, through `comm`
         (which exchanges the rows other processes hold), one row of theta per edge."""
         theta = self.experiment.population.theta
         comm.mix(theta, weights, self.averager(theta))
         return Sent.vectors(weights, theta.shape[1])
 
-    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor | None:
+    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Communicator) -> torch.Tensor | None:
         """The counterfactual merged model [1, P]; None: the uniform mean of the active rows."""
         return None
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.communicator import Communicator
 from gossiplab.merge import MatchedMerge
 from gossiplab.permutation import permutation_spec
 from gossiplab.registry import ALGORITHMS
@@ -46,7 +47,7 @@ class ActivationMatching(Algorithm):
         self.merge = MatchedMerge(population, spec, self.method, match_inputs)
         return {"rounds": torch.zeros((), dtype=torch.long)}
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """The matched merge; then, for BatchNorm models, each site's statistics recomputed on
         `dimat.reestimate_batches` batches of its own training data (drawn from the seed and the
         round: resumable)."""
@@ -59,7 +60,7 @@ class ActivationMatching(Algorithm):
             population.reestimate_statistics(batches)
         return Sent.vectors(weights, population.theta.shape[1])
 
-    def statistics_batch(self, generator: torch.Generator, comm: Any) -> torch.Tensor:
+    def statistics_batch(self, generator: torch.Generator, comm: Communicator) -> torch.Tensor:
         """[N, B, ...] images BatchNorm statistics are recomputed on: each site's own, or one batch
         of the global training set for every site (`dimat.reestimate_on`)."""
         federation, config = self.experiment.federation, self.experiment.config
@@ -70,7 +71,7 @@ class ActivationMatching(Algorithm):
         images = federation.normalise(federation.pool_x[chosen.to(federation.pool_x.device)])
         return images.expand(self.experiment.population.num_sites, *images.shape)
 
-    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Any) -> torch.Tensor:
+    def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Communicator) -> torch.Tensor:
         return self.merge.merged_model(self.experiment.population.theta, active)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.communicator import Communicator
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
 from gossiplab.registry import ALGORITHMS
@@ -48,7 +49,7 @@ class Ditto(Algorithm):
         optimizer.step(self.global_track.parameters, self.global_track.grad)
 
     @torch.no_grad()
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """Only the global track is gossiped; the personal models stay home."""
         comm.mix(state["global"], weights, self.averager(state["global"]))
         state["received"].copy_(state["global"])

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.communicator import Communicator
 from gossiplab.config import Config
 from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.registry import ALGORITHMS
@@ -58,7 +59,7 @@ class L2C(Algorithm):
         with torch.no_grad():
             return state["learned"].weights()
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """Aggregate the neighbours' updates with the learned W, then one step on the weights."""
         state["learned"](self.experiment.population.theta, weights)
         return Sent.vectors(weights, self.experiment.population.theta.shape[1])

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.communicator import Communicator
 from gossiplab.registry import ALGORITHMS
 
 
@@ -20,5 +21,5 @@ class Local(Algorithm):
     def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         return torch.eye(len(adjacency))
 
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         return Sent(messages=0, bytes=0)

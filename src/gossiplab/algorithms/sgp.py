@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.communicator import Communicator
 from gossiplab.registry import ALGORITHMS
 
 
@@ -29,7 +30,7 @@ class SGP(Algorithm):
         self.experiment.population.grad.div_(state["push_sum_weights"][:, None])
 
     @torch.no_grad()
-    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Any) -> Sent:
+    def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """Each message carries the sender's scaled row and its push-sum weight (P + 1 numbers)."""
         theta, push_sum_weights = self.experiment.population.theta, state["push_sum_weights"]
         links = weights.to(theta.device) != 0
