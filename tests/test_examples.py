@@ -74,6 +74,8 @@ def test_an_installed_package_offers_its_parts_under_an_entry_point_name(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     config = gossiplab.build_config("default", [*SHORT, "plugins=['my-graphs']", "gossip.topology=two-cliques"])
     assert config.plugins == ["my-graphs"] and config.gossip.topology == "two-cliques"
+    run = gossiplab.run(config, run_dir=tmp_path / "run")  # its module is the named plug-in's: not added again
+    assert 'plugins = [\n    "my-graphs",\n]' in (run.run_dir / "config.toml").read_text()
 
 
 def test_a_user_network_trains_on_real_data(tmp_path):

@@ -24,7 +24,7 @@ from gossiplab.encoders import frozen_parts
 from gossiplab.memory import ResourceError, available_memory
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
-from gossiplab.plugins import DEBUG_HINT, describe_fault
+from gossiplab.plugins import DEBUG_HINT, describe_fault, imported_packages, within
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
@@ -272,7 +272,7 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
         module = registry.origin(name)
         if "<" in name or module == "__main__":
             unresolvable.append(f"{registry.field} = {name!r}")
-        elif module and not module.startswith("gossiplab") and module not in config.plugins:
+        elif module and not within(module, imported_packages(config.plugins)):
             config.plugins.append(module)
     return unresolvable
 

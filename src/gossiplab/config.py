@@ -562,18 +562,14 @@ class Config:
         """The config as TOML tables: the core sections, the built-in parts' sections, and the
         sections of the plug-ins this config names (a section some other code registered in the
         same process is left out, so the file reads back wherever its own plug-ins import)."""
-        from gossiplab.plugins import entry_point_modules
+        from gossiplab.plugins import imported_packages, within
 
         table = dataclasses.asdict(self)
         sections = table.pop("sections")
-        packaged = entry_point_modules() if self.plugins else {}  # scanned once, not per section
-        owners = ["gossiplab", *(packaged.get(p, p) for p in self.plugins)]
-
-        def owned(name: str) -> bool:
-            module = SECTIONS[name].__module__
-            return any(module == owner or module.startswith(f"{owner}.") for owner in owners)
-
-        return table | {name: values for name, values in sections.items() if owned(name)}
+        packages = imported_packages(self.plugins)
+        return table | {
+            name: values for name, values in sections.items() if within(SECTIONS[name].__module__, packages)
+        }
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())

@@ -105,6 +105,18 @@ def entry_point_modules() -> dict[str, str]:
     return {point.name: point.module for point in importlib.metadata.entry_points(group=ENTRY_POINTS)}
 
 
+def imported_packages(plugins: list[str]) -> list[str]:
+    """The modules a config naming `plugins` (module names, or installed packages' entry-point
+    names) imports when it is read: gossiplab, and the named plug-ins' modules."""
+    packaged = entry_point_modules() if plugins else {}  # scanned once
+    return ["gossiplab", *(packaged.get(p, p) for p in plugins)]
+
+
+def within(module: str, packages: list[str]) -> bool:
+    """`module` is one of `packages` or inside one of them."""
+    return any(module == package or module.startswith(f"{package}.") for package in packages)
+
+
 def module_location(name: str) -> Path | None:
     """Where the top-level package or module of `name` would be imported from (nothing is run)."""
     spec = importlib.util.find_spec(name.split(".")[0])
