@@ -213,5 +213,5 @@ def test_a_user_model_with_batchnorm_runs_and_nothing_touches_its_statistics_bef
 
 
 def test_matching_a_model_without_a_permutation_spec_is_refused_naming_it(tmp_path):
-    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*model Custom has no permutation spec"):
+    with pytest.raises(ConfigError, match=r"gossip\.algorithm.*model Custom does not say which: .* permutation_spec"):
         build_experiment(build_config("dimat", ["plugins=['fault_rules']", "model.name=custom"])).algorithm.init()
