@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from gossiplab.assembly import build_experiment
-from gossiplab.catalogue import build_config
+from gossiplab.catalogue import build_config, load_builtin_parts
 from gossiplab.config import ConfigError
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES
 
@@ -139,11 +139,12 @@ def plugin_folder(tmp_path, monkeypatch):
     for name, source in MODULES.items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
+    load_builtin_parts()  # before the snapshot: restoring it must not drop them (their modules stay imported)
     registries = (TOPOLOGIES, MIXING_RULES, ALGORITHMS, MODELS, LOSSES)
-    saved = [(dict(r._parts), dict(r._properties)) for r in registries]
+    saved = [(dict(r._parts), dict(r._properties), dict(r._origins)) for r in registries]
     yield tmp_path
-    for registry, (parts, properties) in zip(registries, saved, strict=True):
-        registry._parts, registry._properties = parts, properties
+    for registry, (parts, properties, origins) in zip(registries, saved, strict=True):
+        registry._parts, registry._properties, registry._origins = parts, properties, origins
     for name in MODULES:
         sys.modules.pop(name, None)
 
