@@ -265,15 +265,16 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
     for key, name in part_names(experiment).items():
         section, leaf = key.split(".")
         setattr(getattr(config, section), leaf, name)
-    unresolvable = []
+    unresolvable, packages = [], imported_packages(config.plugins)
     for registry in (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS, LOSSES):
         section, leaf = registry.field.split(".")
         name = getattr(getattr(config, section), leaf)
         module = registry.origin(name)
         if "<" in name or module == "__main__":
             unresolvable.append(f"{registry.field} = {name!r}")
-        elif module and not within(module, imported_packages(config.plugins)):
+        elif module and not within(module, packages):
             config.plugins.append(module)
+            packages.append(module)
     return unresolvable
 
 
