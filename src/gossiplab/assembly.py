@@ -29,6 +29,7 @@ from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
 from gossiplab.schedule import GossipSchedule
+from gossiplab.sparse import entries, row_sums
 from gossiplab.topology import build_adjacency
 
 ROW_SUM_TOLERANCE = 1e-4
@@ -279,9 +280,10 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
 
 
 def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torch.Tensor | None = None) -> None:
-    """W must be a float32 [N, N] tensor of finite, non-negative weights whose rows sum to 1, and
-    (given the round's graph) weigh only a site itself and its neighbours in that graph: a weight on
-    another pair would quietly replace the configured topology (and send messages it never counts)."""
+    """W must be a float32 [N, N] tensor (dense, or sparse: gossiplab.sparse) of finite,
+    non-negative weights whose rows sum to 1, and (given the round's graph) weigh only a site itself
+    and its neighbours in that graph: a weight on another pair would quietly replace the configured
+    topology (and send messages it never counts). A sparse W is checked on its entries only."""
     problem = None
     if not isinstance(weights, torch.Tensor):
         problem = f"returned {type(weights).__name__}, not a tensor"
@@ -289,25 +291,26 @@ def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torc
         problem = f"returned W of shape {list(weights.shape)}, not [{num_sites}, {num_sites}]"
     elif weights.dtype != torch.float32:
         problem = f"returned W of dtype {weights.dtype}; the population is float32 (use .float())"
-    elif not bool(torch.isfinite(weights).all()):
-        problem = "returned W with NaN or infinite weights"
-    elif bool((weights < 0).any()):
-        i, j = (int(k) for k in torch.nonzero(weights < 0)[0])
-        problem = (
-            f"returned W with negative weights (e.g. W[{i}, {j}] = {float(weights[i, j]):.3g}); weights must be >= 0"
-        )
     else:
-        worst = float((weights.sum(1) - 1).abs().max())
-        if worst > ROW_SUM_TOLERANCE:
+        rows, columns, values = entries(weights.cpu())
+        if not bool(torch.isfinite(values).all()):
+            problem = "returned W with NaN or infinite weights"
+        elif bool((values < 0).any()):
+            k = int(torch.nonzero(values < 0)[0])
+            example = f"W[{int(rows[k])}, {int(columns[k])}] = {float(values[k]):.3g}"
+            problem = f"returned W with negative weights (e.g. {example}); weights must be >= 0"
+        elif (worst := float((row_sums(weights.cpu()) - 1).abs().max())) > ROW_SUM_TOLERANCE:
             problem = f"returned W whose rows do not sum to 1 (off by up to {worst:.3g})"
         elif adjacency is not None:
-            allowed = adjacency.cpu() | adjacency.cpu().T | torch.eye(num_sites, dtype=torch.bool)
-            outside = (weights.cpu() != 0) & ~allowed
+            receivers, senders, _ = entries(adjacency.cpu())
+            edges = torch.cat([receivers * num_sites + senders, senders * num_sites + receivers])
+            outside = (rows != columns) & ~torch.isin(rows * num_sites + columns, edges)
             if bool(outside.any()):
-                i, j = (int(k) for k in torch.nonzero(outside)[0])
+                k = int(torch.nonzero(outside)[0])
                 problem = (
-                    f"put weight on {int(outside.sum())} pairs that are not edges of the round's graph (e.g. site {i} "
-                    f"from site {j}): a mixing rule weighs only a site and its neighbours in that graph"
+                    f"put weight on {int(outside.sum())} pairs that are not edges of the round's graph (e.g. site "
+                    f"{int(rows[k])} from site {int(columns[k])}): a mixing rule weighs only a site and its "
+                    "neighbours in that graph"
                 )
     if problem:
         raise PartMismatch(f"mixing ({part}) {problem}")

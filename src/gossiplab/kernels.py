@@ -72,7 +72,7 @@ def row_width(weights: np.ndarray) -> int:
 
 
 @numba.njit(cache=True)
-def _neighbours(weights: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(weights: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's non-zero columns in increasing order and their weights, padded to `width` with
     the row's own index and weight 0."""
     num_rows = weights.shape[0]
@@ -96,11 +96,11 @@ class SparseMixer:
     def __init__(self, num_rows: int, block: int):
         self.buffers = np.empty((numba.config.NUMBA_NUM_THREADS, num_rows, block), dtype=np.float32)
 
-    def __call__(self, theta: torch.Tensor, weights: torch.Tensor, width: int) -> None:
-        """theta: contiguous CPU float32 [N, P]; weights [N, N] with at most `width` non-zeros per row."""
+    def __call__(self, theta: torch.Tensor, columns: np.ndarray, coefficients: np.ndarray) -> None:
+        """theta: contiguous CPU float32 [N, P]; row i mixes rows columns[i, :] with coefficients[i, :]
+        ([N, k]: `neighbours` of a dense W, or `sparse.neighbour_lists` of a sparse one)."""
         if not theta.is_contiguous() or theta.dtype != torch.float32:
             raise ValueError(f"SparseMixer needs a contiguous float32 theta, got {theta.dtype}")
-        columns, coefficients = _neighbours(weights.numpy(), width)
         threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
         if threads == 1:
             _mix_rows_serial(theta.numpy(), columns, coefficients, self.buffers)
