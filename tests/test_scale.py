@@ -1,13 +1,17 @@
-"""Scale (#35): sparse graphs and mixing matrices end to end, equal to the dense ones."""
+"""Scale (#35): sparse graphs and mixing matrices end to end, equal to the dense ones; evaluation
+in O(N) memory."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gossiplab import merge, mixing, sparse, topology
+from gossiplab import evaluation, merge, metrics, mixing, sparse, topology
 from gossiplab.api import run
-from gossiplab.assembly import PartMismatch, check_mixing_matrix
+from gossiplab.assembly import PartMismatch, build_experiment, check_mixing_matrix
+from gossiplab.catalogue import build_config
+from gossiplab.communicator import SingleProcess
+from gossiplab.evaluation import evaluate
 
 SPARSE_TOPOLOGIES = ("ring", "exponential", "one-peer-exponential", "random-one-peer", "random-one-peer-pull")
 
@@ -105,3 +109,22 @@ def test_a_run_on_sparse_graphs_equals_the_run_on_dense_ones(monkeypatch, tmp_pa
     for key in ("ala", "aga", "mmga", "consensus_distance", "bytes_sent"):
         assert sparse_run.final[key] == pytest.approx(dense_run.final[key], rel=1e-5, abs=1e-6), key
     assert dense_run.final["ala"] > 0.3
+
+
+def test_evaluation_in_chunks_with_a_sampled_matrix_gives_the_whole_evaluations_metrics(monkeypatch):
+    """Models classified a few at a time and A kept over a sample of sites (as beyond 1,024 sites)
+    give the same metrics, and the sample's block of the whole A."""
+    config = build_config("default", ["num_sites=12", "model.hidden=[16]", "data.train_per_source=4000"])
+    experiment = build_experiment(config)
+    population = experiment.population
+    population.theta.add_(torch.randn(population.theta.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    comm = SingleProcess(config.num_sites)
+    whole_row, whole_matrix = evaluate(experiment, None, comm)
+    monkeypatch.setattr(evaluation, "LOGITS_PER_CHUNK", 1)  # one model at a time
+    monkeypatch.setattr(metrics, "MATRIX_SITES", 8)
+    monkeypatch.setattr(metrics, "MATRIX_SAMPLE", 4)
+    row, matrix = evaluate(experiment, None, comm)
+    assert metrics.matrix_sites(12).tolist() == [0, 3, 6, 9]
+    torch.testing.assert_close(matrix, whole_matrix[[0, 3, 6, 9]][:, [0, 3, 6, 9]])
+    assert row == pytest.approx(whole_row)
+    assert len(set(row["local_accuracy"])) > 3  # the sites' models differ

@@ -9,38 +9,53 @@ import torch
 from gossiplab import merge, metrics
 from gossiplab.communicator import Communicator
 
+LOGITS_PER_CHUNK = 2**24  # models x test samples x classes scored at once: 64 MB of float32 logits
+
 
 def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -> tuple[dict[str, Any], torch.Tensor]:
     """Every model and the counterfactual merged model (the mean of the active rows, MMGA; an
     algorithm's own merged model, DIMAT's matched one, as `matched_mmga`) on the global test set,
     scored per site (or by L2C's class-weighted rule, `eval.local_test`); sites dropped for divergence (`active` False)
-    are left out. Returns the metrics row and the accuracy matrix A[i, j] (model i, site j's test set).
+    are left out. Returns the metrics row and the accuracy matrix A[i, j] (model i, site j's test
+    set) over `metrics.matrix_sites` (every site up to 1,024).
 
-    Across processes (`comm`), each scores its own models, the merged model is a sum over
-    processes, and the [N, n_test] hits are gathered so every process computes the same metrics."""
+    Models are classified a chunk at a time and their hits reduced at once (`metrics.Hits`), so
+    memory stays O(N (C + S)) however many sites. Across processes (`comm`), each scores its own
+    models, the merged model is a sum over processes, and the reduced hits are gathered so every
+    process computes the same metrics."""
     federation, population = experiment.federation, experiment.population
     theta = population.theta
-    active = torch.ones(comm.num_sites, dtype=torch.bool) if active is None else active
+    num_sites = comm.num_sites
+    active = torch.ones(num_sites, dtype=torch.bool) if active is None else active
     # each test sample is classified in its own site's label space (MAZEL: by that site's names)
     allowed = federation.class_mask()[federation.test_site] if population.class_mask is not None else None
-
-    def hits(rows: torch.Tensor) -> torch.Tensor:
-        return (population.predict(rows, federation.test_x, allowed) == federation.test_y).cpu()
-
-    correct = comm.gather(hits(theta))
-    mean = merge.merged_model(theta, active, comm)
-    merged_correct = hits(mean)
-    own_merge = experiment.algorithm.merged_model(active, experiment.state, comm)
-    matched_correct = None if own_merge is None else hits(own_merge)
-    class_weighted = None
+    class_weights = None
     if experiment.config.eval.local_test == "class-weighted":
         counts = federation.train_label_counts().float()
-        class_weighted = (federation.test_y.cpu(), counts / counts.sum(1, keepdim=True).clamp(min=1))
+        class_weights = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    test = metrics.TestSet(
+        federation.test_y.cpu(), federation.test_site.cpu(), num_sites, federation.num_classes, class_weights
+    )
+    test_y = federation.test_y
+
+    def hits(rows: torch.Tensor, owners: torch.Tensor, columns: torch.Tensor) -> metrics.Hits:
+        chunk = max(1, LOGITS_PER_CHUNK // max(1, len(test_y) * federation.num_classes))
+        return metrics.Hits.cat([
+            test.hits((population.predict(rows[start : start + chunk], federation.test_x, allowed) == test_y).cpu(),
+                      owners[start : start + chunk], columns)
+            for start in range(0, len(rows), chunk)
+        ])  # fmt: skip
+
+    merged_owner, sites = torch.tensor([-1]), torch.arange(num_sites)
+    mine = hits(theta, sites[comm.sites], metrics.matrix_sites(num_sites))
+    gathered = metrics.Hits(*(comm.gather(part) for part in (mine.per_class, mine.own_site, mine.per_site)))
+    mean = merge.merged_model(theta, active, comm)
+    merged = hits(mean, merged_owner, sites)
+    own_merge = experiment.algorithm.merged_model(active, experiment.state, comm)
+    matched = None if own_merge is None else hits(own_merge, merged_owner, sites[:0])
     # per-site squared distances of the parameters, row sums (a reduction over all of [N, P] would
     # split across threads in a thread-count dependent order), gathered: the consensus distance of
     # the active sites
     distances = (population.parameters - mean[:, : population.num_parameters]).square().sum(1)
     consensus = float(comm.gather(distances.cpu())[active].mean())
-    return metrics.evaluation_row(
-        correct, merged_correct, federation.test_site, consensus, active, class_weighted, matched_correct
-    )
+    return metrics.evaluation_row(test, gathered, merged, consensus, active, matched)

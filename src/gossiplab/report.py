@@ -143,7 +143,8 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
     ax.set(
         xlabel="test data of site j",
         ylabel="model of site i",
-        title=f"accuracy matrix A[i, j] at step {summary['step']}",
+        title=f"accuracy matrix A[i, j] at step {summary['step']}"
+        + (f"\nover {size} evenly spaced sites" if summary.get("accuracy_matrix_sites") else ""),
     )
     if size <= 20:
         for i in range(size):

@@ -502,6 +502,9 @@ class Runner:
             "start": {m: rows[0][m] for m in ("ala", "aga", "mmga")} if steps[0] == 0 else None,
             "local_accuracy": final["local_accuracy"],
             "accuracy_matrix": matrix.tolist(),
+            "accuracy_matrix_sites": metrics.matrix_sites(self.config.num_sites).tolist()
+            if self.config.num_sites > metrics.MATRIX_SITES
+            else None,
             "communication_steps": self.experiment.schedule.communication_steps(),
             "communication": self._communication_cost(),
             "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),
