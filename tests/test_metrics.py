@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gossiplab.metrics import (
-    TestSet,
+    Scoring,
     consensus_distance,
     convergence_step,
     evaluation_row,
@@ -18,7 +18,7 @@ from gossiplab.metrics import (
 def scored(correct: torch.Tensor, merged: torch.Tensor, test_site: torch.Tensor, consensus: float):
     """The metrics row and A of hits `correct` [N, n_test] (site i's model in row i)."""
     num_sites = len(correct)
-    test = TestSet(torch.zeros_like(test_site), test_site, num_sites, 1)
+    test = Scoring(torch.zeros_like(test_site), test_site, num_sites, 1)
     sites = torch.arange(num_sites)
     hits = test.hits(correct, sites, sites)
     return evaluation_row(test, hits, test.hits(merged, torch.tensor([-1]), sites), consensus)

@@ -13,7 +13,7 @@ from gossiplab.communicator import SingleProcess
 from gossiplab.data.federation import build_federation
 from gossiplab.evaluation import evaluate
 from gossiplab.merge import MatchedMerge
-from gossiplab.metrics import TestSet
+from gossiplab.metrics import Scoring
 from gossiplab.permutation import permutation_spec
 from gossiplab.runner import Runner
 from gossiplab.schedule import GossipSchedule, cosine_density, cosine_random_steps
@@ -78,7 +78,7 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
     federation = experiment.federation
     correct = torch.rand(3, len(federation.test_y), generator=torch.Generator().manual_seed(0)) < 0.6
     counts = federation.train_label_counts().float()
-    test = TestSet(
+    test = Scoring(
         federation.test_y, federation.test_site, 20, federation.num_classes, counts / counts.sum(1, keepdim=True)
     )
     sites = torch.arange(20)

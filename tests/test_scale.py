@@ -3,12 +3,22 @@ in O(N) memory."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from gossiplab import evaluation, merge, metrics, mixing, sparse, topology
 from gossiplab.api import run
-from gossiplab.assembly import PartMismatch, build_experiment, check_mixing_matrix
+from gossiplab.assembly import (
+    PartMismatch,
+    build_data_and_model,
+    build_experiment,
+    check_mixing_matrix,
+    memory_estimate,
+)
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import SingleProcess
 from gossiplab.evaluation import evaluate
@@ -128,3 +138,28 @@ def test_evaluation_in_chunks_with_a_sampled_matrix_gives_the_whole_evaluations_
     torch.testing.assert_close(matrix, whole_matrix[[0, 3, 6, 9]][:, [0, 3, 6, 9]])
     assert row == pytest.approx(whole_row)
     assert len(set(row["local_accuracy"])) > 3  # the sites' models differ
+
+
+def test_a_10000_site_run_stays_within_its_memory_estimate(tmp_path):
+    """The --dry-run estimate bounds the run's peak memory, and is not far above it (at 10,000
+    sites a batch, the population and its optimizer state dominate: gigabytes, where one stray
+    copy is a refusal or an out-of-memory kill)."""
+    overrides = [
+        "num_sites=10000", "data.samples_per_site=32", "data.partition=iid", "data.val_fraction=0",
+        "eval.local_test=class-weighted", "model.hidden=[16]", "gossip.topology=ring", "train.steps=4",
+        "eval.every=2", "data.test_per_source=1000",
+    ]  # fmt: skip
+    config = build_config("default", overrides)
+    estimate = sum(memory_estimate(config, *build_data_and_model(config)).values())
+    script = (
+        "import resource, subprocess, sys; "
+        f"code = subprocess.call([sys.executable, '-m', 'gossiplab', 'run', '--quiet', '--run-dir', {str(tmp_path)!r}, "
+        f"*{overrides!r}]); "
+        "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)"
+    )
+    code, peak = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.split()[-2:]
+    assert code == "0"
+    assert 0.6 * estimate < int(peak) <= estimate, (int(peak) / 2**30, estimate / 2**30)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["accuracy_matrix"]) == 256 and summary["accuracy_matrix_sites"][:3] == [0, 39, 78]
+    assert summary["ala"] > 0.3  # 4 steps: 0.44 (chance 0.1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,11 @@ from rich.console import Console
 from gossiplab.catalogue import load_builtin_parts
 from gossiplab.config import Config, ConfigError
 from gossiplab.data.federation import Federation, build_federation
-from gossiplab.devices import available_device_memory, resolve_device
+from gossiplab.devices import available_device_memory, resolve_device, resolve_kernels
 from gossiplab.encoders import frozen_parts
+from gossiplab.evaluation import buffer_bytes as evaluation_buffer_bytes
 from gossiplab.memory import ResourceError, available_memory
+from gossiplab.merge import GossipAverager
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault, imported_packages, within
@@ -33,6 +36,7 @@ from gossiplab.sparse import entries, row_sums
 from gossiplab.topology import build_adjacency
 
 ROW_SUM_TOLERANCE = 1e-4
+RUNTIME_BYTES = 2**29  # Python, PyTorch and libraries: a 16-site run peaked at 0.72 GiB, the rest of its estimate 0.35
 
 
 class PartMismatch(ConfigError):
@@ -142,26 +146,40 @@ def check_loss(loss: Any, name: str, num_classes: int) -> None:
 
 
 def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
-    """Bytes the run will hold: the [N, P + B] population (parameters and the model's buffers, such
-    as BatchNorm statistics), [N, P] gradients and optimizer state (gossip works in cache-sized
-    blocks), training activations (forward and backward), and the data."""
-    n = config.num_sites
+    """Bytes the run will hold, by what holds them: the [N, P + B] population (parameters and the
+    model's buffers, such as BatchNorm statistics), [N, P] gradients and optimizer state, each
+    step's batch of every site [N, B, ...] (sampled indices, inputs, labels), the activations of
+    the sites one forward and backward pass trains (a chunk of sites; forward and backward) and of
+    an evaluation pass, the evaluation's reduced hits and logits, the gossip kernel's buffers, the
+    data, and the Python process itself. A 10,000-site run peaks within it (tests/test_scale.py)."""
+    n, batch = config.num_sites, config.train.batch_size
     p = sum(t.numel() for t in module.parameters())
     b = sum(value.numel() for _, value in state_entries(module)) - p
     # SGD: a momentum buffer if any; Adam(W): exp_avg and exp_avg_sq (the fused update needs no more)
     optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 2
     activations = activation_count(module, federation.image_shape)
+    strategy = choose_strategy(module, config.train.engine, LOSSES.get(config.train.loss))
+    trained_at_once = Population.sites_at_once(strategy, n, p + b)
     # inputs in one evaluation forward pass: 2**16 across the vmapped models, else a chunk for
     # one model (the estimate took 2**16 for every strategy and refused a 4-site ResNet-20 on
     # 28x28 images: 125 GiB of activations, where evaluation holds 4,096 inputs at a time)
-    vmapped = choose_strategy(module, config.train.engine, LOSSES.get(config.train.loss)) == "vmap"
-    evaluated_inputs = 2**16 if vmapped else Population.EVAL_CHUNK_INPUTS
+    evaluated_inputs = 2**16 if strategy == "vmap" else Population.EVAL_CHUNK_INPUTS
+    # per sample of a batch: its pool index, uniform draw and label (8 + 4 + 8 bytes), its input
+    # gathered from the pool and, for images, normalised to float32
+    inputs = math.prod(federation.image_shape)
+    normalised = 0 if federation.pool_x.is_floating_point() else 4
+    sample_bytes = 20 + inputs * (federation.pool_x.element_size() + normalised)
+    compiled = resolve_kernels(config.train.kernels, resolve_device(config.train.device)) == "numba"
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
         "population": n * (p + b) * 4,
         "gradients and optimizer state": (1 + optimizer_rows) * n * p * 4,
-        "activations": 3 * n * config.train.batch_size * activations * 4 + evaluated_inputs * activations * 4,
+        "batches": n * batch * sample_bytes,
+        "activations": 3 * trained_at_once * batch * activations * 4 + evaluated_inputs * activations * 4,
+        "evaluation": evaluation_buffer_bytes(n, federation.num_classes),
+        "gossip buffers": GossipAverager.buffer_bytes((n, p + b), compiled, torch.get_num_threads()),
         "data": data,
+        "runtime": RUNTIME_BYTES,
     }
 
 

@@ -12,6 +12,13 @@ from gossiplab.communicator import Communicator
 LOGITS_PER_CHUNK = 2**24  # models x test samples x classes scored at once: 64 MB of float32 logits
 
 
+def buffer_bytes(num_sites: int, num_classes: int) -> int:
+    """What an evaluation holds (the memory estimate): the reduced hits of every model [N, C + 1 + S]
+    (and their gathered copy), and a chunk's logits, predictions and hits."""
+    columns = len(metrics.matrix_sites(num_sites))
+    return 2 * 4 * num_sites * (num_classes + 1 + columns) + 3 * 4 * LOGITS_PER_CHUNK
+
+
 def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -> tuple[dict[str, Any], torch.Tensor]:
     """Every model and the counterfactual merged model (the mean of the active rows, MMGA; an
     algorithm's own merged model, DIMAT's matched one, as `matched_mmga`) on the global test set,
@@ -33,7 +40,7 @@ def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -
     if experiment.config.eval.local_test == "class-weighted":
         counts = federation.train_label_counts().float()
         class_weights = counts / counts.sum(1, keepdim=True).clamp(min=1)
-    test = metrics.TestSet(
+    test = metrics.Scoring(
         federation.test_y.cpu(), federation.test_site.cpu(), num_sites, federation.num_classes, class_weights
     )
     test_y = federation.test_y
@@ -56,6 +63,6 @@ def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -
     # per-site squared distances of the parameters, row sums (a reduction over all of [N, P] would
     # split across threads in a thread-count dependent order), gathered: the consensus distance of
     # the active sites
-    distances = (population.parameters - mean[:, : population.num_parameters]).square().sum(1)
+    distances = (population.parameters - mean[:, : population.num_parameters]).square_().sum(1)
     consensus = float(comm.gather(distances.cpu())[active].mean())
     return metrics.evaluation_row(test, gathered, merged, consensus, active, matched)

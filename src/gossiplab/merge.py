@@ -63,6 +63,17 @@ class GossipAverager:
             self._sparse = compiled.SparseMixer(num_sites, min(self.num_parameters, columns))
         self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters), device=self.device)
 
+    @classmethod
+    def buffer_bytes(cls, shape: tuple[int, int], compiled: bool, threads: int) -> int:
+        """What an averager for `shape` holds beside theta: the mixed block, and the compiled pass's
+        per-thread [N, columns] buffers or the torch pass's gathered block (the memory estimate)."""
+        num_sites, num_parameters = shape
+        block = min(num_parameters, max(64, cls.CACHE_FLOATS // num_sites))
+        mixed = max(num_sites * block, num_parameters)
+        columns = min(num_parameters, max(cls.SPARSE_MIN_COLUMNS, cls.SPARSE_CACHE_FLOATS // num_sites))
+        extra = threads * num_sites * columns if compiled else num_sites * block
+        return 4 * (mixed + extra)
+
     def resized(self, shape: torch.Size) -> GossipAverager:
         """An averager like this one for another shape (a process's extended block of rows)."""
         return GossipAverager(shape, self.kernels, self.device)

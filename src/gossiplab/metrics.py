@@ -28,7 +28,7 @@ def matrix_sites(num_sites: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class TestSet:
+class Scoring:
     """Who owns each global test sample and its class, and how each site's local accuracy is scored:
     on its own share of the test set, or (class_weights [N, C], L2C's rule) on all test samples of
     each class weighted by the site's class proportions."""
@@ -110,7 +110,7 @@ def gossip_gain(mmga: float, aga: float) -> float:
 
 
 def evaluation_row(
-    test: TestSet,
+    test: Scoring,
     hits: Hits,
     merged: Hits,
     consensus: float,
