@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,6 +11,14 @@ from gossiplab import merge, metrics
 from gossiplab.communicator import Communicator
 
 LOGITS_PER_CHUNK = 2**24  # models x test samples x classes scored at once: 64 MB of float32 logits
+ROW_BLOCK_FLOATS = 2**24  # per-row reductions of [N, P] run on blocks of rows this size: no [N, P] temporary
+
+
+def per_row(values: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """reduce(block) [rows] over blocks of rows of `values` [N, P], concatenated [N]: a reduction
+    of each row that never makes an [N, P] temporary (1.4 GB at 30,000 sites of a linear head)."""
+    rows = max(1, ROW_BLOCK_FLOATS // max(1, values.shape[1]))
+    return torch.cat([reduce(values[start : start + rows]) for start in range(0, len(values), rows)])
 
 
 def buffer_bytes(num_sites: int, num_classes: int) -> int:
@@ -63,6 +72,7 @@ def evaluate(experiment: Any, active: torch.Tensor | None, comm: Communicator) -
     # per-site squared distances of the parameters, row sums (a reduction over all of [N, P] would
     # split across threads in a thread-count dependent order), gathered: the consensus distance of
     # the active sites
-    distances = (population.parameters - mean[:, : population.num_parameters]).square_().sum(1)
+    center = mean[:, : population.num_parameters]
+    distances = per_row(population.parameters, lambda block: (block - center).square_().sum(1))
     consensus = float(comm.gather(distances.cpu())[active].mean())
     return metrics.evaluation_row(test, gathered, merged, consensus, active, matched)

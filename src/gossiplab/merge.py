@@ -124,7 +124,7 @@ def merged_model(
     Across processes (`comm`), theta is this process's block and the sum runs over every process;
     without `comm`, theta holds every site."""
     count = len(theta) if comm is None else comm.num_sites
-    if active is not None:
+    if active is not None and not bool(active.all()):  # indexing copies theta: only when some are dropped
         theta, count = theta[active if comm is None else active[comm.sites]], int(active.sum())
     total = theta.sum(0, keepdim=True)
     return (total if comm is None else comm.sum(total)) / count
