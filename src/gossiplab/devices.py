@@ -54,8 +54,7 @@ class PinnedCompute:
     def restore(self) -> None:
         threads, deterministic, warn_only = self._before
         torch.set_num_threads(threads)
-        if self.device.type == "cuda":  # torch.use_deterministic_algorithms imports torch._inductor: 3-4 s
-            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def with_pinned_threads(flat: dict[str, Any]) -> dict[str, Any]:
