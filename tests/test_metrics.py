@@ -6,13 +6,22 @@ import pytest
 import torch
 
 from gossiplab.metrics import (
-    accuracy_matrix,
+    Scoring,
     consensus_distance,
     convergence_step,
     evaluation_row,
     gossip_gain,
     worst_fraction_mean,
 )
+
+
+def scored(correct: torch.Tensor, merged: torch.Tensor, test_site: torch.Tensor, consensus: float):
+    """The metrics row and A of hits `correct` [N, n_test] (site i's model in row i)."""
+    num_sites = len(correct)
+    test = Scoring(torch.zeros_like(test_site), test_site, num_sites, 1)
+    sites = torch.arange(num_sites)
+    hits = test.hits(correct, sites, sites)
+    return evaluation_row(test, hits, test.hits(merged, torch.tensor([-1]), sites), consensus)
 
 
 def test_metrics_match_hand_computed_values():
@@ -27,7 +36,7 @@ def test_metrics_match_hand_computed_values():
     )
     merged = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)  # 5/6 global
     theta = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    row, matrix = evaluation_row(correct, merged, test_site, consensus_distance(theta))
+    row, matrix = scored(correct, merged, test_site, consensus_distance(theta))
     torch.testing.assert_close(matrix, torch.tensor([[0.75, 0.0], [0.25, 1.0]]))
     assert row["ala"] == pytest.approx((0.75 + 1.0) / 2)
     assert row["aga"] == pytest.approx(0.5)
@@ -43,8 +52,8 @@ def test_metrics_match_hand_computed_values():
 def test_global_accuracy_is_test_size_weighted_not_a_mean_of_site_accuracies():
     test_site = torch.tensor([0, 1, 1, 1])
     correct = torch.tensor([[1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert accuracy_matrix(correct, test_site, 2).tolist() == [[1.0, 0.0], [1.0, 0.0]]
-    row, _ = evaluation_row(correct, correct[:1], test_site, 0.0)
+    row, matrix = scored(correct, correct[:1], test_site, 0.0)
+    assert matrix.tolist() == [[1.0, 0.0], [1.0, 0.0]]
     assert row["aga"] == pytest.approx(0.25)
 
 

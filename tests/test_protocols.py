@@ -13,7 +13,7 @@ from gossiplab.communicator import SingleProcess
 from gossiplab.data.federation import build_federation
 from gossiplab.evaluation import evaluate
 from gossiplab.merge import MatchedMerge
-from gossiplab.metrics import class_weighted_accuracy_matrix
+from gossiplab.metrics import Scoring
 from gossiplab.permutation import permutation_spec
 from gossiplab.runner import Runner
 from gossiplab.schedule import GossipSchedule, cosine_density, cosine_random_steps
@@ -78,7 +78,11 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
     federation = experiment.federation
     correct = torch.rand(3, len(federation.test_y), generator=torch.Generator().manual_seed(0)) < 0.6
     counts = federation.train_label_counts().float()
-    matrix = class_weighted_accuracy_matrix(correct, federation.test_y, counts / counts.sum(1, keepdim=True))
+    test = Scoring(
+        federation.test_y, federation.test_site, 20, federation.num_classes, counts / counts.sum(1, keepdim=True)
+    )
+    sites = torch.arange(20)
+    matrix = test.matrix(test.hits(correct, torch.full((3,), -1), sites), sites)
     for site in (0, 7, 19):
         classes = counts[site].nonzero().flatten()
         assert len(classes) == 2  # its task; the validation hold-out leaves its two classes near 50/50
@@ -89,9 +93,7 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
     _, scored = evaluate(experiment, None, SingleProcess(config.num_sites))
     population = experiment.population
     hits = population.predict(population.theta, federation.test_x) == federation.test_y
-    torch.testing.assert_close(
-        scored, class_weighted_accuracy_matrix(hits, federation.test_y, counts / counts.sum(1, keepdim=True))
-    )
+    torch.testing.assert_close(scored, test.matrix(test.hits(hits, sites, sites), sites))
 
 
 def test_dimat_on_a_complete_graph_hands_every_agent_one_matched_model_and_reports_mmga_apart(tmp_path):

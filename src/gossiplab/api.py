@@ -56,7 +56,8 @@ class Result:
 
     @property
     def accuracy_matrix(self) -> torch.Tensor:
-        """A[i, j]: site i's final model on site j's test set."""
+        """A[i, j]: site i's final model on site j's test set (beyond 1,024 sites, over the 256
+        sites summary["accuracy_matrix_sites"] names)."""
         return torch.tensor(self.summary["accuracy_matrix"])
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,9 +20,11 @@ from rich.console import Console
 from gossiplab.catalogue import load_builtin_parts
 from gossiplab.config import Config, ConfigError
 from gossiplab.data.federation import Federation, build_federation
-from gossiplab.devices import available_device_memory, resolve_device
+from gossiplab.devices import available_device_memory, resolve_device, resolve_kernels
 from gossiplab.encoders import frozen_parts
+from gossiplab.evaluation import buffer_bytes as evaluation_buffer_bytes
 from gossiplab.memory import ResourceError, available_memory
+from gossiplab.merge import GossipAverager
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault, imported_packages, within
@@ -29,9 +32,11 @@ from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
 from gossiplab.schedule import GossipSchedule
+from gossiplab.sparse import entries, row_sums
 from gossiplab.topology import build_adjacency
 
 ROW_SUM_TOLERANCE = 1e-4
+RUNTIME_BYTES = 2**29  # Python, PyTorch and libraries: a 16-site run peaked at 0.72 GiB, the rest of its estimate 0.35
 
 
 class PartMismatch(ConfigError):
@@ -141,26 +146,40 @@ def check_loss(loss: Any, name: str, num_classes: int) -> None:
 
 
 def memory_estimate(config: Config, federation: Federation, module: torch.nn.Module) -> dict[str, int]:
-    """Bytes the run will hold: the [N, P + B] population (parameters and the model's buffers, such
-    as BatchNorm statistics), [N, P] gradients and optimizer state (gossip works in cache-sized
-    blocks), training activations (forward and backward), and the data."""
-    n = config.num_sites
+    """Bytes the run will hold, by what holds them: the [N, P + B] population (parameters and the
+    model's buffers, such as BatchNorm statistics), [N, P] gradients and optimizer state, each
+    step's batch of every site [N, B, ...] (sampled indices, inputs, labels), the activations of
+    the sites one forward and backward pass trains (a chunk of sites; forward and backward) and of
+    an evaluation pass, the evaluation's reduced hits and logits, the gossip kernel's buffers, the
+    data, and the Python process itself. A 10,000-site run peaks within it (tests/test_scale.py)."""
+    n, batch = config.num_sites, config.train.batch_size
     p = sum(t.numel() for t in module.parameters())
     b = sum(value.numel() for _, value in state_entries(module)) - p
     # SGD: a momentum buffer if any; Adam(W): exp_avg and exp_avg_sq (the fused update needs no more)
     optimizer_rows = (1 if config.train.momentum > 0 else 0) if config.train.optimizer == "sgd" else 2
     activations = activation_count(module, federation.image_shape)
+    strategy = choose_strategy(module, config.train.engine, LOSSES.get(config.train.loss))
+    trained_at_once = Population.sites_at_once(strategy, n, p + b)
     # inputs in one evaluation forward pass: 2**16 across the vmapped models, else a chunk for
     # one model (the estimate took 2**16 for every strategy and refused a 4-site ResNet-20 on
     # 28x28 images: 125 GiB of activations, where evaluation holds 4,096 inputs at a time)
-    vmapped = choose_strategy(module, config.train.engine, LOSSES.get(config.train.loss)) == "vmap"
-    evaluated_inputs = 2**16 if vmapped else Population.EVAL_CHUNK_INPUTS
+    evaluated_inputs = 2**16 if strategy == "vmap" else Population.EVAL_CHUNK_INPUTS
+    # per sample of a batch: its pool index, uniform draw and label (8 + 4 + 8 bytes), its input
+    # gathered from the pool and, for images, normalised to float32
+    inputs = math.prod(federation.image_shape)
+    normalised = 0 if federation.pool_x.is_floating_point() else 4
+    sample_bytes = 20 + inputs * (federation.pool_x.element_size() + normalised)
+    compiled = resolve_kernels(config.train.kernels, resolve_device(config.train.device)) == "numba"
     data = sum(t.numel() * t.element_size() for t in (federation.pool_x, federation.val_x, federation.test_x))
     return {
         "population": n * (p + b) * 4,
         "gradients and optimizer state": (1 + optimizer_rows) * n * p * 4,
-        "activations": 3 * n * config.train.batch_size * activations * 4 + evaluated_inputs * activations * 4,
+        "batches": n * batch * sample_bytes,
+        "activations": 3 * trained_at_once * batch * activations * 4 + evaluated_inputs * activations * 4,
+        "evaluation": evaluation_buffer_bytes(n, federation.num_classes),
+        "gossip buffers": GossipAverager.buffer_bytes((n, p + b), compiled, torch.get_num_threads()),
         "data": data,
+        "runtime": RUNTIME_BYTES,
     }
 
 
@@ -279,9 +298,10 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
 
 
 def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torch.Tensor | None = None) -> None:
-    """W must be a float32 [N, N] tensor of finite, non-negative weights whose rows sum to 1, and
-    (given the round's graph) weigh only a site itself and its neighbours in that graph: a weight on
-    another pair would quietly replace the configured topology (and send messages it never counts)."""
+    """W must be a float32 [N, N] tensor (dense, or sparse: gossiplab.sparse) of finite,
+    non-negative weights whose rows sum to 1, and (given the round's graph) weigh only a site itself
+    and its neighbours in that graph: a weight on another pair would quietly replace the configured
+    topology (and send messages it never counts). A sparse W is checked on its entries only."""
     problem = None
     if not isinstance(weights, torch.Tensor):
         problem = f"returned {type(weights).__name__}, not a tensor"
@@ -289,25 +309,26 @@ def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torc
         problem = f"returned W of shape {list(weights.shape)}, not [{num_sites}, {num_sites}]"
     elif weights.dtype != torch.float32:
         problem = f"returned W of dtype {weights.dtype}; the population is float32 (use .float())"
-    elif not bool(torch.isfinite(weights).all()):
-        problem = "returned W with NaN or infinite weights"
-    elif bool((weights < 0).any()):
-        i, j = (int(k) for k in torch.nonzero(weights < 0)[0])
-        problem = (
-            f"returned W with negative weights (e.g. W[{i}, {j}] = {float(weights[i, j]):.3g}); weights must be >= 0"
-        )
     else:
-        worst = float((weights.sum(1) - 1).abs().max())
-        if worst > ROW_SUM_TOLERANCE:
+        rows, columns, values = entries(weights.cpu())
+        if not bool(torch.isfinite(values).all()):
+            problem = "returned W with NaN or infinite weights"
+        elif bool((values < 0).any()):
+            k = int(torch.nonzero(values < 0)[0])
+            example = f"W[{int(rows[k])}, {int(columns[k])}] = {float(values[k]):.3g}"
+            problem = f"returned W with negative weights (e.g. {example}); weights must be >= 0"
+        elif (worst := float((row_sums(weights.cpu()) - 1).abs().max())) > ROW_SUM_TOLERANCE:
             problem = f"returned W whose rows do not sum to 1 (off by up to {worst:.3g})"
         elif adjacency is not None:
-            allowed = adjacency.cpu() | adjacency.cpu().T | torch.eye(num_sites, dtype=torch.bool)
-            outside = (weights.cpu() != 0) & ~allowed
+            receivers, senders, _ = entries(adjacency.cpu())
+            edges = torch.cat([receivers * num_sites + senders, senders * num_sites + receivers])
+            outside = (rows != columns) & ~torch.isin(rows * num_sites + columns, edges)
             if bool(outside.any()):
-                i, j = (int(k) for k in torch.nonzero(outside)[0])
+                k = int(torch.nonzero(outside)[0])
                 problem = (
-                    f"put weight on {int(outside.sum())} pairs that are not edges of the round's graph (e.g. site {i} "
-                    f"from site {j}): a mixing rule weighs only a site and its neighbours in that graph"
+                    f"put weight on {int(outside.sum())} pairs that are not edges of the round's graph (e.g. site "
+                    f"{int(rows[k])} from site {int(columns[k])}): a mixing rule weighs only a site and its "
+                    "neighbours in that graph"
                 )
     if problem:
         raise PartMismatch(f"mixing ({part}) {problem}")

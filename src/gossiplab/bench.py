@@ -12,9 +12,13 @@ Reported: steps/s, engine / loop, the share of the engine's step spent in its op
 achieved GFLOP/s (the work done: forward, dW, and dX past the first layer) against the
 shape-matched kernel limit (the bare batched matmuls of that work at the same shapes, timed in the
 same run) and against square-GEMM peak; and gossip time per round against one `copy_` of Theta (a
-memory-bandwidth bound), for a sparse (ring) and a dense (complete) graph. Nothing here is
-asserted by tests. `device` runs all of it on that device (torch-only gossip kernels off the CPU),
-each timed call ending in a synchronisation, so that queued GPU work is counted.
+memory-bandwidth bound), for a sparse (ring) and a dense (complete) graph; and the memory a site
+costs (its parameters, gradient and optimizer state) and the process's resident memory. At scale
+(beyond LOOP_SITES sites) the per-site loop, the other strategy and the kernel limit are left out
+(the loop would hold N modules and take minutes a step), and the complete graph beyond
+SPARSE_FROM_SITES (its dense W alone is 40 GB at 100,000 sites). Nothing here is asserted by
+tests. `device` runs all of it on that device (torch-only gossip kernels off the CPU), each timed
+call ending in a synchronisation, so that queued GPU work is counted.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from gossiplab.mixing import uniform
 from gossiplab.models import build_model
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
+from gossiplab.sparse import SPARSE_FROM_SITES
 from gossiplab.topology import build_adjacency
 
 BATCH = 32
@@ -43,7 +48,10 @@ MODELS: dict[str, tuple[tuple[int, ...], ModelConfig, TrainConfig]] = {
     "mlp": ((1, 28, 28), ModelConfig(name="mlp", hidden=[200, 200]), TrainConfig(optimizer="sgd", lr=0.05)),
     "cnn": ((1, 28, 28), ModelConfig(name="cnn", channels=[16, 32]), TrainConfig(optimizer="sgd", lr=0.05)),
     "head": ((384,), ModelConfig(name="mlp", hidden=[256]), TrainConfig(optimizer="adam", lr=1e-3)),
+    # the scale goal's model: a linear head on 384-d frozen features, 3,850 parameters (15 KB) a site
+    "linear-head": ((384,), ModelConfig(name="mlp", hidden=[]), TrainConfig(optimizer="sgd", lr=0.05)),
 }
+LOOP_SITES = 4096  # the per-site loop (N modules and optimizers) is timed up to this many sites
 
 
 @dataclass
@@ -52,17 +60,20 @@ class Row:
     sites: int
     parameters: int
     strategy: str
-    loop_steps_per_s: float
+    loop_steps_per_s: float | None
     engine_steps_per_s: float
-    other_strategy_steps_per_s: float
-    speedup: float
+    other_strategy_steps_per_s: float | None
+    speedup: float | None
     optimizer_share: float
     gflops: float
     kernel_limit_gflops: float | None
     fraction_of_kernel_limit: float | None
     fraction_of_peak: float
     gossip_ring_vs_copy: float
-    gossip_complete_vs_copy: float
+    gossip_complete_vs_copy: float | None
+    gossip_ring_ms: float
+    bytes_per_site: int
+    resident_gb: float
 
 
 def timed(fn: Callable[[], object], min_seconds: float = 0.2) -> float:
@@ -175,11 +186,12 @@ def per_site_loop(module: nn.Module, theta: torch.Tensor, train: TrainConfig) ->
 
 def engine(
     module: nn.Module, sites: int, train: TrainConfig, strategy: str, device: torch.device
-) -> tuple[Population, Callable, dict]:
-    """The engine's population, its training step, and the seconds the step has spent in total and
+) -> tuple[Population, Callable, dict, int]:
+    """The engine's population, its training step, the seconds the step has spent in total and
     in its optimizer update, timed inside the real step: updates timed alone, repeated on one fixed
     gradient, drove the models to where their gradients held denormal floats, and the engine's
-    steps timed after them ran up to 2x slower."""
+    steps timed after them ran up to 2x slower; and the bytes a site holds (its row of theta, its
+    gradient and its optimizer state)."""
     population = Population(copy.deepcopy(module), sites, seed=0, strategy=strategy, device=device)
     optimizer = build_optimizer(train, population.parameters.shape, population.theta.device)
     seconds = {"step": 0.0, "update": 0.0}
@@ -193,27 +205,31 @@ def engine(
         seconds["step"] += end - start
         seconds["update"] += end - middle
 
-    return population, step, seconds
+    state = [t for t in optimizer.state_dict().values() if isinstance(t, torch.Tensor)]
+    floats = population.theta.shape[1] + population.num_parameters * (1 + len(state))
+    return population, step, seconds, 4 * floats
 
 
-def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> tuple[float, float]:
-    """Seconds of one gossip round / seconds of one copy_ of theta into an existing tensor."""
+def gossip_vs_copy(theta: torch.Tensor, repeats: int, min_seconds: float) -> dict[str, float]:
+    """Seconds of one copy_ of theta into an existing tensor and of one gossip round on a ring (and,
+    below SPARSE_FROM_SITES sites, on the complete graph)."""
     sites = len(theta)
     averager = GossipAverager(theta.shape, device=theta.device)
     target = torch.empty_like(theta)
-    ring, complete = (uniform(build_adjacency(t, sites, 0, seed=0)) for t in ("ring", "complete"))
+    graphs = ("ring", "complete") if sites < SPARSE_FROM_SITES else ("ring",)
     work = theta.clone()
-    times = interleaved(
-        {
-            "copy": lambda: target.copy_(theta),
-            "ring": lambda: averager(work, ring),
-            "complete": lambda: averager(work, complete),
-        },
-        repeats,
-        min_seconds,
-        theta.device,
-    )
-    return times["ring"] / times["copy"], times["complete"] / times["copy"]
+    weights = {t: uniform(build_adjacency(t, sites, 0, seed=0)) for t in graphs}
+    rounds = {t: (lambda w=w: averager(work, w)) for t, w in weights.items()}
+    return interleaved({"copy": lambda: target.copy_(theta), **rounds}, repeats, min_seconds, theta.device)
+
+
+def resident_gb() -> float:
+    """The process's resident memory now (Linux; 0 elsewhere), in GB."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1e6 for line in status if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0.0
 
 
 def bench(
@@ -236,39 +252,37 @@ def bench(
         for n in sites:
             x = torch.randn(n, BATCH, *shape, generator=generator).to(device)
             y = torch.randint(0, 10, (n, BATCH), generator=generator).to(device)
-            population, engine_step, engine_seconds = engine(module, n, train, "auto", device)
-            other = "loop" if population.strategy == "vmap" else "vmap"
-            _, other_step, _ = engine(module, n, train, other, device)
-            loop_step = per_site_loop(module, population.theta, train)
-            times = interleaved(
-                {
-                    "loop": lambda s=loop_step, x=x, y=y: s(x, y),
-                    "engine": lambda s=engine_step, x=x, y=y: s(x, y),
-                    "other": lambda s=other_step, x=x, y=y: s(x, y),
-                },
-                repeats,
-                min_seconds,
-                device,
-            )
+            population, engine_step, engine_seconds, bytes_per_site = engine(module, n, train, "auto", device)
+            steps = {"engine": lambda s=engine_step, x=x, y=y: s(x, y)}
+            if n <= LOOP_SITES:
+                other = "loop" if population.strategy == "vmap" else "vmap"
+                _, other_step, _, _ = engine(module, n, train, other, device)
+                loop_step = per_site_loop(module, population.theta, train)
+                steps["loop"] = lambda s=loop_step, x=x, y=y: s(x, y)
+                steps["other"] = lambda s=other_step, x=x, y=y: s(x, y)
+            times = interleaved(steps, repeats, min_seconds, device)
             gflops = flops_per_sample * n * BATCH / times["engine"] / 1e9
-            limit = kernel_limit(module, n, repeats, min_seconds / 4, device)
-            ring, complete = gossip_vs_copy(population.theta, repeats, min_seconds / 4)
+            limit = kernel_limit(module, n, repeats, min_seconds / 4, device) if n <= LOOP_SITES else None
+            gossip = gossip_vs_copy(population.theta, repeats, min_seconds / 4)
             row = Row(
                 model=name,
                 sites=n,
                 parameters=population.num_parameters,
                 strategy=population.strategy,
-                loop_steps_per_s=1 / times["loop"],
+                loop_steps_per_s=1 / times["loop"] if "loop" in times else None,
                 engine_steps_per_s=1 / times["engine"],
-                other_strategy_steps_per_s=1 / times["other"],
-                speedup=times["loop"] / times["engine"],
+                other_strategy_steps_per_s=1 / times["other"] if "other" in times else None,
+                speedup=times["loop"] / times["engine"] if "loop" in times else None,
                 optimizer_share=engine_seconds["update"] / engine_seconds["step"],
                 gflops=gflops,
                 kernel_limit_gflops=limit,
                 fraction_of_kernel_limit=None if limit is None else gflops / limit,
                 fraction_of_peak=gflops / peak,
-                gossip_ring_vs_copy=ring,
-                gossip_complete_vs_copy=complete,
+                gossip_ring_vs_copy=gossip["ring"] / gossip["copy"],
+                gossip_complete_vs_copy=gossip["complete"] / gossip["copy"] if "complete" in gossip else None,
+                gossip_ring_ms=gossip["ring"] * 1e3,
+                bytes_per_site=bytes_per_site,
+                resident_gb=resident_gb(),
             )
             rows.append(row)
             if on_row is not None:

@@ -37,7 +37,8 @@ class Callback:
         """After every step (local update and any communication)."""
 
     def on_evaluation(self, runner: Runner, row: dict[str, Any], matrix: torch.Tensor) -> None:
-        """After every evaluation: the metrics row and the accuracy matrix A[i, j]."""
+        """After every evaluation: the metrics row and the accuracy matrix A[i, j] (over every site
+        up to 1,024 sites, else over `metrics.matrix_sites`)."""
 
     def on_end(self, runner: Runner) -> None:
         """When the loop stops, finished or not."""

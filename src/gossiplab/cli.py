@@ -636,7 +636,7 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
 
 @app.command("bench")
 def bench_command(
-    models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head")] = "mlp,cnn,head",
+    models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head, linear-head")] = "mlp,cnn,head",
     sites: Annotated[
         str | None, typer.Option(help="comma-separated numbers of sites (default 4,16,64,256; --distributed: 16)")
     ] = None,
@@ -694,25 +694,34 @@ def bench_command(
         "of GEMM peak",
         "gossip ring / copy",
         "gossip complete / copy",
+        "bytes / site",
+        "resident GB",
     ):
         table.add_column(column, justify="right")
 
+    def shown(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
     def add(row) -> None:
-        limit = "-" if row.fraction_of_kernel_limit is None else f"{row.fraction_of_kernel_limit:.0%}"
+        other = (
+            None if row.other_strategy_steps_per_s is None else row.other_strategy_steps_per_s / row.engine_steps_per_s
+        )
         table.add_row(
             row.model,
-            str(row.sites),
+            f"{row.sites:,}",
             row.strategy,
-            f"{row.loop_steps_per_s:.1f}",
-            f"{row.engine_steps_per_s:.1f}",
-            f"{row.speedup:.2f}x",
-            f"{row.other_strategy_steps_per_s / row.engine_steps_per_s:.2f}x",
+            shown(row.loop_steps_per_s, ".1f"),
+            f"{row.engine_steps_per_s:.2f}",
+            shown(row.speedup, ".2f") + "x" * (row.speedup is not None),
+            shown(other, ".2f") + "x" * (other is not None),
             f"{row.optimizer_share:.0%}",
             f"{row.gflops:.1f}",
-            limit,
+            shown(row.fraction_of_kernel_limit, ".0%"),
             f"{row.fraction_of_peak:.0%}",
             f"{row.gossip_ring_vs_copy:.2f}x",
-            f"{row.gossip_complete_vs_copy:.2f}x",
+            shown(row.gossip_complete_vs_copy, ".2f") + "x" * (row.gossip_complete_vs_copy is not None),
+            f"{row.bytes_per_site:,}",
+            f"{row.resident_gb:.2f}",
         )
 
     with _table_filled_live(table):

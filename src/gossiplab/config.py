@@ -75,7 +75,10 @@ class DataConfig:
     partition: str = documented("dirichlet", "how the data is split over the sites", PARTITIONS)
     alpha: float = documented(0.1, "dirichlet: the concentration (smaller: more label skew), > 0")
     min_site_samples: int = documented(64, "dirichlet: redraw until every site has at least this many samples")
-    samples_per_site: int = documented(0, "dirichlet: a fixed number of samples per site (0: split all the data)")
+    samples_per_site: int = documented(
+        0, "dirichlet, iid: each site draws this many samples from the shared pool, so sites may share samples and "
+        "their number is not bounded by the data (0: split all the data)",
+    )  # fmt: skip
     classes_per_site: int = documented(2, "shards: M classes per site")
     shards_per_class: int = documented(0, "shards: P shards per class (0: derived from num_sites)")
     sites_per_source: list[int] = documented([], "by_domain: sites per source ([]: one each)")

@@ -54,7 +54,8 @@ class PinnedCompute:
     def restore(self) -> None:
         threads, deterministic, warn_only = self._before
         torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        if self.device.type == "cuda":  # torch.use_deterministic_algorithms imports torch._inductor: 3-4 s
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def with_pinned_threads(flat: dict[str, Any]) -> dict[str, Any]:

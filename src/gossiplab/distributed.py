@@ -47,6 +47,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gossiplab import sparse
 from gossiplab.communicator import PeerLost
 from gossiplab.config import Config, ConfigError, DistributedConfig, differing_fields, flatten
 from gossiplab.devices import resolve_device
@@ -634,6 +635,7 @@ class ProcessGroup:
         `operator.resized` (the run's GossipAverager) mixes the extended block, one per block size."""
         self._exchanges += 1
         lo, hi = self.sites.start, self.sites.stop
+        weights = sparse.dense(weights)  # each process reads its block of rows; N is at most thousands here
         needs = weights != 0  # [i, j]: site i reads site j
         peers = [r for r in self.members if r != self.rank]
         dense = everyone_needs_everything(needs, self.blocks, self.members)

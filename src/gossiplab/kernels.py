@@ -72,7 +72,7 @@ def row_width(weights: np.ndarray) -> int:
 
 
 @numba.njit(cache=True)
-def _neighbours(weights: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+def neighbours(weights: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Each row's non-zero columns in increasing order and their weights, padded to `width` with
     the row's own index and weight 0."""
     num_rows = weights.shape[0]
@@ -91,17 +91,20 @@ def _neighbours(weights: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray
 
 class SparseMixer:
     """theta <- W theta for a W with at most a few non-zeros per row, in blocks of `block` columns
-    (with thread-private [N, block] buffers allocated once), on as many threads as torch uses."""
+    (with thread-private [N, block] buffers, one per thread torch uses, allocated once: at
+    100,000 sites each is 200 MB, so not one per core of a large machine)."""
 
     def __init__(self, num_rows: int, block: int):
-        self.buffers = np.empty((numba.config.NUMBA_NUM_THREADS, num_rows, block), dtype=np.float32)
+        self.buffers = np.empty((0, num_rows, block), dtype=np.float32)
 
-    def __call__(self, theta: torch.Tensor, weights: torch.Tensor, width: int) -> None:
-        """theta: contiguous CPU float32 [N, P]; weights [N, N] with at most `width` non-zeros per row."""
+    def __call__(self, theta: torch.Tensor, columns: np.ndarray, coefficients: np.ndarray) -> None:
+        """theta: contiguous CPU float32 [N, P]; row i mixes rows columns[i, :] with coefficients[i, :]
+        ([N, k]: `neighbours` of a dense W, or `sparse.neighbour_lists` of a sparse one)."""
         if not theta.is_contiguous() or theta.dtype != torch.float32:
             raise ValueError(f"SparseMixer needs a contiguous float32 theta, got {theta.dtype}")
-        columns, coefficients = _neighbours(weights.numpy(), width)
         threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if len(self.buffers) < threads:
+            self.buffers = np.empty((threads, *self.buffers.shape[1:]), dtype=np.float32)
         if threads == 1:
             _mix_rows_serial(theta.numpy(), columns, coefficients, self.buffers)
         else:

@@ -52,6 +52,7 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
         if evaluated:
             evaluate(runner, callbacks, train_loss=runner.mean_loss())
         runner.stop_if_requested(checkpointed=evaluated)
+        del x, y  # the next batch is drawn without this one alive: at 100,000 sites a batch is gigabytes
 
 
 def communicate(runner: Runner) -> None:

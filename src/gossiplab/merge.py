@@ -11,11 +11,14 @@ import torch
 from gossiplab.communicator import Communicator
 from gossiplab.devices import resolve_kernels
 from gossiplab.mixing import mixing_matrix
+from gossiplab.sparse import entries, matrix, neighbour_lists, off_diagonal_count
 from gossiplab.topology import build_adjacency
 
 
 def message_count(weights: torch.Tensor) -> int:
     """Parameter vectors sent in one gossip round: one per off-diagonal non-zero W_ij (j sends to i)."""
+    if weights.is_sparse:
+        return off_diagonal_count(weights)
     return int((weights != 0).sum() - (weights.diagonal() != 0).sum())
 
 
@@ -28,13 +31,16 @@ class GossipAverager:
       into a small buffer and writes it back, O(N k P);
     - W with identical rows (complete graph with uniform or Metropolis weights: every site gets the
       same average): the one mixed row w theta, then written to every row, O(N P);
-    - other dense W: one GEMM per cache-sized block of columns, O(N^2 P).
+    - other dense W: one GEMM per cache-sized block of columns, O(N^2 P);
+    - a sparse W (a sparse tensor, gossiplab.sparse: graphs of 1,024 sites or more): the compiled
+      pass on its neighbour lists, or, with the torch kernels, per block of columns one gathered
+      multiply-add per neighbour, O(N k P) either way (never a dense [N, N] matrix).
     The crossover width and the block sizes were measured with `gossiplab bench` (the compiled
     sparse pass loses to GEMM from about 16 neighbours per row at N = 32, 32 at N = 64). Nothing
     of size [N, P] is allocated.
 
     `kernels = "torch"` (the only choice off the CPU, selectable on it) leaves out the compiled
-    sparse pass: sparse W take the GEMM path too, equal to the compiled pass up to rounding.
+    pass: dense W take the GEMM path, equal to the compiled pass up to rounding.
     """
 
     CACHE_FLOATS = 2**17  # GEMM blocks: measured best of 2**15..2**21
@@ -57,6 +63,17 @@ class GossipAverager:
             self._sparse = compiled.SparseMixer(num_sites, min(self.num_parameters, columns))
         self._mixed = torch.empty(max(num_sites * self.block, self.num_parameters), device=self.device)
 
+    @classmethod
+    def buffer_bytes(cls, shape: tuple[int, int], compiled: bool, threads: int) -> int:
+        """What an averager for `shape` holds beside theta: the mixed block, and the compiled pass's
+        per-thread [N, columns] buffers or the torch pass's gathered block (the memory estimate)."""
+        num_sites, num_parameters = shape
+        block = min(num_parameters, max(64, cls.CACHE_FLOATS // num_sites))
+        mixed = max(num_sites * block, num_parameters)
+        columns = min(num_parameters, max(cls.SPARSE_MIN_COLUMNS, cls.SPARSE_CACHE_FLOATS // num_sites))
+        extra = threads * num_sites * columns if compiled else num_sites * block
+        return 4 * (mixed + extra)
+
     def resized(self, shape: torch.Size) -> GossipAverager:
         """An averager like this one for another shape (a process's extended block of rows)."""
         return GossipAverager(shape, self.kernels, self.device)
@@ -64,10 +81,13 @@ class GossipAverager:
     @torch.no_grad()
     def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
         num_sites = len(weights)
+        if weights.is_sparse:
+            self._mix_sparse(theta, *neighbour_lists(weights))
+            return
         if self.kernels == "numba":
             width = self._compiled.row_width(weights.numpy())
             if width < num_sites and width <= max(self.SPARSE_WIDTH, num_sites // 4):
-                self._sparse(theta, weights, width)
+                self._sparse(theta, *self._compiled.neighbours(weights.numpy(), width))
                 return
         weights = weights.to(self.device)
         if bool((weights == weights[:1]).all()):
@@ -81,6 +101,20 @@ class GossipAverager:
                 torch.mm(weights, part, out=mixed)
                 part.copy_(mixed)
 
+    def _mix_sparse(self, theta: torch.Tensor, neighbours: torch.Tensor, coefficients: torch.Tensor) -> None:
+        """theta_i <- sum_k coefficients[i, k] theta[neighbours[i, k]], neighbours in increasing order."""
+        if self.kernels == "numba":
+            self._sparse(theta, neighbours.numpy(), coefficients.numpy())
+            return
+        neighbours, coefficients = neighbours.to(self.device), coefficients.to(self.device)
+        for start in range(0, self.num_parameters, self.block):
+            part = theta[:, start : start + self.block]
+            mixed = self._mixed[: part.numel()].view(part.shape)
+            torch.mul(part[neighbours[:, 0]], coefficients[:, :1], out=mixed)
+            for k in range(1, neighbours.shape[1]):
+                mixed.addcmul_(part[neighbours[:, k]], coefficients[:, k : k + 1])
+            part.copy_(mixed)
+
 
 @torch.no_grad()
 def merged_model(
@@ -90,7 +124,7 @@ def merged_model(
     Across processes (`comm`), theta is this process's block and the sum runs over every process;
     without `comm`, theta holds every site."""
     count = len(theta) if comm is None else comm.num_sites
-    if active is not None:
+    if active is not None and not bool(active.all()):  # indexing copies theta: only when some are dropped
         theta, count = theta[active if comm is None else active[comm.sites]], int(active.sum())
     total = theta.sum(0, keepdim=True)
     return (total if comm is None else comm.sum(total)) / count
@@ -106,9 +140,17 @@ def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: 
 
 def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
     """W with dropped sites cut out: nobody receives from them, they keep their own row, and the
-    remaining weights of every row are renormalised to sum to 1."""
+    remaining weights of every row are renormalised to sum to 1 (a sparse W stays sparse)."""
     if bool(active.all()):
         return weights
+    if weights.is_sparse:
+        rows, columns, values = entries(weights)
+        keep = active[rows] & active[columns]
+        dropped = torch.nonzero(~active).flatten()
+        rows, columns = torch.cat([rows[keep], dropped]), torch.cat([columns[keep], dropped])
+        values = torch.cat([values[keep], torch.ones(len(dropped))])
+        total = torch.zeros(len(weights)).index_add_(0, rows, values)
+        return matrix(rows, columns, values / total[rows], len(weights))
     weights = torch.where(active[:, None] & active[None, :], weights, 0.0)
     weights = torch.where(active[:, None], weights, torch.eye(len(weights)))
     return weights / weights.sum(1, keepdim=True)

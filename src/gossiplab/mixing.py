@@ -1,9 +1,10 @@
 """Mixing rules: the weights W (N x N, rows sum to 1) of gossip averaging theta_i <- sum_j W_ij theta_j.
 
 The rules are pure functions of the graph (and of what they score). Each is registered under its
-`gossip.mixing` name as `rule(adjacency, experiment) -> W`, the experiment giving rules that depend
-on the training (influence, FOMO) the population, optimizer and data; `distributed=True` marks the
-rules computed from the graph alone, which run when the sites are spread over processes.
+`gossip.mixing` name as `rule(adjacency, experiment) -> W` (dense, or sparse for a sparse graph:
+gossiplab.sparse), the experiment giving rules that depend on the training (influence, FOMO) the
+population, optimizer and data; `distributed=True` marks the rules computed from the graph alone,
+which run when the sites are spread over processes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from gossiplab.config import Config
 from gossiplab.data.federation import sample_held_out
 from gossiplab.registry import MIXING_RULES
+from gossiplab.sparse import dense, entries, matrix
 
 
 def uniform(adjacency: torch.Tensor) -> torch.Tensor:
@@ -23,7 +25,15 @@ def uniform(adjacency: torch.Tensor) -> torch.Tensor:
 
     Row stochastic always; doubly stochastic on regular symmetric graphs (complete, ring,
     matchings) and circulant ones (exponential), not on irregular graphs (use Metropolis there).
+    A sparse graph gives a sparse W (gossiplab.sparse).
     """
+    num_sites = len(adjacency)
+    if adjacency.is_sparse:
+        rows, columns, _ = entries(adjacency)
+        sites = torch.arange(num_sites)
+        rows, columns = torch.cat([rows, sites]), torch.cat([columns, sites])
+        count = torch.bincount(rows, minlength=num_sites).float()
+        return matrix(rows, columns, 1.0 / count[rows], num_sites)
     closed = adjacency | torch.eye(len(adjacency), dtype=torch.bool)
     weights = closed.float()
     return weights / weights.sum(1, keepdim=True)
@@ -33,8 +43,19 @@ def metropolis(adjacency: torch.Tensor) -> torch.Tensor:
     """Metropolis-Hastings weights (Xiao & Boyd 2004) on the undirected graph A | A^T.
 
     W_ij = 1 / (1 + max(d_i, d_j)) for each edge, W_ii = 1 - sum_j W_ij: symmetric and doubly
-    stochastic on any graph, so the population mean is preserved.
+    stochastic on any graph, so the population mean is preserved. A sparse graph gives a sparse W.
     """
+    if adjacency.is_sparse:
+        num_sites = len(adjacency)
+        rows, columns, _ = entries(adjacency)
+        both = torch.cat([rows, columns]), torch.cat([columns, rows])
+        undirected = matrix(*both, torch.ones(2 * len(rows)), num_sites)
+        rows, columns, _ = entries(undirected)
+        degree = torch.bincount(rows, minlength=num_sites).float()
+        values = 1.0 / (1.0 + torch.maximum(degree[rows], degree[columns]))
+        own = 1.0 - torch.zeros(num_sites).index_add_(0, rows, values)
+        sites = torch.arange(num_sites)
+        return matrix(torch.cat([rows, sites]), torch.cat([columns, sites]), torch.cat([values, own]), num_sites)
     undirected = adjacency | adjacency.T
     degree = undirected.sum(1).float()
     weights = torch.where(undirected, 1.0 / (1.0 + torch.maximum(degree[:, None], degree[None, :])), 0.0)
@@ -131,7 +152,7 @@ def metropolis_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
 def influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     """MAZEL's "Random (softmax)": a softmax over the DICE influence scores of the site and its peers."""
     grad = experiment.population.grad
-    return influence(adjacency.to(grad.device), grad, experiment.config.gossip.influence_temperature).cpu()
+    return influence(dense(adjacency).to(grad.device), grad, experiment.config.gossip.influence_temperature).cpu()
 
 
 def dice_influence(adjacency: torch.Tensor, held_out: torch.Tensor, grad: torch.Tensor, lr: float,
@@ -184,16 +205,14 @@ def dice_influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tenso
     population.compute_gradients(x, y)
     held_out = population.grad.clone()
     population.grad.copy_(training)
-    weights = dice_influence(
-        adjacency.to(training.device), held_out, training, experiment.optimizer.lr, config.gossip.dice_temperature
-    )
-    return weights.cpu()
+    graph = dense(adjacency).to(training.device)
+    return dice_influence(graph, held_out, training, experiment.optimizer.lr, config.gossip.dice_temperature).cpu()
 
 
 @MIXING_RULES.register("influence-share")
 def influence_share_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     """Self-weight kept, the rest shared by positive DICE influence (with one peer: 50/50 or nothing)."""
-    return influence_share(uniform(adjacency), experiment.population.grad, experiment.optimizer.lr)
+    return influence_share(uniform(dense(adjacency)), experiment.population.grad, experiment.optimizer.lr)
 
 
 def fomo_problems(config: Config) -> list[str]:
@@ -223,7 +242,7 @@ def fomo_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     ce = F.cross_entropy(logits.transpose(1, 2), y.expand(len(theta), -1), reduction="none")
     losses = ce.view(len(theta), num_sites, batch).mean(2).T  # [site i, model j]
     parameters = population.parameters
-    return fomo(adjacency, losses.cpu(), torch.cdist(parameters, parameters).cpu())
+    return fomo(dense(adjacency), losses.cpu(), torch.cdist(parameters, parameters).cpu())
 
 
 def spectral_gap(weights: torch.Tensor) -> float:

@@ -165,6 +165,20 @@ class Population:
     LINEAR_CHUNK_FLOATS = 2**24  # measured best of 2**19..2**26 (larger chunks: bigger matmuls)
     EVAL_CHUNK_INPUTS = 4096  # inputs per forward pass when evaluating one model at a time
 
+    @classmethod
+    def sites_at_once(cls, strategy: str, num_sites: int, num_parameters: int) -> int:
+        """How many sites one forward and backward pass trains (their activations live together)."""
+        if strategy == "linear":
+            return -(-num_sites // cls._linear_chunk_count(num_sites, num_parameters))
+        if strategy == "vmap":
+            return max(1, min(num_sites, cls.VMAP_CHUNK_FLOATS // num_parameters))
+        return 1
+
+    @classmethod
+    def _linear_chunk_count(cls, num_sites: int, num_parameters: int) -> int:
+        """Equal chunks of sites, as few as keep each chunk's parameters within LINEAR_CHUNK_FLOATS."""
+        return -(-num_sites * num_parameters // cls.LINEAR_CHUNK_FLOATS)
+
     def __init__(
         self,
         module: nn.Module,
@@ -210,13 +224,12 @@ class Population:
             sites = range(first_site, first_site + streams)
             self.random_streams = torch.stack([random_stream(site_seed(seed, 2, s), self.device) for s in sites])
         if self.strategy == "linear":
-            chunks = -(-num_sites * self.num_parameters // self.LINEAR_CHUNK_FLOATS)  # equal chunks, as few as fit
-            bounds = torch.arange(num_sites).tensor_split(chunks)
+            bounds = torch.arange(num_sites).tensor_split(self._linear_chunk_count(num_sites, self.num_parameters))
             self._linear_chunks = [slice(int(b[0]), int(b[-1]) + 1) for b in bounds if len(b)]
             weights = [n for n in self.names if n.endswith(".weight")]
             self._linear_layers = [(w, w.removesuffix("weight") + "bias") for w in weights]  # input to output
         elif self.strategy == "vmap":
-            size = max(1, min(num_sites, self.VMAP_CHUNK_FLOATS // self.theta.shape[1]))
+            size = self.sites_at_once(self.strategy, num_sites, self.theta.shape[1])
             self._chunks = [
                 (sites, self._make_leaves(sites), list(self.views(self.grad[sites]).values()))
                 for sites in (slice(a, a + size) for a in range(0, num_sites, size))

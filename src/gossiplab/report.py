@@ -20,6 +20,7 @@ from gossiplab.mixing import mixing_matrix, spectral_gap
 from gossiplab.plots import plt
 from gossiplab.registry import MIXING_RULES
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
+from gossiplab.sparse import dense
 from gossiplab.topology import build_adjacency, is_time_varying
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ SUMMARY_ROWS = (  # label, summary key, format
     ("Wall time (s)", "wall_time_s", "{:.1f}"),
 )
 MAX_DRAWN_SITES = 64
+MAX_MATRIX_SITES = 1024  # mixing.png: an image of W and its spectral gap (an O(N^3) eigendecomposition)
 
 
 def summary_values(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -54,7 +56,8 @@ def summary_values(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def plot_graph(config: Config, run_dir: Path, graph: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Path]:
-    """topology.png (sites on a circle, edges of the first gossip round) and mixing.png (its W):
+    """topology.png (sites on a circle, edges of the first gossip round; up to 64 sites) and
+    mixing.png (its W; up to 1,024 sites):
     `graph`, the adjacency and W the run used; else (redrawing from files) the configured graph
     of round 0 with its rule, or the uniform base of a rule that depends on the training."""
     gossip, n = config.gossip, config.num_sites
@@ -73,7 +76,7 @@ def plot_graph(config: Config, run_dir: Path, graph: tuple[torch.Tensor, torch.T
         fig, ax = plt.subplots(figsize=(5, 5))
         angles = torch.arange(n) * 2 * math.pi / n
         xs, ys = angles.cos().numpy(), angles.sin().numpy()
-        for i, j in torch.nonzero(adjacency).tolist():
+        for i, j in torch.nonzero(dense(adjacency)).tolist():
             ax.annotate("", (xs[i], ys[i]), (xs[j], ys[j]), arrowprops={"arrowstyle": "->", "alpha": 0.5, "lw": 0.8})
         ax.scatter(xs, ys, s=120, zorder=3)
         for i in range(n):
@@ -82,13 +85,15 @@ def plot_graph(config: Config, run_dir: Path, graph: tuple[torch.Tensor, torch.T
         ax.axis("off")
         ax.set_title(f"{gossip.topology} ({when})\nan arrow j \u2192 i: site i receives from site j", fontsize=9)
         written.append(_save(fig, run_dir / "topology.png"))
+    if n > MAX_MATRIX_SITES:
+        return written
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(weights.numpy(), cmap="Blues", vmin=0)
+    image = ax.imshow(dense(weights).numpy(), cmap="Blues", vmin=0)
     fig.colorbar(image, ax=ax, label="W[i, j]")
     ax.set(
         xlabel="sender j",
         ylabel="receiver i",
-        title=f"{shown} mixing matrix, spectral gap {spectral_gap(weights):.3f}",
+        title=f"{shown} mixing matrix, spectral gap {spectral_gap(dense(weights)):.3f}",
     )
     written.append(_save(fig, run_dir / "mixing.png"))
     return written
@@ -138,7 +143,8 @@ def plot_run(run_dir: Path, rows: list[dict[str, Any]], summary: dict[str, Any])
     ax.set(
         xlabel="test data of site j",
         ylabel="model of site i",
-        title=f"accuracy matrix A[i, j] at step {summary['step']}",
+        title=f"accuracy matrix A[i, j] at step {summary['step']}"
+        + (f"\nover {size} evenly spaced sites" if summary.get("accuracy_matrix_sites") else ""),
     )
     if size <= 20:
         for i in range(size):

@@ -18,13 +18,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -44,13 +43,17 @@ class UnsafeCheckpointError(RunDirError):
     """A checkpoint holds pickled code: refused outright, never silently replaced by an older one."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, then rename: a reader never sees a half-written file.
-    A failed write leaves no temporary file and raises RunDirError naming the file and the cause."""
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `data` (bytes, or a function writing into the open file) to a temporary file, fsync,
+    then rename: a reader never sees a half-written file. A failed write leaves no temporary file
+    and raises RunDirError naming the file and the cause."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -63,10 +66,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def atomic_save(obj: object, path: Path) -> None:
-    """torch.save, written atomically."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
+    """torch.save, written atomically, straight into the file (no copy of a checkpoint of
+    gigabytes in memory)."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def content_digest(value: Any) -> str:

@@ -29,7 +29,7 @@ from gossiplab.communicator import Communicator, PeerLost, SingleProcess
 from gossiplab.config import Config, differing_fields, flatten, upgrade_keys
 from gossiplab.data.partition import listed_sites
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
-from gossiplab.evaluation import evaluate
+from gossiplab.evaluation import evaluate, per_row
 from gossiplab.launch import launched_distributed
 from gossiplab.rundir import (
     RunDirError,
@@ -306,7 +306,7 @@ class Runner:
         """The metrics row of this step (with the mean training loss since the last evaluation,
         overall and per site) and the accuracy matrix."""
         self.wall_time = time.perf_counter() - self._started
-        finite = self.comm.gather(torch.isfinite(self.experiment.population.theta).all(1).cpu())
+        finite = self.comm.gather(per_row(self.experiment.population.theta, lambda b: torch.isfinite(b).all(1)).cpu())
         if (self.active & ~finite).any():
             self._handle_divergence(self.active & ~finite, "non-finite parameters")
         row, matrix = evaluate(self.experiment, self.active, self.comm)
@@ -502,6 +502,9 @@ class Runner:
             "start": {m: rows[0][m] for m in ("ala", "aga", "mmga")} if steps[0] == 0 else None,
             "local_accuracy": final["local_accuracy"],
             "accuracy_matrix": matrix.tolist(),
+            "accuracy_matrix_sites": metrics.matrix_sites(self.config.num_sites).tolist()
+            if self.config.num_sites > metrics.MATRIX_SITES
+            else None,
             "communication_steps": self.experiment.schedule.communication_steps(),
             "communication": self._communication_cost(),
             "dropped_sites": torch.nonzero(~self.active).flatten().tolist(),

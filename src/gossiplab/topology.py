@@ -1,12 +1,14 @@
 """Communication graphs: who each site receives from in gossip round r.
 
 `adjacency[i, j]` is True when site i receives site j's parameters (no self-loops; the mixing
-rule adds the self-weight). Every graph is a pure function of (name, N, round, seed, p), so
-every process of a distributed run derives the same graph for round r without talking.
+rule adds the self-weight). The sparse graphs are sparse tensors from `sparse.SPARSE_FROM_SITES`
+sites on (gossiplab.sparse); the complete graph stays dense (its uniform W is one mean). Every
+graph is a pure function of (name, N, round, seed, p), so every process of a distributed run
+derives the same graph for round r without talking.
 
 A topology is registered under its `gossip.topology` name as `graph(num_sites, round_index, seed,
-p) -> [N, N] bool`; `time_varying` says whether the graph changes from round to round. A user's
-graph (a fixed adjacency matrix, or one per round) registers the same way.
+p) -> [N, N] bool` (dense or sparse); `time_varying` says whether the graph changes from round to
+round. A user's graph (a fixed adjacency matrix, or one per round) registers the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from gossiplab.registry import TOPOLOGIES
+from gossiplab.sparse import adjacency_from_edges
 
 
 @TOPOLOGIES.register("complete", time_varying=False)
@@ -28,12 +31,8 @@ def complete(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0
 @TOPOLOGIES.register("ring", time_varying=False)
 def ring(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 1.0) -> torch.Tensor:
     """Each site exchanges with its two ring neighbours i-1 and i+1 (one neighbour when N = 2)."""
-    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
-    if num_sites > 1:
-        sites = torch.arange(num_sites)
-        adjacency[sites, (sites + 1) % num_sites] = True
-        adjacency[sites, (sites - 1) % num_sites] = True
-    return adjacency
+    sites = torch.arange(num_sites if num_sites > 1 else 0)
+    return adjacency_from_edges(sites.repeat(2), torch.cat([sites + 1, sites - 1]) % num_sites, num_sites)
 
 
 @TOPOLOGIES.register("exponential", time_varying=False)
@@ -42,13 +41,10 @@ def exponential(num_sites: int, round_index: int = 0, seed: int = 0, p: float = 
 
     Directed and circulant, so uniform weights over the closed in-neighbourhood are doubly stochastic.
     """
-    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
     sites = torch.arange(num_sites)
-    hop = 1
-    while hop < num_sites:
-        adjacency[sites, (sites - hop) % num_sites] = True
-        hop *= 2
-    return adjacency
+    hops = [2**k for k in range((num_sites - 1).bit_length())]  # 1, 2, 4, ... < N
+    senders = torch.cat([(sites - hop) % num_sites for hop in hops]) if hops else sites[:0]
+    return adjacency_from_edges(sites.repeat(len(hops)), senders, num_sites)
 
 
 @TOPOLOGIES.register("one-peer-exponential", time_varying=True)
@@ -59,12 +55,9 @@ def one_peer_exponential(num_sites: int, round_index: int, seed: int = 0, p: flo
     W = (I + shift) / 2 is doubly stochastic, and for N a power of two, L consecutive rounds
     give the exact average (single-merge paper, appendix C).
     """
-    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
-    if num_sites > 1:
-        period = max(1, math.ceil(math.log2(num_sites)))
-        sites = torch.arange(num_sites)
-        adjacency[sites, (sites + 2 ** (round_index % period)) % num_sites] = True
-    return adjacency
+    sites = torch.arange(num_sites if num_sites > 1 else 0)
+    period = max(1, math.ceil(math.log2(max(num_sites, 2))))
+    return adjacency_from_edges(sites, (sites + 2 ** (round_index % period)) % num_sites, num_sites)
 
 
 @TOPOLOGIES.register("random-one-peer", time_varying=True)
@@ -80,10 +73,7 @@ def random_one_peer(num_sites: int, round_index: int, seed: int, p: float = 1.0)
     active = np.flatnonzero(rng.random(num_sites) < p)
     order = rng.permutation(active)
     pairs = torch.from_numpy(order[: len(order) // 2 * 2].reshape(-1, 2))
-    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
-    adjacency[pairs[:, 0], pairs[:, 1]] = True
-    adjacency[pairs[:, 1], pairs[:, 0]] = True
-    return adjacency
+    return adjacency_from_edges(torch.cat([pairs[:, 0], pairs[:, 1]]), torch.cat([pairs[:, 1], pairs[:, 0]]), num_sites)
 
 
 @TOPOLOGIES.register("random-one-peer-pull", time_varying=True)
@@ -100,10 +90,8 @@ def random_one_peer_pull(num_sites: int, round_index: int, seed: int, p: float =
     rng = np.random.default_rng([seed, 4, round_index])
     active = rng.random(num_sites) < p
     peers = (np.arange(num_sites) + 1 + rng.integers(0, max(num_sites - 1, 1), num_sites)) % num_sites
-    adjacency = torch.zeros(num_sites, num_sites, dtype=torch.bool)
     pulling = torch.from_numpy(np.flatnonzero(active & (num_sites > 1)))
-    adjacency[pulling, torch.from_numpy(peers)[pulling]] = True
-    return adjacency
+    return adjacency_from_edges(pulling, torch.from_numpy(peers)[pulling], num_sites)
 
 
 def build_adjacency(name: str, num_sites: int, round_index: int, seed: int, p: float = 1.0) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.communicator import Communicator
 from gossiplab.registry import ALGORITHMS
+from gossiplab.sparse import identity
 
 
 @ALGORITHMS.register("local")
@@ -19,7 +20,7 @@ class Local(Algorithm):
     distributed = True
 
     def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        return torch.eye(len(adjacency))
+        return identity(len(adjacency), like=adjacency)
 
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         return Sent(messages=0, bytes=0)

@@ -62,7 +62,7 @@ class Federation:
         """uint8 pixels -> normalised floats; frozen features are already floats and pass through."""
         if images.is_floating_point():
             return images
-        return (images.float() / 255.0 - self.mean) / self.std
+        return images.float().div_(255.0).sub_(self.mean).div_(self.std)  # in place: a batch can be gigabytes
 
     def class_mask(self) -> torch.Tensor:
         """[N, C] bool: the classes in each site's own label space."""
@@ -135,6 +135,8 @@ def to_shape(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 def _split_one_source(config: Config, labels: np.ndarray, num_sites: int, rng: np.random.Generator) -> list:
     data = config.data
     scheme = data.within_source if data.partition == "by_domain" else data.partition
+    if scheme == "iid" and data.samples_per_site:
+        return partition.iid_fixed_size(labels, num_sites, data.samples_per_site, rng)
     if scheme == "iid":
         return partition.iid(labels, num_sites, data.min_site_samples, rng)
     if scheme == "shards":

@@ -1,7 +1,8 @@
 """How a source's samples are spread over sites: iid or Dirichlet label skew, and test sets that follow.
 
 Every function takes a seeded `numpy.random.Generator`, so a partition is a pure function of the
-seed, and returns one index array per site; no sample is on two sites.
+seed, and returns one index array per site; no sample is on two sites, except where each site
+draws a fixed number of samples from the shared pool (`data.samples_per_site`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,17 @@ def iid(labels: np.ndarray, num_sites: int, min_site_samples: int, rng: np.rando
     """Equal-sized random split (sizes differ by at most one)."""
     _check_fill(len(labels), num_sites, min_site_samples)
     return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_sites)]
+
+
+def iid_fixed_size(labels: np.ndarray, num_sites: int, samples_per_site: int, rng: np.random.Generator) -> list:
+    """Each site draws `samples_per_site` samples uniformly from the shared pool, without
+    replacement within the site and independently of the others: any number of sites (100,000
+    sites of 32 samples from Fashion-MNIST's 60,000), with samples shared between sites."""
+    if samples_per_site > len(labels):
+        raise PartitionError(
+            f"data.samples_per_site={samples_per_site} exceeds the {len(labels)} training samples of the source"
+        )
+    return [np.sort(rng.choice(len(labels), samples_per_site, replace=False)) for _ in range(num_sites)]
 
 
 def dirichlet(
