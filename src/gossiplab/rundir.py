@@ -68,7 +68,20 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> None:
 def atomic_save(obj: object, path: Path) -> None:
     """torch.save, written atomically, straight into the file (no copy of a checkpoint of
     gigabytes in memory)."""
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: _save_into(obj, handle))
+
+
+def _save_into(obj: object, handle: BinaryIO) -> None:
+    """torch.save into an open file. Its zip writer reports a failed write (a full disk, a file
+    size limit) as a RuntimeError that only chains the OSError: give the OSError back, so the
+    caller sees one line naming the file and the cause."""
+    try:
+        torch.save(obj, handle)
+    except RuntimeError as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, OSError):
+            raise cause from None
+        raise
 
 
 def content_digest(value: Any) -> str:
