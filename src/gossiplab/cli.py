@@ -584,13 +584,14 @@ def landscape(
 @contextmanager
 def _table_filled_live(table: Table) -> Iterator[None]:
     """In a terminal, `table` shows its rows as they are added; piped to a file or a CI log, it is
-    printed whole at the end (rich would cut a wide table's cells to fit 80 columns)."""
+    printed whole at the end, at its natural width (rich would cut a wide table's cells to fit the
+    console's columns, and a table with more columns than a fixed width wraps its headers)."""
     if console.is_terminal:
         with Live(table, console=console, refresh_per_second=2):
             yield
     else:
         yield
-        Console(width=220).print(table)
+        Console(width=10_000).print(table)
 
 
 def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -> None:
