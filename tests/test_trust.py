@@ -226,6 +226,15 @@ def test_divergence_stops_naming_site_step_and_last_finite_loss(tmp_path):
     assert (tmp_path / "r" / "metrics.jsonl").read_text().startswith('{"step": 0')  # step 0 kept
 
 
+def test_a_divergence_while_clipping_suggests_a_smaller_clip_not_clipping(tmp_path):
+    config = build_config("ring", ["num_sites=4", "train.steps=60", "eval.every=20", "train.lr=1e12"])
+    (tmp_path / "r").mkdir()
+    with pytest.raises(DivergenceError) as raised:
+        Runner(config, tmp_path / "r", show_progress=False).run()
+    assert "a smaller train.clip_grad_norm (now 1)" in str(raised.value)
+    assert "clip gradients (train.clip_grad_norm=1.0)" not in str(raised.value)
+
+
 def test_divergence_can_drop_the_site_and_go_on(tmp_path):
     config = build_config("default", ["num_sites=4", "train.steps=60", "eval.every=20", "train.on_divergence=drop"])
     run_dir = tmp_path / "drop"
