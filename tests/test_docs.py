@@ -217,14 +217,21 @@ def test_every_object_of_the_api_reference_has_docstrings():
 
 
 PRESET_ROW = re.compile(r"^\| `(default|local-only|complete-graph)` \([^)]*\) \| (.*) \|$", re.M)
+MEASURED_ON = re.compile(r"Measured on (\d+) CPU cores with PyTorch's (\w+) kernels")
+SAME_PLATFORM = {"gossip_gain": 0.06, "consensus_distance": 0.02}  # rounding; consensus relative
+OTHER_PLATFORM = {"accuracy": 0.02, "gossip_gain": 2.5, "consensus_distance": 0.15}  # the README's measured spread
 
 
 @pytest.mark.long
 def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(walked, tmp_path):
     """The README's and the getting-started page's table of the three baseline presets: every
     number is what `gossiplab run --preset NAME` gives now, at its full 2,000 steps (the default
-    and local-only are the walk-through's own runs)."""
-    tables = {page: PRESET_ROW.findall((ROOT / page).read_text()) for page in ("README.md", "docs/getting-started.md")}
+    and local-only are the walk-through's own runs). Float sums round differently with another
+    thread count or another set of PyTorch's CPU kernels (AVX512, AVX2): on the platform the page
+    names, the numbers are those shown up to their last digit; on another, within the spread the
+    README states it measured between platforms."""
+    pages = {page: (ROOT / page).read_text() for page in ("README.md", "docs/getting-started.md")}
+    tables = {page: PRESET_ROW.findall(text) for page, text in pages.items()}
     assert all(len(rows) == 3 for rows in tables.values()), tables
     run_dirs = {"default": walked / "runs" / "demo", "local-only": walked / "runs" / "local"}
     for run_dir in run_dirs.values():
@@ -233,16 +240,21 @@ def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(walked, tm
     assert result.exit_code == 0, result.output
     run_dirs["complete-graph"] = tmp_path
     summaries = {preset: json.loads((path / "summary.json").read_text()) for preset, path in run_dirs.items()}
+    platforms = {(str(s["platform"]["threads"]), s["platform"]["cpu_kernels"]) for s in summaries.values()}
     shared = ("ala", "aga", "mmga")
     columns = {"README.md": (*shared, "gossip_gain", "consensus_distance"),
                "docs/getting-started.md": (*shared, "ala_aga_mean", "gossip_gain", "consensus_distance")}  # fmt: skip
     for page, rows in tables.items():
+        named = MEASURED_ON.findall(pages[page])
+        assert len(named) == 1, f"{page} names the platform of its table once: {named}"
+        spread = {"accuracy": 6e-4, **SAME_PLATFORM} if platforms == set(named) else OTHER_PLATFORM
         for preset, cells in rows:
             shown = [float(cell.strip().rstrip("%")) for cell in cells.split("|")]
             measured = [summaries[preset][key] for key in columns[page]]
             assert len(shown) == len(measured), (page, preset)
             for key, value, run in zip(columns[page], shown, measured, strict=True):
-                tolerance = 0.06 if key == "gossip_gain" else 0.02 * value if key == "consensus_distance" else 6e-4
+                tolerance = spread.get(key, spread["accuracy"])
+                tolerance *= value if key == "consensus_distance" else 1
                 assert abs(value - run) <= max(tolerance, 1e-9), (
-                    f"{page} {preset} {key}: shows {value}, a run gives {run}"
+                    f"{page} {preset} {key}: shows {value}, a run on {platforms} gives {run} (page: {named})"
                 )

@@ -72,7 +72,13 @@ def platform_record(threads: int, device: torch.device) -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     except OSError:
         pass
-    record = {"threads": threads, "torch": torch.__version__, "cpu": cpu, "device": str(device)}
+    record = {
+        "threads": threads,
+        "torch": torch.__version__,
+        "cpu": cpu,
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # PyTorch's vector kernels: AVX512, AVX2, ...
+        "device": str(device),
+    }
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
         record["deterministic_algorithms"] = torch.are_deterministic_algorithms_enabled()

@@ -440,7 +440,9 @@ class Runner:
         if self.comm.writes:
             atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         clip = self.config.train.clip_grad_norm
-        clipping = f"a smaller train.clip_grad_norm (now {clip:g})" if clip else "clip gradients (train.clip_grad_norm=1.0)"
+        clipping = (
+            f"a smaller train.clip_grad_norm (now {clip:g})" if clip else "clip gradients (train.clip_grad_norm=1.0)"
+        )
         raise DivergenceError(
             f"training diverged: {message}; try a lower train.lr (now {self.config.train.lr:g}) or {clipping}, "
             "or let the run drop such sites (train.on_divergence=drop)"
