@@ -62,7 +62,7 @@ class Scoring:
         return (self._per_class_accuracy(hits) * self.class_weights[owners]).sum(1)
 
     def matrix(self, hits: Hits, columns: torch.Tensor) -> torch.Tensor:
-        """A[m, s] [M, S]: each row's accuracy on the sites `columns` (the sites `hits.per_site` counts)."""
+        """`A[m, s]`, `[M, S]`: each row's accuracy on the sites `columns` (the sites `hits.per_site` counts)."""
         if self.class_weights is None:
             return hits.per_site / torch.bincount(self.test_site, minlength=self.num_sites)[columns].float()
         return self._per_class_accuracy(hits) @ self.class_weights[columns].T
