@@ -4,6 +4,7 @@ asserted), and a 1,000-site run fits and finishes."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,27 @@ def test_bench_refuses_a_device_before_any_work(gossiplab_main):
     assert code == 2 and "--device tpu: unknown device; allowed: cpu, cuda, cuda:K, mps or auto" in err
     code, _, err = gossiplab_main("bench", "--device", "auto", "--distributed")
     assert code == 2 and "--device auto: --distributed times the CPU (gloo) runtime" in err
+
+
+def test_bench_busy_times_both_spin_counts_idle_and_with_a_busy_core(tmp_path, gossiplab_main):
+    out = tmp_path / "busy.json"
+    args = ["bench", "--busy", "--repeats", "1", "--seconds", "0.05", "--json", str(out)]
+    result = subprocess.run([sys.executable, "-m", "gossiplab", *args], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "one core busy" in result.stdout and "1000 spins" in result.stdout
+    rows = json.loads(out.read_text())
+    assert [row["busy_core"] for row in rows] == [False, True]
+    assert all(row["stock_steps_per_s"] > 0 and row["gossiplab_steps_per_s"] > 0 for row in rows)
+    code, _, err = gossiplab_main("bench", "--busy", "--distributed")
+    assert code == 2 and "--busy times the CPU in fresh processes" in err
+
+
+@pytest.mark.parametrize(("given", "seen"), [(None, "1000"), ("5", "5")])
+def test_gossiplab_imported_first_sets_openmps_spin_count_unless_the_user_did(given, seen):
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})
+    code = "import os, gossiplab, torch; print(os.environ['GOMP_SPINCOUNT'])"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == seen
 
 
 @pytest.mark.long

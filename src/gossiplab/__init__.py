@@ -7,7 +7,17 @@ pay for PyTorch's import (seconds) until something that needs it is touched.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# PyTorch's CPU threads run on GNU OpenMP, whose threads spin for GOMP_SPINCOUNT iterations
+# (300,000 when unset) before they sleep. With another process on one of 2 cores, a thread done
+# with its share spins against the one waiting for the busy core: the default's step ran 1.6x
+# slower. 1,000 spins cost nothing on an idle machine (`gossiplab bench --busy` measures both).
+# libgomp reads it when PyTorch loads: this works when gossiplab is imported first (the command
+# line, `python -m gossiplab`, torchrun's workers), and never overrides a user's setting.
+OPENMP_SPIN_COUNT = "1000"
+os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN_COUNT)
 
 if TYPE_CHECKING:
     from gossiplab.algorithms import Algorithm

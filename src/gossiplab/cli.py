@@ -635,6 +635,34 @@ def _bench_distributed(counts: list[int], rounds: int, json_path: Path | None) -
         console.print(f"wrote {json_path}")
 
 
+def _bench_busy(repeats: int, seconds: float, json_path: Path | None) -> None:
+    from gossiplab import OPENMP_SPIN_COUNT
+    from gossiplab.bench_busy import SITES
+    from gossiplab.bench_busy import run as run_busy
+
+    table = Table(title=f"the default's step ({SITES}-site MLP, B = 32) by OpenMP spin count, each in a fresh process")
+    for column in ("machine", "threads", "steps/s, libgomp's 300,000 spins", f"steps/s, {OPENMP_SPIN_COUNT} spins",
+                   "ratio"):  # fmt: skip
+        table.add_column(column, justify="right")
+    with _table_filled_live(table):
+        rows = run_busy(repeats, seconds)
+        for row in rows:
+            table.add_row(
+                "one core busy" if row["busy_core"] else "idle",
+                f"{row['threads']} of {row['cores']} cores",
+                f"{row['stock_steps_per_s']:.1f}",
+                f"{row['gossiplab_steps_per_s']:.1f}",
+                f"{row['gossiplab_steps_per_s'] / row['stock_steps_per_s']:.2f}x",
+            )
+    console.print(
+        "one core busy: another process spins on one core meanwhile. gossiplab sets GOMP_SPINCOUNT="
+        f"{OPENMP_SPIN_COUNT} when imported before PyTorch, unless it is set"
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {json_path}")
+
+
 @app.command("bench")
 def bench_command(
     models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head, linear-head")] = "mlp,cnn,head",
@@ -649,6 +677,10 @@ def bench_command(
     ] = False,
     rounds: Annotated[int, typer.Option(help="--distributed: timed rounds per measurement")] = 20,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:K, mps or auto: where the engine runs")] = "cpu",
+    busy: Annotated[
+        bool,
+        typer.Option("--busy", help="the default's step, idle and with one core busy, by OpenMP spin count"),
+    ] = False,
 ) -> None:
     """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
     from gossiplab.bench import MODELS, as_json, bench
@@ -674,6 +706,11 @@ def bench_command(
         _fail(f"--device {device}: --distributed times the CPU (gloo) runtime; leave --device at cpu")
     if json_path is not None and (json_path.is_dir() or not json_path.parent.is_dir()):
         _fail(f"--json {json_path}: must be a file path in an existing folder (checked before the benchmark runs)")
+    if busy and (distributed or device != "cpu"):
+        _fail("--busy times the CPU in fresh processes; leave out --distributed and --device")
+    if busy:
+        _bench_busy(repeats, seconds, json_path)
+        return
     if distributed:
         if min(counts) < 4:
             _fail(f"--sites {sites}: --distributed splits the sites over up to 4 processes; give at least 4")
