@@ -217,7 +217,7 @@ def test_every_object_of_the_api_reference_has_docstrings():
 
 
 PRESET_ROW = re.compile(r"^\| `(default|local-only|complete-graph)` \([^)]*\) \| (.*) \|$", re.M)
-MEASURED_ON = re.compile(r"Measured on (\d+) CPU cores with PyTorch's (\w+) kernels")
+MEASURED_ON = re.compile(r"Measured on (\d+) cores of an? (.+?) with PyTorch's (\w+) kernels")
 SAME_PLATFORM = {"gossip_gain": 0.06, "consensus_distance": 0.02}  # rounding; consensus relative
 OTHER_PLATFORM = {"accuracy": 0.02, "gossip_gain": 2.5, "consensus_distance": 0.15}  # the README's measured spread
 
@@ -240,7 +240,8 @@ def test_the_default_tables_numbers_are_those_of_a_run_at_full_length(walked, tm
     assert result.exit_code == 0, result.output
     run_dirs["complete-graph"] = tmp_path
     summaries = {preset: json.loads((path / "summary.json").read_text()) for preset, path in run_dirs.items()}
-    platforms = {(str(s["platform"]["threads"]), s["platform"]["cpu_kernels"]) for s in summaries.values()}
+    recorded = [summary["platform"] for summary in summaries.values()]
+    platforms = {(str(p["threads"]), p["cpu"], p["cpu_kernels"]) for p in recorded}
     shared = ("ala", "aga", "mmga")
     columns = {"README.md": (*shared, "gossip_gain", "consensus_distance"),
                "docs/getting-started.md": (*shared, "ala_aga_mean", "gossip_gain", "consensus_distance")}  # fmt: skip
