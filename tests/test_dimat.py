@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gossiplab.algorithms.sgp import SGP
+from gossiplab.algorithms.sgp import SGP, push_sum_matrix
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import SingleProcess
@@ -139,12 +139,12 @@ def test_push_sum_is_column_stochastic_and_preserves_the_mass():
     sgp, state = push_sum(theta)
     mass_before = theta.sum(0)
     for _ in range(3):
-        sgp.communicate(links.float(), state, SingleProcess(5))
+        sgp.communicate(push_sum_matrix(links.float()), state, SingleProcess(5))
         # sum_i x_i = sum_i w_i z_i and sum_i w_i are invariant under column-stochastic mixing
         torch.testing.assert_close((state["push_sum_weights"][:, None] * theta).sum(0), mass_before)
         assert state["push_sum_weights"].sum() == pytest.approx(5.0)
     ring, ring_state = push_sum(torch.randn(5, 3))
-    ring.communicate(build_adjacency("ring", 5, 0, seed=0).float(), ring_state, SingleProcess(5))
+    ring.communicate(push_sum_matrix(build_adjacency("ring", 5, 0, seed=0).float()), ring_state, SingleProcess(5))
     torch.testing.assert_close(ring_state["push_sum_weights"], torch.ones(5))  # regular graph: SGP is DSGD
 
 

@@ -109,21 +109,29 @@ def assert_same_run(theta: torch.Tensor, rows: list[dict], run_dir: Path, proces
     distributed_rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in distributed_rows] == [r["step"] for r in rows]
     for mine, reference in zip(distributed_rows, rows, strict=True):
-        for key in ("ala", "aga", "mmga", "consensus_distance", "worst10_local", "bytes_sent"):
+        for key in ("ala", "aga", "mmga", "consensus_distance", "worst10_local", "bytes_sent", "simulated_time_s"):
             assert mine[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key
 
 
+LOSSY_CHURNING = [
+    "train.steps=40", "eval.every=20", "network.message_loss=0.3", "network.churn_leave=0.1", "network.churn_return=0.3"
+]  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("processes", "topology", "mixing"),
+    ("processes", "topology", "mixing", "network"),
     [
-        (2, "ring", "uniform"),
-        pytest.param(4, "random-one-peer", "metropolis", marks=pytest.mark.long),
-        pytest.param(4, "complete", "uniform", marks=pytest.mark.long),
-        pytest.param(2, "exponential", "metropolis", marks=pytest.mark.long),
+        (2, "ring", "uniform", []),
+        pytest.param(4, "random-one-peer", "metropolis", [], marks=pytest.mark.long),
+        pytest.param(4, "complete", "uniform", [], marks=pytest.mark.long),
+        pytest.param(2, "exponential", "metropolis", [], marks=pytest.mark.long),
+        pytest.param(2, "exponential", "metropolis", LOSSY_CHURNING, marks=pytest.mark.long, id="lossy-churning"),
     ],
 )
-def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, topology, mixing):
-    overrides = [*SMALL, f"gossip.topology={topology}", f"gossip.mixing={mixing}", "gossip.final_merge=exact"]
+def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, topology, mixing, network):
+    """Across processes, the same run as one process simulates, a lossy and churning network too
+    (every process draws the network's events from the same stream)."""
+    overrides = [*SMALL, f"gossip.topology={topology}", f"gossip.mixing={mixing}", "gossip.final_merge=exact", *network]
     theta, rows = simulate(overrides, tmp_path / "simulation")
     results = finish(start(processes, [*overrides, "--run-dir", str(tmp_path / "distributed")]))
     assert all(code == 0 for code, _ in results), results

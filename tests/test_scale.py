@@ -74,15 +74,20 @@ def test_gossip_with_a_sparse_w_equals_the_dense_product(monkeypatch, kernels, n
     torch.testing.assert_close(theta.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_dropped_sites_are_cut_from_a_sparse_w_as_from_a_dense_one(monkeypatch):
+@pytest.mark.parametrize("stochastic", ["rows", "columns"])
+def test_dropped_sites_are_cut_from_a_sparse_w_as_from_a_dense_one(monkeypatch, stochastic):
+    """The cut keeps the sums W must keep: its rows' (DSGD), or its columns' (push-sum)."""
     num_sites = 12
-    sparse_weights = mixing.metropolis(built_sparse(monkeypatch, "exponential", num_sites))
+    sparse_weights = mixing.uniform(built_sparse(monkeypatch, "exponential", num_sites))
     active = torch.ones(num_sites, dtype=torch.bool)
     active[[3, 7]] = False
-    cut = merge.without_sites(sparse_weights, active)
+    cut = merge.without_sites(sparse_weights, active, stochastic)
     assert cut.is_sparse
-    expected = merge.without_sites(sparse_weights.to_dense(), active)
+    expected = merge.without_sites(sparse_weights.to_dense(), active, stochastic)
     torch.testing.assert_close(cut.to_dense(), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(expected.sum(1 if stochastic == "rows" else 0), torch.ones(num_sites))
+    identity = torch.eye(num_sites)
+    assert torch.equal(expected[3], identity[3]) and torch.equal(expected[:, 3], identity[:, 3])  # cut off
 
 
 def test_a_sparse_w_breaking_the_contract_is_refused_naming_the_rule(monkeypatch):

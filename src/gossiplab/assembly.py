@@ -26,13 +26,14 @@ from gossiplab.evaluation import buffer_bytes as evaluation_buffer_bytes
 from gossiplab.memory import ResourceError, available_memory
 from gossiplab.merge import GossipAverager
 from gossiplab.models import build_model
+from gossiplab.network import Network
 from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault, imported_packages, within
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
 from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
 from gossiplab.schedule import GossipSchedule
-from gossiplab.sparse import entries, row_sums
+from gossiplab.sparse import entries, oriented, row_sums
 from gossiplab.topology import build_adjacency
 
 ROW_SUM_TOLERANCE = 1e-4
@@ -49,7 +50,8 @@ class Experiment:
 
     topology(round) -> adjacency [N, N] bool; mixing_rule(adjacency, experiment) -> W [N, N]
     (rows sum to 1); algorithm: the hooks the loop calls (gossiplab.algorithms), built on this
-    experiment; state: the algorithm's state, made by `algorithm.init()` when the run starts.
+    experiment; state: the algorithm's state, made by `algorithm.init()` when the run starts;
+    network: the simulated network's conditions and clock (gossiplab.network).
     """
 
     config: Config
@@ -61,6 +63,11 @@ class Experiment:
     mixing_rule: Callable[[torch.Tensor, Any], torch.Tensor]
     algorithm: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+    network: Network = None  # type: ignore[assignment]  # churn, loss and the clock ([network]): made from config
+
+    def __post_init__(self) -> None:
+        if self.network is None:
+            self.network = Network(self.config.network, self.config.num_sites, self.config.seed)
 
     def graph(self, step: int, round_index: int) -> torch.Tensor:
         """The graph of the round at `step`: the topology's, or outside a communication window with
@@ -297,11 +304,14 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
     return unresolvable
 
 
-def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torch.Tensor | None = None) -> None:
+def check_mixing_matrix(
+    weights: Any, num_sites: int, part: str, adjacency: torch.Tensor | None = None, stochastic: str = "rows"
+) -> None:
     """W must be a float32 [N, N] tensor (dense, or sparse: gossiplab.sparse) of finite,
-    non-negative weights whose rows sum to 1, and (given the round's graph) weigh only a site itself
-    and its neighbours in that graph: a weight on another pair would quietly replace the configured
-    topology (and send messages it never counts). A sparse W is checked on its entries only."""
+    non-negative weights whose rows (or, for a push-sum algorithm, columns) sum to 1, and (given the
+    round's graph) weigh only a site itself and its neighbours in that graph: a weight on another
+    pair would quietly replace the configured topology (and send messages it never counts). A
+    sparse W is checked on its entries only."""
     problem = None
     if not isinstance(weights, torch.Tensor):
         problem = f"returned {type(weights).__name__}, not a tensor"
@@ -317,8 +327,8 @@ def check_mixing_matrix(weights: Any, num_sites: int, part: str, adjacency: torc
             k = int(torch.nonzero(values < 0)[0])
             example = f"W[{int(rows[k])}, {int(columns[k])}] = {float(values[k]):.3g}"
             problem = f"returned W with negative weights (e.g. {example}); weights must be >= 0"
-        elif (worst := float((row_sums(weights.cpu()) - 1).abs().max())) > ROW_SUM_TOLERANCE:
-            problem = f"returned W whose rows do not sum to 1 (off by up to {worst:.3g})"
+        elif (worst := float((row_sums(oriented(weights.cpu(), stochastic)) - 1).abs().max())) > ROW_SUM_TOLERANCE:
+            problem = f"returned W whose {stochastic} do not sum to 1 (off by up to {worst:.3g})"
         elif adjacency is not None:
             receivers, senders, _ = entries(adjacency.cpu())
             edges = torch.cat([receivers * num_sites + senders, senders * num_sites + receivers])
@@ -356,4 +366,5 @@ def check_experiment(experiment: Experiment, sites: slice) -> None:
         problems.append(f"topology ({names['gossip.topology']}) gave {got!s:.60}, not a bool [{n}, {n}] adjacency")
     if problems:
         raise PartMismatch("the experiment's parts do not fit: " + "; ".join(problems))
-    check_mixing_matrix(algorithm.mixing(0, adjacency, experiment.state), n, names["gossip.mixing"], adjacency)
+    weights = algorithm.mixing(0, adjacency, experiment.state)
+    check_mixing_matrix(weights, n, names["gossip.mixing"], adjacency, algorithm.stochastic)

@@ -382,6 +382,33 @@ class DistributedConfig:
         ])  # fmt: skip
 
 
+@dataclass
+class NetworkConfig:
+    """[network]: the conditions of a simulated network (gossiplab.network): sites that leave and
+    come back, messages lost in transit, and a clock that prices steps and messages in seconds."""
+
+    message_loss: float = documented(0.0, "probability that a gossip message is lost in transit, in [0, 1]")
+    churn_leave: float = documented(0.0, "each step, an online site's probability of going offline, in [0, 1]")
+    churn_return: float = documented(0.1, "each step, an offline site's probability of coming back, in [0, 1]")
+    compute_time: float = documented(1.0, "simulated seconds of one local step on a median site, > 0")
+    compute_spread: float = documented(
+        0.0, "sigma of each site's log-normal slowdown, drawn once (0: every site equally fast), >= 0"
+    )
+    latency: float = documented(0.0, "seconds before a message starts arriving, >= 0")
+    bandwidth: float = documented(0.0, "bytes per second of a link (0: unlimited), >= 0")
+
+    def problems(self, config: Any) -> list[str]:
+        return problems_of(config, [
+            (0 <= self.message_loss <= 1, "network.message_loss", "must be a probability in [0, 1]"),
+            (0 <= self.churn_leave <= 1, "network.churn_leave", "must be a probability in [0, 1]"),
+            (0 <= self.churn_return <= 1, "network.churn_return", "must be a probability in [0, 1]"),
+            (self.compute_time > 0, "network.compute_time", "must be > 0 (simulated seconds per step)"),
+            (self.compute_spread >= 0, "network.compute_spread", "must be >= 0 (0: equal speeds)"),
+            (self.latency >= 0, "network.latency", "must be >= 0 (seconds)"),
+            (self.bandwidth >= 0, "network.bandwidth", "must be >= 0 (bytes per second; 0: unlimited)"),
+        ])  # fmt: skip
+
+
 SECTIONS: dict[str, type] = {}  # config sections declared by parts (algorithms, mixing rules): name -> dataclass
 
 
@@ -549,6 +576,7 @@ class Config:
     gossip: GossipConfig = field(default_factory=GossipConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     sections: dict[str, Any] = field(default_factory=dict, repr=False)  # the parts' own sections, by name
 
     def __post_init__(self) -> None:

@@ -2,10 +2,12 @@
 algorithm adjusts the gradients, gives W and communicates; callbacks log, checkpoint and report.
 
     for t = step + 1 .. T:
+        [the network: churn moves, the clock waits for the slowest online site]
         every site's gradient on its own batch               (one engine call)
         [communicate, for algorithms that mix before the step (CDSGD)]
-        algorithm.adjust_gradients; the optimizer step on [N, P]
-        [communicate: if the schedule fires, W = algorithm.mixing(round, graph), algorithm.communicate(W)
+        algorithm.adjust_gradients; the optimizer step on [N, P]; offline sites' rows put back
+        [communicate: if the schedule fires, W = algorithm.mixing(round, graph) as the network delivers
+         it (offline sites and lost messages cut), algorithm.communicate(W)
          (then, with train.reset_optimizer, a fresh optimizer state)]
         [at T with gossip.final_merge: the single global merge]
         every eval.every steps and at T: evaluate -> callbacks (metrics, checkpoint, progress, user)
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 from gossiplab.assembly import check_mixing_matrix
 from gossiplab.callbacks import Callback
 from gossiplab.merge import without_sites
-from gossiplab.optim import clip_site_gradients, learning_rate
+from gossiplab.optim import clip_site_gradients, learning_rate, site_state
 
 if TYPE_CHECKING:
     from gossiplab.runner import Runner
@@ -29,10 +31,13 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
     """Train from `runner.step` to train.steps (across processes: this process's block of sites)."""
     config, experiment, comm = runner.config, runner.experiment, runner.comm
     population, optimizer, algorithm = experiment.population, experiment.optimizer, experiment.algorithm
+    network = experiment.network
     if runner.step == 0 and runner.step_zero_unlogged():
         evaluate(runner, callbacks, train_loss=None)
     while runner.step < config.train.steps:
         runner.step += 1
+        network.advance(runner.active)
+        offline = network.frozen_offline([population.theta, *site_state(optimizer)], comm.sites)
         x, y = experiment.federation.sample_batch(config.train.batch_size, runner.generator, comm.sites)
         runner.record_losses(comm.gather(population.compute_gradients(x, y)))
         runner.zero_dropped(population.grad)
@@ -44,6 +49,7 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
             clip_site_gradients(population.grad, config.train.clip_grad_norm)
         optimizer.step(population.parameters, population.grad)
         runner.zero_dropped(population.theta)
+        offline.restore()
         if not algorithm.communicate_before_step:
             communicate(runner)
         for callback in callbacks:
@@ -68,10 +74,13 @@ def communicate(runner: Runner) -> None:
             round_index = schedule.rounds_until(step) - 1
             adjacency = experiment.graph(step, round_index)
             weights = algorithm.mixing(round_index, adjacency, experiment.state)
-            check_mixing_matrix(weights, runner.config.num_sites, runner.parts["gossip.mixing"], adjacency)
-            weights = without_sites(weights, runner.active)
-            sent = algorithm.communicate(weights, experiment.state, runner.comm)
-            runner.count_round(adjacency, weights, sent)
+            check_mixing_matrix(
+                weights, runner.config.num_sites, runner.parts["gossip.mixing"], adjacency, algorithm.stochastic
+            )
+            weights = without_sites(weights, runner.active, algorithm.stochastic)
+            delivery = experiment.network.deliver(weights, algorithm.stochastic)
+            sent = algorithm.communicate(delivery.weights, experiment.state, runner.comm)
+            runner.count_round(adjacency, delivery, sent)
         if merges:
             runner.merge_globally()
     if runner.config.train.reset_optimizer:

@@ -11,7 +11,7 @@ import torch
 from gossiplab.communicator import Communicator
 from gossiplab.devices import resolve_kernels
 from gossiplab.mixing import mixing_matrix
-from gossiplab.sparse import entries, matrix, neighbour_lists, off_diagonal_count
+from gossiplab.sparse import entries, matrix, neighbour_lists, off_diagonal_count, oriented
 from gossiplab.topology import build_adjacency
 
 
@@ -138,11 +138,13 @@ def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: 
     theta[rows] = merged_model(theta, active, comm)
 
 
-def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def without_sites(weights: torch.Tensor, active: torch.Tensor, stochastic: str = "rows") -> torch.Tensor:
     """W with dropped sites cut out: nobody receives from them, they keep their own row, and the
-    remaining weights of every row are renormalised to sum to 1 (a sparse W stays sparse)."""
+    remaining weights of every row are renormalised to sum to 1 (a sparse W stays sparse); of every
+    column, for a column-stochastic (push-sum) W."""
     if bool(active.all()):
         return weights
+    weights = oriented(weights, stochastic)
     if weights.is_sparse:
         rows, columns, values = entries(weights)
         keep = active[rows] & active[columns]
@@ -150,10 +152,10 @@ def without_sites(weights: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         rows, columns = torch.cat([rows[keep], dropped]), torch.cat([columns[keep], dropped])
         values = torch.cat([values[keep], torch.ones(len(dropped))])
         total = torch.zeros(len(weights)).index_add_(0, rows, values)
-        return matrix(rows, columns, values / total[rows], len(weights))
+        return oriented(matrix(rows, columns, values / total[rows], len(weights)), stochastic)
     weights = torch.where(active[:, None] & active[None, :], weights, 0.0)
     weights = torch.where(active[:, None], weights, torch.eye(len(weights)))
-    return weights / weights.sum(1, keepdim=True)
+    return oriented(weights / weights.sum(1, keepdim=True), stochastic)
 
 
 class MatchedMerge:
@@ -228,6 +230,11 @@ class MatchedMerge:
         theta.copy_(mixed)
 
 
+def final_merge_rounds(config: Any) -> int:
+    """k, the rounds of a gossip final merge: gossip.final_merge_rounds, or ceil(log2 N)."""
+    return config.gossip.final_merge_rounds or max(1, math.ceil(math.log2(config.num_sites)))
+
+
 def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Communicator) -> int:
     """The single global merge after the last step; returns how many parameter vectors it sent.
 
@@ -240,7 +247,7 @@ def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Co
     if gossip.final_merge == "exact":
         global_merge(theta, active, comm)
         return 2 * (int(active.sum()) - 1)
-    rounds = gossip.final_merge_rounds or max(1, math.ceil(math.log2(num_sites)))
+    rounds = final_merge_rounds(config)
     averager = GossipAverager(theta.shape, config.train.kernels, theta.device)
     sent = 0
     for round_index in range(rounds):

@@ -152,6 +152,11 @@ class StackedAdam:
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
 
 
+def site_state(optimizer: StackedSGD | StackedAdam) -> list[torch.Tensor]:
+    """The optimizer's per-site buffers (rows like theta's), read from its state_dict."""
+    return [value for value in optimizer.state_dict().values() if isinstance(value, torch.Tensor) and value.dim() == 2]
+
+
 @torch.no_grad()
 def clip_site_gradients(grad: torch.Tensor, max_norm: float) -> None:
     """Each site's gradient (a row of [N, P]) scaled to L2 norm at most `max_norm`, as

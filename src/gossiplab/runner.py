@@ -31,6 +31,7 @@ from gossiplab.data.partition import listed_sites
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
 from gossiplab.evaluation import evaluate, per_row
 from gossiplab.launch import launched_distributed
+from gossiplab.network import Delivery
 from gossiplab.rundir import (
     RunDirError,
     RunDirLock,
@@ -144,6 +145,7 @@ class Runner:
         self.gossip_messages = 0  # messages sent by gossip rounds
         self.gossip_bytes = 0  # and their bytes, as each round's algorithm reported them
         self.merge_messages = 0  # parameter vectors sent by the final global merge
+        self.messages_lost = 0  # gossip messages sent and lost in transit ([network] message_loss)
         self.wall_time = 0.0
         self.loss_sum, self.loss_count = 0.0, 0  # mean training loss since the last evaluation
         self.site_loss_sum = torch.zeros(config.num_sites, dtype=torch.float64)  # and per site
@@ -174,6 +176,8 @@ class Runner:
             "gossip_messages": self.gossip_messages,
             "gossip_bytes": self.gossip_bytes,
             "merge_messages": self.merge_messages,
+            "messages_lost": self.messages_lost,
+            "network": self.experiment.network.state_dict(),
             "wall_time": self.wall_time,
             "loss_sum": self.loss_sum,
             "loss_count": self.loss_count,
@@ -228,6 +232,9 @@ class Runner:
         # a checkpoint from before the algorithms reported their bytes: one parameter vector per message
         self.gossip_bytes = state.get("gossip_bytes", self.gossip_messages * self.vector_bytes)
         self.merge_messages = state["merge_messages"]
+        self.messages_lost = state.get("messages_lost", 0)
+        if "network" in state:  # written before gossiplab simulated networks (2026-12-06): all online, no clock
+            self.experiment.network.load_state_dict(state["network"])
         self.wall_time = state["wall_time"]
         self.experiment.population.theta.copy_(state["theta"])
         self.experiment.population.random_streams.copy_(state["random_streams"])
@@ -282,15 +289,21 @@ class Runner:
         if not mine.all():
             rows[~mine] = 0.0
 
-    def count_round(self, adjacency: torch.Tensor, weights: torch.Tensor, sent: Sent | None) -> None:
-        """Add what a gossip round sent, as its algorithm reported it (None: one parameter vector
-        per off-diagonal non-zero of W); keep the first round's graph."""
+    def count_round(self, adjacency: torch.Tensor, delivery: Delivery, sent: Sent | None) -> None:
+        """Add what a gossip round sent, as its algorithm reported it for the messages delivered
+        (None: one parameter vector per off-diagonal non-zero of W), and the messages lost in
+        transit, each as large as the round's delivered ones (a parameter vector when none
+        arrived); advance the clock by the round's time; keep the first round's graph."""
         if sent is None:
-            sent = Sent.vectors(weights, self.experiment.population.theta.shape[1])
-        self.gossip_messages += sent.messages
-        self.gossip_bytes += sent.bytes
+            sent = Sent.vectors(delivery.weights, self.experiment.population.theta.shape[1])
+        message_bytes = sent.bytes / sent.messages if sent.messages else self.vector_bytes
+        self.gossip_messages += sent.messages + delivery.lost
+        self.gossip_bytes += sent.bytes + round(delivery.lost * message_bytes)
+        self.messages_lost += delivery.lost
+        if sent.messages + delivery.lost:
+            self.experiment.network.charge_round(message_bytes)
         if self._first_round is None:
-            self._first_round = (adjacency, weights)
+            self._first_round = (adjacency, delivery.weights)
 
     def merge_globally(self) -> None:
         """The single global merge, with the metrics just before it kept in premerge.json."""
@@ -301,6 +314,12 @@ class Runner:
             before = {k: v for k, v in before.items() if k != "local_accuracy"}
             atomic_write(self.run_dir / "premerge.json", json.dumps(before).encode())
         self.merge_messages += merge.final_merge(theta, self.config, self.active, self.comm)
+        network, sites = self.experiment.network, int(self.active.sum())
+        if self.config.gossip.final_merge == "exact":
+            network.charge_all_reduce(sites, self.vector_bytes)
+        else:
+            for _ in range(merge.final_merge_rounds(self.config)):
+                network.charge_round(self.vector_bytes)
 
     def evaluate(self, train_loss: float | None) -> tuple[dict[str, Any], torch.Tensor]:
         """The metrics row of this step (with the mean training loss since the last evaluation,
@@ -315,6 +334,8 @@ class Runner:
             "step": self.step,
             "gossip_rounds": self.experiment.schedule.rounds_until(self.step),
             "bytes_sent": self.bytes_sent,
+            "simulated_time_s": self.experiment.network.time,
+            "online_sites": int((self.experiment.network.online & self.active).sum()),
             "train_loss": train_loss,
             **row,
             "site_train_loss": site_loss,
@@ -466,6 +487,7 @@ class Runner:
             "gossip_rounds_T": rounds,
             "peers_per_round_R": self.gossip_messages / (m * rounds) if rounds else 0.0,
             "gossip_bytes": self.gossip_bytes,
+            "messages_lost": self.messages_lost,
             "final_merge_bytes": self.merge_messages * self.vector_bytes,
             "total_bytes": self.bytes_sent,
         }

@@ -64,6 +64,12 @@ def identity(num_sites: int, like: torch.Tensor) -> torch.Tensor:
     return matrix(sites, sites, torch.ones(num_sites), num_sites)
 
 
+def oriented(weights: torch.Tensor, stochastic: str) -> torch.Tensor:
+    """W with the sums that must be 1 along its rows: W itself, or W^T for a column-stochastic
+    (push-sum) W."""
+    return weights.t() if stochastic == "columns" else weights
+
+
 def row_sums(weights: torch.Tensor) -> torch.Tensor:
     """sum_j W_ij for every row i, [N] (float64 for a sparse W, so the check sees W's error, not the sum's)."""
     if not weights.is_sparse:

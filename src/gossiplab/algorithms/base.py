@@ -68,6 +68,10 @@ class Algorithm:
 
     distributed: ClassVar[bool] = False  # runs with the sites spread over processes
     communicate_before_step: ClassVar[bool] = False  # mix before the optimizer step (CDSGD)
+    # whose sums W keeps: 'rows' (each site averages what it receives; the rule's contract) or
+    # 'columns' (each sender splits its mass: push-sum); a lost message's weight stays with the
+    # receiver or the sender accordingly (gossiplab.network), and dropped sites are cut the same way
+    stochastic: ClassVar[str] = "rows"
 
     def __init__(self, experiment: Experiment):
         self.experiment = experiment
@@ -82,7 +86,8 @@ class Algorithm:
         return {}
 
     def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """W [N, N] of round `round_index` on its graph; default: the experiment's mixing rule."""
+        """W [N, N] of round `round_index` on its graph, rows or columns summing to 1 as `stochastic`
+        says; default: the experiment's mixing rule."""
         return self.experiment.mixing_rule(adjacency, self.experiment)
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:

@@ -16,11 +16,14 @@ import torch
 from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.communicator import Communicator
 from gossiplab.registry import ALGORITHMS
+from gossiplab.sparse import dense
 
 
 @ALGORITHMS.register("sgp")
 class SGP(Algorithm):
     """Stochastic gradient push (Assran et al. 2019): push-sum gossip for directed graphs."""
+
+    stochastic = "columns"
 
     def init(self) -> dict[str, Any]:
         theta = self.experiment.population.theta
@@ -29,14 +32,25 @@ class SGP(Algorithm):
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         self.experiment.population.grad.div_(state["push_sum_weights"][:, None])
 
+    def mixing(self, round_index: int, adjacency: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """P on the links of the mixing rule's W."""
+        return push_sum_matrix(super().mixing(round_index, adjacency, state))
+
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
-        """Each message carries the sender's scaled row and its push-sum weight (P + 1 numbers)."""
+        """x <- P x, w <- P w. Each message carries the sender's scaled row and its push-sum
+        weight (P + 1 numbers)."""
         theta, push_sum_weights = self.experiment.population.theta, state["push_sum_weights"]
-        links = weights.to(theta.device) != 0
-        links.diagonal().fill_(True)
-        column_stochastic = links.float() / links.sum(0, keepdim=True)
+        column_stochastic = dense(weights).to(theta.device)
         mass = push_sum_weights[:, None] * theta
         push_sum_weights.copy_(column_stochastic @ push_sum_weights)
         theta.copy_(column_stochastic @ mass / push_sum_weights[:, None])
         return Sent.vectors(weights, theta.shape[1] + 1)
+
+
+def push_sum_matrix(weights: torch.Tensor) -> torch.Tensor:
+    """P, column stochastic: each sender j splits its mass equally among itself and the sites W
+    links it to (P_ij = 1 / (outdeg_j + 1) where W_ij != 0)."""
+    links = dense(weights) != 0
+    links.diagonal().fill_(True)
+    return links.float() / links.sum(0, keepdim=True)

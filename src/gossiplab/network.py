@@ -1,0 +1,145 @@
+"""A simulated network under the synchronous loop: churn, message loss and a clock ([network]).
+
+Churn: every site is a two-state Markov chain, online -> offline with probability `churn_leave`
+and offline -> online with `churn_return` at each step (from step 1; all sites start online). An
+offline site neither trains nor sends nor receives: its parameters, buffers and optimizer state
+are left exactly as they were, and every message from or to it is not sent.
+
+Loss: each message of a round (an off-diagonal non-zero W_ij: j sends to i) between online sites
+is lost in transit with probability `message_loss`, independently. Where a lost or unsent
+message's weight goes is the algorithm's rule (`Algorithm.stochastic`): a row-stochastic method
+(DSGD) has the receiver keep its own model in its place, W_ii += W_ij, so every row still sums to
+1; a column-stochastic one (push-sum, SGP) has the sender keep the mass it could not deliver,
+W_jj += W_ij, so every column still sums to 1 and the total mass is kept.
+
+Clock: site i's step takes `compute_time * exp(compute_spread * z_i)` simulated seconds, z_i ~
+N(0, 1) drawn once (heterogeneous devices); a synchronous step lasts as long as its slowest online
+site. A message takes `latency + bytes / bandwidth`, links in parallel, so a round lasts one
+message's time (lost messages are waited for as long). The single final global merge is a ring
+all-reduce: 2 (m - 1) sequential transfers of P/m numbers. Every metrics row carries the clock
+(`simulated_time_s`), so accuracy can be read against time as well as steps and bytes.
+
+Draws come from the network's own generator (seeded from the run's seed), so a run without churn
+or loss draws nothing from it, and with them it is reproducible and resumes exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from gossiplab.config import NetworkConfig
+from gossiplab.sparse import entries, matrix
+
+NETWORK_STREAM = 0x4E6574  # offsets the run's seed for the network's generator ("Net")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One round through the network: W as it acts, and how many of its messages were lost in
+    transit (sent, but never delivered)."""
+
+    weights: torch.Tensor
+    lost: int
+
+
+class Network:
+    """Who is online, which messages arrive, and the simulated time, for a run of `num_sites` sites."""
+
+    def __init__(self, config: NetworkConfig, num_sites: int, seed: int):
+        self.config = config
+        self.generator = torch.Generator().manual_seed((seed + NETWORK_STREAM) % 2**63)
+        speeds = torch.Generator().manual_seed((seed + 2 * NETWORK_STREAM) % 2**63)
+        slowdown = torch.exp(config.compute_spread * torch.randn(num_sites, generator=speeds, dtype=torch.float64))
+        self.compute_time = config.compute_time * slowdown  # [N] simulated seconds per step, per site
+        self.online = torch.ones(num_sites, dtype=torch.bool)
+        self.time = 0.0  # simulated seconds so far
+
+    @property
+    def churns(self) -> bool:
+        return self.config.churn_leave > 0
+
+    def advance(self, active: torch.Tensor) -> None:
+        """Step to the next training step: churn moves every site's chain once, and the clock
+        waits for the slowest site that trains in it (online and not dropped)."""
+        if self.churns:
+            draw = torch.rand(len(self.online), generator=self.generator)
+            leave, come_back = self.config.churn_leave, self.config.churn_return
+            self.online = torch.where(self.online, draw >= leave, draw < come_back)
+        training = self.online & active
+        self.time += float(self.compute_time[training].max()) if bool(training.any()) else 0.0
+
+    def deliver(self, weights: torch.Tensor, stochastic: str) -> Delivery:
+        """W as the network lets it act: messages from or to offline sites are not sent, and each
+        other message is lost with probability `message_loss`; a dropped weight moves to the
+        diagonal of the receiver (`stochastic='rows'`) or of the sender ('columns')."""
+        loss = self.config.message_loss
+        if not self.churns and loss == 0:
+            return Delivery(weights, 0)
+        rows, columns, values = entries(weights)
+        between_sites = rows != columns
+        unsent = between_sites & ~(self.online[rows] & self.online[columns])
+        lost = torch.zeros_like(between_sites)
+        if loss > 0:
+            draw = torch.rand(int(between_sites.sum()), generator=self.generator)
+            lost[between_sites] = draw < loss
+            lost &= ~unsent
+        dropped = unsent | lost
+        if not bool(dropped.any()):
+            return Delivery(weights, 0)
+        keeper = (columns if stochastic == "columns" else rows)[dropped]
+        kept = ~dropped
+        if weights.is_sparse:
+            rows, columns = torch.cat([rows[kept], keeper]), torch.cat([columns[kept], keeper])
+            weights = matrix(rows, columns, torch.cat([values[kept], values[dropped]]), len(weights))
+        else:
+            weights = weights.clone()
+            weights[rows[dropped], columns[dropped]] = 0.0
+            weights.diagonal().index_add_(0, keeper, values[dropped])
+        return Delivery(weights, int(lost.sum()))
+
+    def transfer_time(self, message_bytes: float) -> float:
+        """Simulated seconds of one message of `message_bytes` over one link."""
+        bandwidth = self.config.bandwidth
+        return self.config.latency + (message_bytes / bandwidth if bandwidth > 0 else 0.0)
+
+    def charge_round(self, message_bytes: float) -> None:
+        """A gossip round whose messages go in parallel: one message's time."""
+        self.time += self.transfer_time(message_bytes)
+
+    def charge_all_reduce(self, sites: int, vector_bytes: float) -> None:
+        """The global merge as a ring all-reduce over `sites` sites: 2 (m - 1) transfers of a
+        1/m share of the vector, one after the other."""
+        if sites > 1:
+            self.time += 2 * (sites - 1) * self.transfer_time(vector_bytes / sites)
+
+    def frozen_offline(self, tensors: Sequence[torch.Tensor], sites: slice) -> OfflineRows:
+        """Guard the rows of this process's offline sites (`sites`: the rows `tensors` hold)."""
+        return OfflineRows(tensors, ~self.online[sites] if self.churns else None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "online": self.online.clone(), "time": self.time}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.online = state["online"].clone()
+        self.time = state["time"]
+
+
+class OfflineRows:
+    """The rows of offline sites in a step's tensors (theta, optimizer state), copied when the step
+    starts and put back when it ends: an offline site does not train."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], offline: torch.Tensor | None):
+        self.saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if offline is not None and bool(offline.any()):
+            for tensor in tensors:
+                rows = offline.to(tensor.device)
+                self.saved.append((tensor, rows, tensor[rows].clone()))
+
+    def restore(self) -> None:
+        for tensor, rows, before in self.saved:
+            tensor[rows] = before

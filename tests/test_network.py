@@ -1,0 +1,173 @@
+"""The simulated network ([network]): churn, message loss and the clock, under the same loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gossiplab.algorithms.sgp import push_sum_matrix
+from gossiplab.config import NetworkConfig
+from gossiplab.mixing import mixing_matrix
+from gossiplab.network import Network
+from gossiplab.runner import Runner
+from gossiplab.sparse import entries, matrix
+from gossiplab.topology import build_adjacency
+from resume import stopped_then_resumed
+
+
+def lossy(num_sites: int = 32, **options: float) -> Network:
+    return Network(NetworkConfig(**options), num_sites, seed=3)
+
+
+def test_without_churn_or_loss_the_network_leaves_w_as_it_is_and_draws_nothing():
+    network = lossy()
+    weights = mixing_matrix(build_adjacency("exponential", 32, 0, seed=0), "metropolis")
+    state = network.generator.get_state()
+    assert network.deliver(weights, "rows").weights is weights
+    network.advance(torch.ones(32, dtype=torch.bool))
+    assert torch.equal(network.generator.get_state(), state)
+    assert network.time == 1.0
+
+
+@pytest.mark.parametrize("stochastic", ["rows", "columns"])
+def test_a_lost_message_weight_stays_with_the_receiver_or_the_sender(stochastic):
+    """Rows still sum to 1 (the receiver keeps its own model in place of what it missed), or, for
+    push-sum, columns (the sender keeps the mass it could not deliver); only lost entries change."""
+    weights = mixing_matrix(build_adjacency("exponential", 32, 0, seed=0), "metropolis")
+    weights = push_sum_matrix(weights) if stochastic == "columns" else weights
+    delivery = lossy(message_loss=0.3).deliver(weights, stochastic)
+    after = delivery.weights
+    sums = after.sum(1) if stochastic == "rows" else after.sum(0)
+    torch.testing.assert_close(sums, torch.ones(32))
+    off_diagonal = ~torch.eye(32, dtype=torch.bool)
+    lost = off_diagonal & (weights != 0) & (after == 0)
+    assert delivery.lost == int(lost.sum())
+    messages = int((off_diagonal & (weights != 0)).sum())
+    assert 0.2 * messages < delivery.lost < 0.4 * messages  # 320 messages at p = 0.3
+    assert torch.equal(after[off_diagonal & ~lost], weights[off_diagonal & ~lost])
+    moved = (weights * lost).sum(1 if stochastic == "rows" else 0)
+    torch.testing.assert_close(after.diagonal(), weights.diagonal() + moved)
+
+
+def test_a_sparse_w_loses_the_same_messages_as_its_dense_form():
+    weights = mixing_matrix(build_adjacency("exponential", 32, 0, seed=0), "metropolis")
+    rows, columns, values = entries(weights)
+    sparse = matrix(rows, columns, values, 32)
+    dense_delivery = lossy(message_loss=0.5).deliver(weights, "rows")
+    sparse_delivery = lossy(message_loss=0.5).deliver(sparse, "rows")
+    assert sparse_delivery.weights.is_sparse
+    assert sparse_delivery.lost == dense_delivery.lost
+    torch.testing.assert_close(sparse_delivery.weights.to_dense(), dense_delivery.weights)
+
+
+def test_churn_is_a_two_state_markov_chain_per_site():
+    """The stationary share of online sites is return / (leave + return)."""
+    network = lossy(num_sites=2000, churn_leave=0.1, churn_return=0.3)
+    everyone = torch.ones(2000, dtype=torch.bool)
+    shares = []
+    for _ in range(60):
+        network.advance(everyone)
+        shares.append(float(network.online.float().mean()))
+    assert sum(shares[20:]) / 40 == pytest.approx(0.75, abs=0.02)
+    weights = mixing_matrix(build_adjacency("ring", 2000, 0, seed=0), "uniform")
+    after = network.deliver(weights, "rows").weights.to_dense()  # 2,000 sites: a sparse W
+    offline = ~network.online
+    assert torch.equal(after[offline], torch.eye(2000)[offline])  # an offline site receives nothing
+    sent_by_offline = after[:, offline] * ~torch.eye(2000, dtype=torch.bool)[:, offline]
+    assert not sent_by_offline.any()  # nor sends
+
+
+def run(config, run_dir, on_step=None) -> Runner:
+    run_dir.mkdir()
+    runner = Runner(config, run_dir, show_progress=False)
+    runner.run(on_step=on_step)
+    return runner
+
+
+def test_an_offline_site_neither_trains_nor_sends_nor_receives(small_config, tmp_path):
+    """Every step, the rows of the sites offline in it (parameters and momentum) end the step
+    exactly as they began it; the sites online move."""
+    config = small_config("default", "gossip.every=1", "network.churn_leave=0.2", "network.churn_return=0.3")
+    before: dict[str, torch.Tensor] = {}
+    checked = {"offline": 0, "online": 0}
+
+    def check(runner: Runner) -> None:
+        theta = runner.experiment.population.theta
+        momentum = runner.experiment.optimizer.momentum_buffer
+        offline = ~runner.experiment.network.online
+        if before:
+            assert torch.equal(theta[offline], before["theta"][offline])
+            assert torch.equal(momentum[offline], before["momentum"][offline])
+            assert not torch.equal(theta[~offline], before["theta"][~offline])
+            checked["offline"] += int(offline.sum())
+            checked["online"] += int((~offline).sum())
+        before.update(theta=theta.clone(), momentum=momentum.clone())
+
+    runner = run(config, tmp_path / "churn", on_step=check)
+    assert checked["offline"] > 100 and checked["online"] > 300
+    summary = json.loads((tmp_path / "churn" / "summary.json").read_text())
+    assert summary["online_sites"] == int(runner.experiment.network.online.sum())
+
+
+def test_push_sum_keeps_its_mass_when_messages_are_lost(small_config, tmp_path):
+    """SGP over a lossy, churning network: every round's P stays column stochastic, so the push-sum
+    weights still sum to N after 120 steps of gossip."""
+    config = small_config(
+        "default", "gossip.algorithm=sgp", "gossip.topology=exponential", "gossip.every=1",
+        "network.message_loss=0.3", "network.churn_leave=0.1", "network.churn_return=0.5",
+    )  # fmt: skip
+    runner = run(config, tmp_path / "sgp")
+    weights = runner.experiment.state["push_sum_weights"]
+    assert float(weights.sum()) == pytest.approx(8.0, rel=1e-5)
+    assert float(weights.std()) > 0.01  # the losses made the weights uneven: the check is not vacuous
+    assert runner.messages_lost > 0
+
+
+def test_the_clock_prices_the_slowest_site_and_every_round(small_config, tmp_path):
+    """120 steps of the slowest of 8 log-normal speeds, and 12 rounds of latency + bytes / bandwidth."""
+    config = small_config(
+        "default", "gossip.every=10", "network.compute_spread=0.5", "network.latency=0.25", "network.bandwidth=1e6"
+    )
+    runner = run(config, tmp_path / "clock")
+    network = runner.experiment.network
+    message_bytes = runner.vector_bytes
+    expected = 120 * float(network.compute_time.max()) + 12 * (0.25 + message_bytes / 1e6)
+    rows = [json.loads(line) for line in (tmp_path / "clock" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["simulated_time_s"] == pytest.approx(expected, rel=1e-9)
+    assert [row["simulated_time_s"] > 0 for row in rows] == [False, True, True, True]
+
+
+def test_lost_messages_are_counted_and_charged(small_config, tmp_path):
+    config = small_config("default", "gossip.every=10", "network.message_loss=0.5")
+    runner = run(config, tmp_path / "lossy")
+    communication = json.loads((tmp_path / "lossy" / "summary.json").read_text())["communication"]
+    assert communication["messages_lost"] == runner.messages_lost > 0
+    assert communication["gossip_bytes"] == runner.gossip_messages * runner.vector_bytes
+
+
+def test_a_lossy_churning_run_resumes_exactly(small_config, tmp_path):
+    config = small_config(
+        "default", "gossip.every=5", "network.message_loss=0.3", "network.churn_leave=0.1", "network.compute_spread=1"
+    )
+    run(config, tmp_path / "whole")
+    stopped_then_resumed(config, tmp_path / "split", stop_step=40)
+    whole, split = (tmp_path / name / "metrics.jsonl" for name in ("whole", "split"))
+    assert split.read_bytes() == whole.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("network.message_loss=1.5", "'network.message_loss' = 1.5: must be a probability in [0, 1]"),
+        ("network.churn_leave=-0.1", "'network.churn_leave' = -0.1: must be a probability in [0, 1]"),
+        ("network.latency=-1", "'network.latency' = -1"),
+        ("network.bandwidth=-5", "'network.bandwidth' = -5"),
+        ("network.compute_time=0", "'network.compute_time' = 0"),
+    ],
+)
+def test_bad_network_values_get_one_line_errors_naming_the_field(gossiplab_main, override, message):
+    code, _, err = gossiplab_main("run", "--dry-run", override)
+    assert code == 2
+    assert message in err
