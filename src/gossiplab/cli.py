@@ -236,7 +236,9 @@ def run(
 @app.command()
 def compare(
     paths: Annotated[list[Path], typer.Argument(help="finished run directories and/or sweep directories")],
-    out: Annotated[Path, typer.Option(help="folder for compare_curves.png and compare_cost.png")] = Path("."),
+    out: Annotated[
+        Path, typer.Option(help="folder for compare_curves.png, compare_time.png and compare_cost.png")
+    ] = Path("."),
     csv: Annotated[
         Path | None,
         typer.Option(help="also write every run's metrics to this CSV file, one row per run, step and metric"),
@@ -247,7 +249,7 @@ def compare(
     from gossiplab.compare import find_runs, group_runs, plot_cost, plot_curves, write_csv
 
     if out.exists() and not out.is_dir():
-        _fail(f"--out {out} is a file: give a folder for compare_curves.png and compare_cost.png")
+        _fail(f"--out {out} is a file: give a folder for compare_curves.png, compare_time.png and compare_cost.png")
     if csv is not None and csv.is_dir():
         _fail(f"--csv {csv} is a folder: give a file name such as {csv / 'runs.csv'}")
     try:
@@ -260,6 +262,8 @@ def compare(
     console.print(paper_table(f"{sum(len(g) for g in groups.values())} runs in {len(groups)} groups", groups))
     out.mkdir(parents=True, exist_ok=True)
     for path in (plot_curves("merged vs local models", groups, out / "compare_curves.png"),
+                 plot_curves("merged vs local models in simulated time", groups, out / "compare_time.png",
+                             x="simulated_time_s"),
                  plot_cost("accuracy vs communication", groups, out / "compare_cost.png")):  # fmt: skip
         console.print(f"wrote {path}")
 

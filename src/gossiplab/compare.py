@@ -29,6 +29,8 @@ TABLE_ROWS = (  # label, summary key, scale, format
     ("AGA before final merge", ("before_final_merge", "aga"), 1.0, ".4f"),
     ("MMGA before final merge", ("before_final_merge", "mmga"), 1.0, ".4f"),
     ("MB sent (all sites)", "bytes_sent", 1e-6, ".1f"),
+    ("messages lost", ("communication", "messages_lost"), 1.0, ".0f"),
+    ("simulated time (s)", "simulated_time_s", 1.0, ".1f"),
     ("peers per round R", ("communication", "peers_per_round_R"), 1.0, ".3f"),
     ("steps to 95% of best ALA", ("convergence_step", "ala"), 1.0, ".0f"),
     ("steps to 95% of best AGA", ("convergence_step", "aga"), 1.0, ".0f"),
@@ -142,16 +144,20 @@ def _cell(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
-def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    """The counterfactual merged model (MMGA, solid) and the average local model (AGA, dashed) vs step,
-    one colour per group (its first run)."""
+AXES = {"step": "step", "simulated_time_s": "simulated time (s), [network] clock"}
+
+
+def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path, x: str = "step") -> Path:
+    """The counterfactual merged model (MMGA, solid) and the average local model (AGA, dashed)
+    against the step, or against another value of the rows (`simulated_time_s`: the simulated
+    network's clock), one colour per group (its first run; rows without that value are skipped)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for index, (label, summaries) in enumerate(groups.items()):
-        rows = read_metrics(Path(summaries[0]["run_dir"]) / "metrics.jsonl")
-        steps = [r["step"] for r in rows]
-        ax.plot(steps, [r["mmga"] for r in rows], color=f"C{index}", label=f"{label}: merged (MMGA)")
-        ax.plot(steps, [r["aga"] for r in rows], color=f"C{index}", linestyle="--", label=f"{label}: local (AGA)")
-    ax.set(xlabel="step", ylabel="global test accuracy", title=title)
+        rows = [r for r in read_metrics(Path(summaries[0]["run_dir"]) / "metrics.jsonl") if x in r]
+        at = [r[x] for r in rows]
+        ax.plot(at, [r["mmga"] for r in rows], color=f"C{index}", label=f"{label}: merged (MMGA)")
+        ax.plot(at, [r["aga"] for r in rows], color=f"C{index}", linestyle="--", label=f"{label}: local (AGA)")
+    ax.set(xlabel=AXES.get(x, x), ylabel="global test accuracy", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -518,6 +518,30 @@ class FomoConfig:
 register_section("fomo", FomoConfig)
 
 
+COMPRESSORS = ("top-k", "random-k", "qsgd")
+
+
+@dataclass
+class ChocoConfig:
+    """[choco]: CHOCO-SGD's compressor and consensus step size (gossiplab.algorithms.choco)."""
+
+    compressor: str = documented("top-k", "what a message carries of x_i - x_hat_i", COMPRESSORS)
+    kept: float = documented(0.1, "top-k, random-k: the share of the entries sent each round, in (0, 1]")
+    levels: int = documented(16, "qsgd: s, the quantization levels per sign, >= 1")
+    gamma: float = documented(0.5, "the consensus step size gamma, in (0, 1]")
+
+    def problems(self, config: Config) -> list[str]:
+        checks = [
+            (0 < self.kept <= 1, "kept", "must be in (0, 1]"),
+            (self.levels >= 1, "levels", "must be >= 1"),
+            (0 < self.gamma <= 1, "gamma", "must be in (0, 1]"),
+        ]
+        return [f"field 'choco.{key}' = {getattr(self, key)!r}: {allowed}" for ok, key, allowed in checks if not ok]
+
+
+register_section("choco", ChocoConfig)
+
+
 def config_reference(builtin_only: bool = True) -> list[str]:
     """The configuration reference as Markdown table rows, generated from the declarations of the
     fields (default, documentation, allowed values): the core sections, then the parts' own

@@ -47,6 +47,7 @@ class Sweep:
     overrides: list[str]
     variants: dict[str, list[str]]
     plot_against: str = ""  # a summary key to plot ALA/AGA/MMGA against (e.g. gossip_rounds)
+    time_curves: bool = False  # also curves_vs_time.png: accuracy against the simulated network's clock
 
 
 def sweep_names() -> list[str]:
@@ -65,6 +66,7 @@ def load_sweep(name: str) -> Sweep:
         table.get("overrides", []),
         table["variants"],
         table.get("plot_against", ""),
+        table.get("time_curves", False),
     )
 
 
@@ -210,8 +212,8 @@ def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
 
 
 def plot_sweep(sweep: Sweep, sweep_dir: Path, results: dict[str, list[dict[str, Any]]]) -> list[Path]:
-    """curves.png (merged vs local accuracy per variant), merged_vs_bytes.png, and with
-    `plot_against` metrics_vs_KEY.png."""
+    """curves.png (merged vs local accuracy per variant), merged_vs_bytes.png, with
+    `plot_against` metrics_vs_KEY.png, and with `time_curves` curves_vs_time.png."""
     paths = [
         plot_curves(f"{sweep.name}: merged vs local models (first seed)", results, sweep_dir / "curves.png"),
         plot_cost(f"{sweep.name}: accuracy vs communication", results, sweep_dir / "merged_vs_bytes.png"),
@@ -219,4 +221,7 @@ def plot_sweep(sweep: Sweep, sweep_dir: Path, results: dict[str, list[dict[str, 
     if sweep.plot_against:
         key = sweep.plot_against
         paths.append(plot_against(f"{sweep.name} (first seed)", results, key, sweep_dir / f"metrics_vs_{key}.png"))
+    if sweep.time_curves:
+        title = f"{sweep.name}: merged vs local models in simulated time (first seed)"
+        paths.append(plot_curves(title, results, sweep_dir / "curves_vs_time.png", x="simulated_time_s"))
     return paths
