@@ -76,6 +76,20 @@ def test_bench_busy_times_both_spin_counts_idle_and_with_a_busy_core(tmp_path, g
     assert code == 2 and "--busy times the CPU in fresh processes" in err
 
 
+def test_bench_network_times_every_variant_against_the_synchronous_loop(tmp_path, gossiplab_main):
+    out = tmp_path / "network.json"
+    code, stdout, _ = gossiplab_main("bench", "--network", "--sites", "4", "--rounds", "8", "--repeats", "1",
+                                     "--json", str(out))  # fmt: skip
+    assert code == 0 and "churn + loss" in stdout
+    (row,) = json.loads(out.read_text())
+    assert row["sites"] == 4 and row["synchronous"]["vs_synchronous"] == 1.0
+    assert all(row[name]["steps_per_s"] > 0 for name in ("churn + loss", "CHOCO top-10%", "CHOCO + churn + loss"))
+    code, _, err = gossiplab_main("bench", "--network", "--busy")
+    assert code == 2 and "--network times the simulated network on the CPU" in err
+    code, _, err = gossiplab_main("bench", "--network", "--rounds", "5")
+    assert code == 2 and "--rounds 5: --network times the steps after 5 warm-up steps" in err
+
+
 @pytest.mark.parametrize(("given", "seen"), [(None, "1000"), ("5", "5")])
 def test_gossiplab_imported_first_sets_openmps_spin_count_unless_the_user_did(given, seen):
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"} | ({"GOMP_SPINCOUNT": given} if given else {})

@@ -667,6 +667,35 @@ def _bench_busy(repeats: int, seconds: float, json_path: Path | None) -> None:
         console.print(f"wrote {json_path}")
 
 
+def _bench_network(counts: list[int], steps: int, repeats: int, json_path: Path | None) -> None:
+    from gossiplab.bench_network import VARIANTS
+    from gossiplab.bench_network import run as run_network
+
+    table = Table(title=f"the default's training step under a simulated network, gossip every step, {steps} steps "
+                  "(ratios measured side by side)")  # fmt: skip
+    table.add_column("N", justify="right")
+    for name in VARIANTS:
+        table.add_column(f"{name} steps/s", justify="right")
+        if name != "synchronous":
+            table.add_column("vs synchronous", justify="right")
+    with _table_filled_live(table):
+        rows = run_network(counts, steps, repeats)
+        for row in rows:
+            cells = [str(row["sites"])]
+            for name in VARIANTS:
+                cells.append(f"{row[name]['steps_per_s']:.1f}")
+                if name != "synchronous":
+                    cells.append(f"{row[name]['vs_synchronous']:.2f}x")
+            table.add_row(*cells)
+    console.print(
+        "churn + loss: each step a site leaves with probability 0.01 and returns with 0.05, each message is lost "
+        "with probability 0.5; CHOCO: top-10% of x - x_hat per message"
+    )
+    if json_path is not None:
+        json_path.write_text(json.dumps(rows, indent=2))
+        console.print(f"wrote {json_path}")
+
+
 @app.command("bench")
 def bench_command(
     models: Annotated[str, typer.Option(help="comma-separated: mlp, cnn, head, linear-head")] = "mlp,cnn,head",
@@ -679,11 +708,17 @@ def bench_command(
     distributed: Annotated[
         bool, typer.Option("--distributed", help="time a gossip round with the sites in 1, 2 and 4 processes")
     ] = False,
-    rounds: Annotated[int, typer.Option(help="--distributed: timed rounds per measurement")] = 20,
+    rounds: Annotated[
+        int, typer.Option(help="--distributed: timed rounds per measurement; --network: steps per run")
+    ] = 20,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:K, mps or auto: where the engine runs")] = "cpu",
     busy: Annotated[
         bool,
         typer.Option("--busy", help="the default's step, idle and with one core busy, by OpenMP spin count"),
+    ] = False,
+    network: Annotated[
+        bool,
+        typer.Option("--network", help="the default's step under churn, message loss and CHOCO compression"),
     ] = False,
 ) -> None:
     """Engine vs per-site loop, GFLOP/s vs the shape-matched kernel limit, gossip vs one copy (one run)."""
@@ -691,7 +726,7 @@ def bench_command(
 
     chosen = [m.strip() for m in models.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in MODELS]
-    sites = sites or ("16" if distributed else "4,16,64,256")
+    sites = sites or ("16" if distributed else "16,64" if network else "4,16,64,256")
     try:
         counts = [int(n) for n in sites.split(",")]
     except ValueError:
@@ -712,6 +747,16 @@ def bench_command(
         _fail(f"--json {json_path}: must be a file path in an existing folder (checked before the benchmark runs)")
     if busy and (distributed or device != "cpu"):
         _fail("--busy times the CPU in fresh processes; leave out --distributed and --device")
+    if network and (busy or distributed or device != "cpu"):
+        _fail("--network times the simulated network on the CPU in this process; leave out --busy, --distributed "
+              "and --device")  # fmt: skip
+    if network:
+        from gossiplab.bench_network import WARMUP_STEPS
+
+        if rounds <= WARMUP_STEPS:
+            _fail(f"--rounds {rounds}: --network times the steps after {WARMUP_STEPS} warm-up steps; give more")
+        _bench_network(counts, rounds, repeats, json_path)
+        return
     if busy:
         _bench_busy(repeats, seconds, json_path)
         return
