@@ -437,7 +437,8 @@ def sweep(
         target.mkdir(parents=True, exist_ok=True)
         results = run_sweep(chosen, target, overrides or [], seeds, console=errors, show_progress=not quiet)
     console.print(paper_table(f"{name}: {chosen.description}", results))
-    console.print(f"sweep directory: {target} (curves.png, merged_vs_bytes.png, sweep.json)")
+    written = ", ".join([*sorted(path.name for path in target.glob("*.png")), "sweep.json"])
+    console.print(f"sweep directory: {target} ({written})")
 
 
 MAX_SEEDS = 100
