@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from gossiplab.algorithms.sgp import push_sum_matrix
-from gossiplab.config import NetworkConfig
+from gossiplab.config import ConfigError, NetworkConfig
 from gossiplab.mixing import mixing_matrix
 from gossiplab.network import Network
 from gossiplab.runner import Runner
@@ -26,7 +27,7 @@ def test_without_churn_or_loss_the_network_leaves_w_as_it_is_and_draws_nothing()
     weights = mixing_matrix(build_adjacency("exponential", 32, 0, seed=0), "metropolis")
     state = network.generator.get_state()
     assert network.deliver(weights, "rows").weights is weights
-    network.advance(torch.ones(32, dtype=torch.bool))
+    network.advance(1, torch.ones(32, dtype=torch.bool))
     assert torch.equal(network.generator.get_state(), state)
     assert network.time == 1.0
 
@@ -68,7 +69,7 @@ def test_churn_is_a_two_state_markov_chain_per_site():
     everyone = torch.ones(2000, dtype=torch.bool)
     shares = []
     for _ in range(60):
-        network.advance(everyone)
+        network.advance(1, everyone)
         shares.append(float(network.online.float().mean()))
     assert sum(shares[20:]) / 40 == pytest.approx(0.75, abs=0.02)
     weights = mixing_matrix(build_adjacency("ring", 2000, 0, seed=0), "uniform")
@@ -155,6 +156,53 @@ def test_a_lossy_churning_run_resumes_exactly(small_config, tmp_path):
     stopped_then_resumed(config, tmp_path / "split", stop_step=40)
     whole, split = (tmp_path / name / "metrics.jsonl" for name in ("whole", "split"))
     assert split.read_bytes() == whole.read_bytes()
+
+
+def test_traces_give_each_sites_speed_and_offline_spells(small_config, tmp_path):
+    """A speed trace prices each step at its slowest online site's measured time; a churn trace
+    takes sites offline exactly for their spells (site 2 over steps 10-29 trains not at all)."""
+    speeds = tmp_path / "speeds.csv"
+    speeds.write_text("site,seconds\n" + "".join(f"{site},{0.1 * (site + 1)}\n" for site in range(8)))
+    spells = tmp_path / "spells.csv"
+    spells.write_text("site,offline_from,offline_until\n2,10,30\n7,1,121\n")
+    config = small_config("default", "gossip.every=1", f"network.speed_trace={speeds}", f"network.churn_trace={spells}")
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(runner: Runner) -> None:
+        if runner.step in (9, 29):
+            seen[runner.step] = runner.experiment.population.theta[2].clone()
+        assert bool(runner.experiment.network.online[2]) == (not 10 <= runner.step < 30)
+
+    runner = run(config, tmp_path / "traced", on_step=keep)
+    assert torch.equal(seen[9], seen[29])
+    assert runner.experiment.network.time == pytest.approx(120 * 0.7)  # site 7 (0.8 s) is never online
+    assert runner.experiment.network.online.tolist() == [True] * 7 + [False]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("site,seconds\n0,1\n9,1\n", "line 3: site 9 is not a site of this run (0 to 7)"),
+        ("site,seconds\n0,1\n", "lists no seconds for sites 1, 2, 3, 4, 5 and 2 more; list every site"),
+        ("sites,time\n0,1\n", "the first line must be the header site,seconds"),
+        ("site,seconds\n0,-1\n", "site 0 takes -1 s; must be > 0"),
+    ],
+)
+def test_a_bad_speed_trace_is_refused_by_line_before_any_work(small_config, tmp_path, lines, message):
+    trace = tmp_path / "speeds.csv"
+    trace.write_text(lines)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_config("default", f"network.speed_trace={trace}")
+
+
+def test_a_churn_trace_and_the_markov_chain_are_not_both_taken(small_config, tmp_path):
+    trace = tmp_path / "spells.csv"
+    trace.write_text("site,offline_from,offline_until\n1,5,3\n")
+    with pytest.raises(ConfigError, match="site 1 offline from step 5 until 3; must satisfy"):
+        small_config("default", f"network.churn_trace={trace}")
+    trace.write_text("site,offline_from,offline_until\n1,3,5\n")
+    with pytest.raises(ConfigError, match=r"network\.churn_trace.*leave network\.churn_leave at 0"):
+        small_config("default", f"network.churn_trace={trace}", "network.churn_leave=0.1")
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,7 @@ def part_problems(config: Config) -> list[str]:
     mixing rule's cross-field rules."""
     from gossiplab.data.sources import SOURCES, is_local  # (PyTorch: after a config's own checks)
     from gossiplab.devices import compiled_kernels_installed, device_problem
+    from gossiplab.network import trace_problems
 
     load_builtin_parts()
     errors = []
@@ -82,6 +83,7 @@ def part_problems(config: Config) -> list[str]:
     for section in config.sections.values():
         if hasattr(section, "problems"):
             errors += section.problems(config)
+    errors += trace_problems(config)
     device = device_problem(config.train.device)
     if device is not None:
         errors.append(problem(config, "train.device", device))

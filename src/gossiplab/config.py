@@ -396,6 +396,16 @@ class NetworkConfig:
     )
     latency: float = documented(0.0, "seconds before a message starts arriving, >= 0")
     bandwidth: float = documented(0.0, "bytes per second of a link (0: unlimited), >= 0")
+    speed_trace: str = documented(
+        "",
+        "a CSV file `site,seconds`: each site's simulated seconds per step, measured (replaces compute_time "
+        "and compute_spread)",
+    )
+    churn_trace: str = documented(
+        "",
+        "a CSV file `site,offline_from,offline_until`: the steps [from, until) each site is offline "
+        "(replaces the Markov chain)",
+    )
 
     def problems(self, config: Any) -> list[str]:
         return problems_of(config, [
@@ -406,6 +416,8 @@ class NetworkConfig:
             (self.compute_spread >= 0, "network.compute_spread", "must be >= 0 (0: equal speeds)"),
             (self.latency >= 0, "network.latency", "must be >= 0 (seconds)"),
             (self.bandwidth >= 0, "network.bandwidth", "must be >= 0 (bytes per second; 0: unlimited)"),
+            (not (self.churn_trace and self.churn_leave > 0), "network.churn_trace",
+             "replaces the Markov chain: leave network.churn_leave at 0, or the trace empty"),
         ])  # fmt: skip
 
 

@@ -36,7 +36,7 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
         evaluate(runner, callbacks, train_loss=None)
     while runner.step < config.train.steps:
         runner.step += 1
-        network.advance(runner.active)
+        network.advance(runner.step, runner.active)
         offline = network.frozen_offline([population.theta, *site_state(optimizer)], comm.sites)
         x, y = experiment.federation.sample_batch(config.train.batch_size, runner.generator, comm.sites)
         runner.record_losses(comm.gather(population.compute_gradients(x, y)))

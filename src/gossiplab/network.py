@@ -19,19 +19,26 @@ message's time (lost messages are waited for as long). The single final global m
 all-reduce: 2 (m - 1) sequential transfers of P/m numbers. Every metrics row carries the clock
 (`simulated_time_s`), so accuracy can be read against time as well as steps and bytes.
 
+Traces replace the draws: `speed_trace` gives each site's seconds per step as measured, and
+`churn_trace` the steps [from, until) each site is offline (CSV files with a header; every site
+of the speed trace, any site of the churn trace; a site outside [0, N) is refused by line).
+
 Draws come from the network's own generator (seeded from the run's seed), so a run without churn
 or loss draws nothing from it, and with them it is reproducible and resumes exactly.
 """
 
 from __future__ import annotations
 
+import csv
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from gossiplab.config import NetworkConfig
+from gossiplab.config import ConfigError, NetworkConfig
 from gossiplab.sparse import entries, matrix
 
 NETWORK_STREAM = 0x4E6574  # offsets the run's seed for the network's generator ("Net")
@@ -55,17 +62,27 @@ class Network:
         speeds = torch.Generator().manual_seed((seed + 2 * NETWORK_STREAM) % 2**63)
         slowdown = torch.exp(config.compute_spread * torch.randn(num_sites, generator=speeds, dtype=torch.float64))
         self.compute_time = config.compute_time * slowdown  # [N] simulated seconds per step, per site
+        if config.speed_trace:
+            self.compute_time = read_speed_trace(Path(config.speed_trace).expanduser(), num_sites)
+        self.offline_spells = (  # (sites, from, until) of the churn trace's offline spells
+            read_churn_trace(Path(config.churn_trace).expanduser(), num_sites) if config.churn_trace else None
+        )
         self.online = torch.ones(num_sites, dtype=torch.bool)
         self.time = 0.0  # simulated seconds so far
 
     @property
     def churns(self) -> bool:
-        return self.config.churn_leave > 0
+        return self.config.churn_leave > 0 or self.offline_spells is not None
 
-    def advance(self, active: torch.Tensor) -> None:
-        """Step to the next training step: churn moves every site's chain once, and the clock
-        waits for the slowest site that trains in it (online and not dropped)."""
-        if self.churns:
+    def advance(self, step: int, active: torch.Tensor) -> None:
+        """Step to training step `step`: churn moves every site's chain once (or the churn trace
+        says who is offline), and the clock waits for the slowest site that trains in it (online
+        and not dropped)."""
+        if self.offline_spells is not None:
+            sites, start, until = self.offline_spells
+            self.online = torch.ones_like(self.online)
+            self.online[sites[(start <= step) & (step < until)]] = False
+        elif self.churns:
             draw = torch.rand(len(self.online), generator=self.generator)
             leave, come_back = self.config.churn_leave, self.config.churn_return
             self.online = torch.where(self.online, draw >= leave, draw < come_back)
@@ -143,3 +160,71 @@ class OfflineRows:
     def restore(self) -> None:
         for tensor, rows, before in self.saved:
             tensor[rows] = before
+
+
+def read_trace(path: Path, columns: tuple[str, ...], num_sites: int, field: str) -> list[list[float]]:
+    """The rows of a CSV trace with these columns (a header first), each a list of numbers; every
+    problem is one ConfigError naming the field, the file and the line."""
+    try:
+        with path.open(newline="") as file:
+            lines = list(csv.reader(file))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"field '{field}' = '{path}': cannot be read ({error})") from None
+    header = [name.strip() for name in lines[0]] if lines else []
+    if header != list(columns):
+        raise ConfigError(f"field '{field}' = '{path}': the first line must be the header {','.join(columns)}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            values = [float(value) for value in line]
+        except ValueError:
+            values = []
+        where = f"field '{field}' = '{path}', line {number}"
+        if len(values) != len(columns) or not all(map(math.isfinite, values)):
+            raise ConfigError(f"{where}: must hold {len(columns)} numbers ({','.join(columns)})")
+        if values[0] != int(values[0]) or not 0 <= values[0] < num_sites:
+            raise ConfigError(f"{where}: site {line[0].strip()} is not a site of this run (0 to {num_sites - 1})")
+        rows.append(values)
+    return rows
+
+
+def read_speed_trace(path: Path, num_sites: int) -> torch.Tensor:
+    """[N] seconds per step from a `site,seconds` trace that lists every site once, seconds > 0."""
+    field = "network.speed_trace"
+    seconds = torch.full((num_sites,), math.nan, dtype=torch.float64)
+    for site, value in read_trace(path, ("site", "seconds"), num_sites, field):
+        if value <= 0:
+            raise ConfigError(f"field '{field}' = '{path}': site {int(site)} takes {value:g} s; must be > 0")
+        seconds[int(site)] = value
+    missing = torch.nonzero(seconds.isnan()).flatten().tolist()
+    if missing:
+        shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ConfigError(f"field '{field}' = '{path}': lists no seconds for sites {shown}; list every site")
+    return seconds
+
+
+def read_churn_trace(path: Path, num_sites: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sites, from, until) of a `site,offline_from,offline_until` trace: site offline at the steps
+    from <= t < until."""
+    field = "network.churn_trace"
+    rows = read_trace(path, ("site", "offline_from", "offline_until"), num_sites, field)
+    for site, start, until in rows:
+        if not 1 <= start <= until:
+            raise ConfigError(
+                f"field '{field}' = '{path}': site {int(site)} offline from step {start:g} until {until:g}; "
+                "must satisfy 1 <= offline_from <= offline_until"
+            )
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 3)
+    return table[:, 0].long(), table[:, 1], table[:, 2]
+
+
+def trace_problems(config: Any) -> list[str]:
+    """The traces a config names can be read, for its number of sites (checked before any work)."""
+    problems = []
+    for path, read in ((config.network.speed_trace, read_speed_trace), (config.network.churn_trace, read_churn_trace)):
+        if path:
+            try:
+                read(Path(path).expanduser(), config.num_sites)
+            except ConfigError as error:
+                problems.append(str(error))
+    return problems
