@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+from gossiplab.algorithms.adpsgd import apply_events, waves
 from gossiplab.algorithms.sgp import push_sum_matrix
 from gossiplab.config import ConfigError, NetworkConfig
 from gossiplab.mixing import mixing_matrix
@@ -219,3 +220,57 @@ def test_bad_network_values_get_one_line_errors_naming_the_field(gossiplab_main,
     code, _, err = gossiplab_main("run", "--dry-run", override)
     assert code == 2
     assert message in err
+
+
+def test_ad_psgd_waves_equal_its_iterations_one_by_one():
+    """Twelve iterations ending in one tick (sites repeat as neighbours), applied in waves, equal
+    the same iterations applied one after the other in time order, bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    theta, pending = torch.randn(6, 50, generator=generator), torch.randn(6, 50, generator=generator)
+    sites = torch.tensor([0, 3, 1, 4, 2, 5])
+    neighbours = torch.tensor([1, 2, 0, 5, 3, 4])
+    grouped_theta, grouped_reads = theta.clone(), torch.zeros_like(theta)
+    apply_events(grouped_theta, grouped_reads, pending, sites, neighbours, lr=0.1)
+    assert len(waves(sites.tolist(), neighbours.tolist())) > 1  # the events conflict: not one wave
+    one_by_one, reads = theta.clone(), torch.zeros_like(theta)
+    for i, j in zip(sites.tolist(), neighbours.tolist(), strict=True):
+        mean = (one_by_one[i] + one_by_one[j]) / 2
+        one_by_one[i], one_by_one[j] = mean, mean
+        one_by_one[i] = mean - 0.1 * pending[i]
+        reads[i] = one_by_one[i]
+    assert torch.equal(grouped_theta, one_by_one) and torch.equal(grouped_reads, reads)
+
+
+AD_PSGD = ["gossip.algorithm=ad-psgd", "gossip.topology=ring", "gossip.every=1", "train.momentum=0"]
+
+
+def test_ad_psgd_ticks_the_clock_takes_gradients_at_reads_and_resumes_exactly(small_config, tmp_path):
+    config = small_config("default", *AD_PSGD, "network.compute_spread=0.5", "network.latency=0.2")
+    reads_seen = []
+
+    def check(runner: Runner) -> None:
+        algorithm, state = runner.experiment.algorithm, runner.experiment.state
+        theta = runner.experiment.population.theta
+        with algorithm.gradients_at(state):
+            reads_seen.append(torch.equal(theta, state["reads"]))
+
+    runner = run(config, tmp_path / "whole", on_step=check)
+    assert all(reads_seen) and len(reads_seen) == 120
+    tick = float(runner.experiment.state["iteration"].min())
+    assert tick == pytest.approx(float(runner.experiment.network.compute_time.min()) + 0.2)
+    assert runner.experiment.network.time == pytest.approx(120 * tick)
+    stopped_then_resumed(config, tmp_path / "split", stop_step=40)
+    assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.momentum=0.9", "'train.momentum' = 0.9: must be 0 for gossip.algorithm = 'ad-psgd'"),
+        ("gossip.topology=random-one-peer", "must be a fixed graph for gossip.algorithm = 'ad-psgd'"),
+        ("network.message_loss=0.1", "'ad-psgd' runs on the clock without churn or message loss"),
+    ],
+)
+def test_ad_psgd_refuses_what_it_does_not_model(small_config, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_config("default", *AD_PSGD, override)

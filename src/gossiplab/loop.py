@@ -2,8 +2,8 @@
 algorithm adjusts the gradients, gives W and communicates; callbacks log, checkpoint and report.
 
     for t = step + 1 .. T:
-        [the network: churn moves, the clock waits for the slowest online site]
-        every site's gradient on its own batch               (one engine call)
+        [the network: churn moves, the clock waits for the slowest online site (or ticks, asynchronous)]
+        every site's gradient on its own batch, at algorithm.gradients_at   (one engine call)
         [communicate, for algorithms that mix before the step (CDSGD)]
         algorithm.adjust_gradients; the optimizer step on [N, P]; offline sites' rows put back
         [communicate: if the schedule fires, W = algorithm.mixing(round, graph) as the network delivers
@@ -36,10 +36,11 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
         evaluate(runner, callbacks, train_loss=None)
     while runner.step < config.train.steps:
         runner.step += 1
-        network.advance(runner.step, runner.active)
+        network.advance(runner.step, runner.active, algorithm.tick(experiment.state))
         offline = network.frozen_offline([population.theta, *site_state(optimizer)], comm.sites)
         x, y = experiment.federation.sample_batch(config.train.batch_size, runner.generator, comm.sites)
-        runner.record_losses(comm.gather(population.compute_gradients(x, y)))
+        with algorithm.gradients_at(experiment.state):
+            runner.record_losses(comm.gather(population.compute_gradients(x, y)))
         runner.zero_dropped(population.grad)
         if algorithm.communicate_before_step:
             communicate(runner)

@@ -74,10 +74,10 @@ class Network:
     def churns(self) -> bool:
         return self.config.churn_leave > 0 or self.offline_spells is not None
 
-    def advance(self, step: int, active: torch.Tensor) -> None:
+    def advance(self, step: int, active: torch.Tensor, tick: float | None = None) -> None:
         """Step to training step `step`: churn moves every site's chain once (or the churn trace
         says who is offline), and the clock waits for the slowest site that trains in it (online
-        and not dropped)."""
+        and not dropped); for an asynchronous algorithm it moves the algorithm's `tick`."""
         if self.offline_spells is not None:
             sites, start, until = self.offline_spells
             self.online = torch.ones_like(self.online)
@@ -86,6 +86,9 @@ class Network:
             draw = torch.rand(len(self.online), generator=self.generator)
             leave, come_back = self.config.churn_leave, self.config.churn_return
             self.online = torch.where(self.online, draw >= leave, draw < come_back)
+        if tick is not None:
+            self.time += tick
+            return
         training = self.online & active
         self.time += float(self.compute_time[training].max()) if bool(training.any()) else 0.0
 

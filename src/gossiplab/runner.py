@@ -300,8 +300,8 @@ class Runner:
         self.gossip_messages += sent.messages + delivery.lost
         self.gossip_bytes += sent.bytes + round(delivery.lost * message_bytes)
         self.messages_lost += delivery.lost
-        if sent.messages + delivery.lost:
-            self.experiment.network.charge_round(message_bytes)
+        if sent.messages + delivery.lost and self.experiment.algorithm.tick(self.experiment.state) is None:
+            self.experiment.network.charge_round(message_bytes)  # (asynchronous: inside each site's iteration)
         if self._first_round is None:
             self._first_round = (adjacency, delivery.weights)
 

@@ -9,7 +9,7 @@ The protocol is `Algorithm` (base.py); a user's algorithm subclasses it and regi
     class MyMethod(Algorithm): ...
 """
 
-from gossiplab.algorithms import choco, dimat, ditto, dsgd, l2c, local, sgp
+from gossiplab.algorithms import adpsgd, choco, dimat, ditto, dsgd, l2c, local, sgp
 from gossiplab.algorithms.base import Algorithm, Sent, restore, saved
 
-__all__ = ["Algorithm", "Sent", "choco", "dimat", "ditto", "dsgd", "l2c", "local", "restore", "saved", "sgp"]
+__all__ = ["Algorithm", "Sent", "adpsgd", "choco", "dimat", "ditto", "dsgd", "l2c", "local", "restore", "saved", "sgp"]

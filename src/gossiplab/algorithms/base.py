@@ -2,7 +2,8 @@
 
 The loop (gossiplab.loop) calls an algorithm unconditionally and names none:
 
-    every step:  gradients of all sites (the engine)
+    every step:  [tick(state): the simulated seconds of a step, for sites at their own speed]
+                 gradients of all sites (the engine), at gradients_at(state)'s point
                  adjust_gradients(x, y, state)          SGP's push-sum scaling, Ditto's proximal
                                                         term, gradient tracking, ...
                  the optimizer step on [N, P]
@@ -29,6 +30,7 @@ off-diagonal non-zero of W, the plain gossip message.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -89,6 +91,16 @@ class Algorithm:
         """W [N, N] of round `round_index` on its graph, rows or columns summing to 1 as `stochastic`
         says; default: the experiment's mixing rule."""
         return self.experiment.mixing_rule(adjacency, self.experiment)
+
+    def tick(self, state: dict[str, Any]) -> float | None:
+        """Simulated seconds one loop step covers when sites step at their own speed (AD-PSGD);
+        None: a synchronous round, as long as its slowest online site's step."""
+        return None
+
+    def gradients_at(self, state: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Where the step's gradients are taken: a context in which theta holds that point
+        (AD-PSGD: each site's stale read); default: the current theta."""
+        return contextlib.nullcontext()
 
     def adjust_gradients(self, x: torch.Tensor, y: torch.Tensor, state: dict[str, Any]) -> None:
         """Change `population.grad` [N, P] before the optimizer step (the batch is [N, B, ...])."""
