@@ -178,6 +178,8 @@ def read_trace(path: Path, columns: tuple[str, ...], num_sites: int, field: str)
         raise ConfigError(f"field '{field}' = '{path}': the first line must be the header {','.join(columns)}")
     rows = []
     for number, line in enumerate(lines[1:], start=2):
+        if not line:  # a blank line
+            continue
         try:
             values = [float(value) for value in line]
         except ValueError:
