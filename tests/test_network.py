@@ -196,6 +196,39 @@ def test_a_bad_speed_trace_is_refused_by_line_before_any_work(small_config, tmp_
         small_config("default", f"network.speed_trace={trace}")
 
 
+def test_a_link_trace_prices_each_message_over_its_own_link(tmp_path):
+    """A round lasts its slowest message: the traced slow link when the round uses it, the default
+    link otherwise; the final merge goes over the slowest link."""
+    trace = tmp_path / "links.csv"
+    trace.write_text("receiver,sender,latency,bandwidth\n1,0,2.0,1000\n")
+    network = Network(NetworkConfig(latency=0.5, bandwidth=0, link_trace=str(trace)), 4, seed=0)
+    ring = mixing_matrix(build_adjacency("ring", 4, 0, seed=0), "uniform")
+    network.charge_round(500.0, network.deliver(ring, "rows"))
+    assert network.time == pytest.approx(2.0 + 500 / 1000)  # 1 <- 0 is in the ring: the slow link
+    pairs = torch.zeros(4, 4, dtype=torch.bool)
+    pairs[2, 3] = pairs[3, 2] = True
+    network.time = 0.0
+    network.charge_round(500.0, network.deliver(mixing_matrix(pairs, "uniform"), "rows"))
+    assert network.time == pytest.approx(0.5)  # only 2 <-> 3: default links
+    network.time = 0.0
+    network.charge_all_reduce(4, 4000.0)
+    assert network.time == pytest.approx(6 * (2.0 + 1000 / 1000))
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("receiver,sender,latency,bandwidth\n1,9,0,0\n", "sender 9 is not a site of this run (0 to 7)"),
+        ("receiver,sender,latency,bandwidth\n1,2,-1,0\n", "the link 1 <- 2 has latency -1 and bandwidth 0"),
+    ],
+)
+def test_a_bad_link_trace_is_refused_before_any_work(small_config, tmp_path, lines, message):
+    trace = tmp_path / "links.csv"
+    trace.write_text(lines)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        small_config("default", f"network.link_trace={trace}")
+
+
 def test_a_churn_trace_and_the_markov_chain_are_not_both_taken(small_config, tmp_path):
     trace = tmp_path / "spells.csv"
     trace.write_text("site,offline_from,offline_until\n1,5,3\n")

@@ -401,6 +401,11 @@ class NetworkConfig:
         "a CSV file `site,seconds`: each site's simulated seconds per step, measured (replaces compute_time "
         "and compute_spread)",
     )
+    link_trace: str = documented(
+        "",
+        "a CSV file `receiver,sender,latency,bandwidth`: the links that differ from network.latency and "
+        "network.bandwidth (bandwidth 0: unlimited)",
+    )
     churn_trace: str = documented(
         "",
         "a CSV file `site,offline_from,offline_until`: the steps [from, until) each site is offline "

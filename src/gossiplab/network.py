@@ -19,9 +19,11 @@ message's time (lost messages are waited for as long). The single final global m
 all-reduce: 2 (m - 1) sequential transfers of P/m numbers. Every metrics row carries the clock
 (`simulated_time_s`), so accuracy can be read against time as well as steps and bytes.
 
-Traces replace the draws: `speed_trace` gives each site's seconds per step as measured, and
-`churn_trace` the steps [from, until) each site is offline (CSV files with a header; every site
-of the speed trace, any site of the churn trace; a site outside [0, N) is refused by line).
+Traces replace the draws: `speed_trace` gives each site's seconds per step as measured,
+`churn_trace` the steps [from, until) each site is offline, and `link_trace` the latency and
+bandwidth of the links that differ from the default (CSV files with a header; every site of the
+speed trace, any of the others; a site outside [0, N) is refused by line). With a link trace a
+round lasts its slowest message over its own link; the final merge goes over the slowest link.
 
 Draws come from the network's own generator (seeded from the run's seed), so a run without churn
 or loss draws nothing from it, and with them it is reproducible and resumes exactly.
@@ -46,11 +48,13 @@ NETWORK_STREAM = 0x4E6574  # offsets the run's seed for the network's generator 
 
 @dataclass(frozen=True)
 class Delivery:
-    """One round through the network: W as it acts, and how many of its messages were lost in
-    transit (sent, but never delivered)."""
+    """One round through the network: W as it acts, how many of its messages were lost in transit
+    (sent, but never delivered), and the links of every message sent (receivers, senders; None:
+    those of W as it acts)."""
 
     weights: torch.Tensor
     lost: int
+    sent: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Network:
@@ -67,6 +71,9 @@ class Network:
         self.offline_spells = (  # (sites, from, until) of the churn trace's offline spells
             read_churn_trace(Path(config.churn_trace).expanduser(), num_sites) if config.churn_trace else None
         )
+        links = read_link_trace(Path(config.link_trace).expanduser(), num_sites) if config.link_trace else None
+        self.links = links if links is not None and len(links[0]) else None  # (keys, latency, bandwidth)
+        self.num_sites = num_sites
         self.online = torch.ones(num_sites, dtype=torch.bool)
         self.time = 0.0  # simulated seconds so far
 
@@ -108,8 +115,9 @@ class Network:
             lost[between_sites] = draw < loss
             lost &= ~unsent
         dropped = unsent | lost
+        sent = (rows[between_sites & ~unsent], columns[between_sites & ~unsent])
         if not bool(dropped.any()):
-            return Delivery(weights, 0)
+            return Delivery(weights, 0, sent)
         keeper = (columns if stochastic == "columns" else rows)[dropped]
         kept = ~dropped
         if weights.is_sparse:
@@ -119,22 +127,53 @@ class Network:
             weights = weights.clone()
             weights[rows[dropped], columns[dropped]] = 0.0
             weights.diagonal().index_add_(0, keeper, values[dropped])
-        return Delivery(weights, int(lost.sum()))
+        return Delivery(weights, int(lost.sum()), sent)
 
     def transfer_time(self, message_bytes: float) -> float:
         """Simulated seconds of one message of `message_bytes` over one link."""
         bandwidth = self.config.bandwidth
         return self.config.latency + (message_bytes / bandwidth if bandwidth > 0 else 0.0)
 
-    def charge_round(self, message_bytes: float) -> None:
-        """A gossip round whose messages go in parallel: one message's time."""
-        self.time += self.transfer_time(message_bytes)
+    def charge_round(self, message_bytes: float, delivery: Delivery | None = None) -> None:
+        """A gossip round whose messages go in parallel: its slowest message's time. With a link
+        trace, each message over its own link (a round without its Delivery, the final merge's:
+        over the slowest link)."""
+        if self.links is None:
+            self.time += self.transfer_time(message_bytes)
+            return
+        if delivery is None:
+            self.time += self.slowest_transfer(message_bytes)
+            return
+        keys, latency, bandwidth = self.links
+        if delivery.sent is not None:
+            receivers, senders = delivery.sent
+        else:
+            rows, columns, _ = entries(delivery.weights)
+            receivers, senders = rows[rows != columns], columns[rows != columns]
+        if len(receivers) == 0:
+            return
+        wanted = receivers * self.num_sites + senders
+        found = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
+        listed = keys[found] == wanted
+        link_latency = torch.where(listed, latency[found], self.config.latency)
+        link_bandwidth = torch.where(listed, bandwidth[found], self.config.bandwidth)
+        seconds = link_latency + torch.where(link_bandwidth > 0, message_bytes / link_bandwidth, 0.0)
+        self.time += float(seconds.max())
+
+    def slowest_transfer(self, message_bytes: float) -> float:
+        """Seconds of one message over the slowest link: the default one, or one the trace lists."""
+        seconds = self.transfer_time(message_bytes)
+        if self.links is not None:
+            _, latency, bandwidth = self.links
+            traced = latency + torch.where(bandwidth > 0, message_bytes / bandwidth, 0.0)
+            seconds = max(seconds, float(traced.max()))
+        return seconds
 
     def charge_all_reduce(self, sites: int, vector_bytes: float) -> None:
         """The global merge as a ring all-reduce over `sites` sites: 2 (m - 1) transfers of a
-        1/m share of the vector, one after the other."""
+        1/m share of the vector, one after the other (over the slowest link)."""
         if sites > 1:
-            self.time += 2 * (sites - 1) * self.transfer_time(vector_bytes / sites)
+            self.time += 2 * (sites - 1) * self.slowest_transfer(vector_bytes / sites)
 
     def frozen_offline(self, tensors: Sequence[torch.Tensor], sites: slice) -> OfflineRows:
         """Guard the rows of this process's offline sites (`sites`: the rows `tensors` hold)."""
@@ -223,10 +262,33 @@ def read_churn_trace(path: Path, num_sites: int) -> tuple[torch.Tensor, torch.Te
     return table[:, 0].long(), table[:, 1], table[:, 2]
 
 
+def read_link_trace(path: Path, num_sites: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(receiver * N + sender sorted, latency, bandwidth) of a `receiver,sender,latency,bandwidth`
+    trace: latency >= 0 seconds, bandwidth >= 0 bytes per second (0: unlimited)."""
+    field = "network.link_trace"
+    rows = read_trace(path, ("receiver", "sender", "latency", "bandwidth"), num_sites, field)
+    for receiver, sender, latency, bandwidth in rows:
+        if not 0 <= sender < num_sites or sender != int(sender):
+            raise ConfigError(f"field '{field}' = '{path}': sender {sender:g} is not a site of this run (0 to "
+                              f"{num_sites - 1})")  # fmt: skip
+        if latency < 0 or bandwidth < 0:
+            raise ConfigError(
+                f"field '{field}' = '{path}': the link {int(receiver)} <- {int(sender)} has latency {latency:g} and "
+                f"bandwidth {bandwidth:g}; both must be >= 0"
+            )
+    table = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4)
+    keys = table[:, 0].long() * num_sites + table[:, 1].long()
+    order = torch.argsort(keys)
+    return keys[order], table[order, 2], table[order, 3]
+
+
 def trace_problems(config: Any) -> list[str]:
     """The traces a config names can be read, for its number of sites (checked before any work)."""
     problems = []
-    for path, read in ((config.network.speed_trace, read_speed_trace), (config.network.churn_trace, read_churn_trace)):
+    network = config.network
+    traces = ((network.speed_trace, read_speed_trace), (network.churn_trace, read_churn_trace),
+              (network.link_trace, read_link_trace))  # fmt: skip
+    for path, read in traces:
         if path:
             try:
                 read(Path(path).expanduser(), config.num_sites)

@@ -301,7 +301,7 @@ class Runner:
         self.gossip_bytes += sent.bytes + round(delivery.lost * message_bytes)
         self.messages_lost += delivery.lost
         if sent.messages + delivery.lost and self.experiment.algorithm.tick(self.experiment.state) is None:
-            self.experiment.network.charge_round(message_bytes)  # (asynchronous: inside each site's iteration)
+            self.experiment.network.charge_round(message_bytes, delivery)  # (asynchronous: inside its iterations)
         if self._first_round is None:
             self._first_round = (adjacency, delivery.weights)
 

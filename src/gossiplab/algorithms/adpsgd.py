@@ -85,6 +85,8 @@ class ADPSGD(Algorithm):
              f"must be a fixed graph for gossip.algorithm = 'ad-psgd': {', '.join(FIXED_GRAPHS)}"),
             (network.churn_leave == 0 and not network.churn_trace and network.message_loss == 0,
              "gossip.algorithm", "'ad-psgd' runs on the clock without churn or message loss (not modelled yet)"),
+            (not network.link_trace, "network.link_trace",
+             "must be empty for gossip.algorithm = 'ad-psgd' (its exchanges take network.latency and bandwidth)"),
         ])  # fmt: skip
 
     def init(self) -> dict[str, Any]:
