@@ -130,6 +130,18 @@ class ADPSGD(Algorithm):
         """No round-wide W: each iteration averages one pair (identity here, so nothing else mixes)."""
         return torch.eye(self.experiment.config.num_sites)
 
+    def neighbour_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each site's neighbours in the fixed graph, in increasing order ([N, max degree], padded),
+        and their counts; made once."""
+        cached = self.__dict__.get("_neighbours")
+        if cached is None:
+            graph = dense(self.experiment.topology(0)).clone()
+            graph.fill_diagonal_(False)
+            degrees = graph.sum(1)
+            order = torch.argsort((~graph).to(torch.uint8), dim=1, stable=True)  # neighbours first, in order
+            cached = self.__dict__["_neighbours"] = (order[:, : int(degrees.max())], degrees)
+        return cached
+
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """Apply the iterations that end in this tick, each exchanging two models with its neighbour."""
@@ -142,11 +154,9 @@ class ADPSGD(Algorithm):
             return Sent(0, 0)
         seed = (experiment.config.seed + ADPSGD_STREAM + int(state["ticks"])) % 2**63
         draw = torch.rand(len(ending), generator=torch.Generator().manual_seed(seed))
-        graph = dense(experiment.topology(0)).clone()
-        graph.fill_diagonal_(False)
-        degrees = graph.sum(1)
+        table, degrees = self.neighbour_table()
         picks = (draw * degrees[ending]).long()  # the k-th neighbour, uniformly
-        neighbours = torch.stack([torch.nonzero(graph[i]).flatten()[k] for i, k in zip(ending, picks, strict=True)])
+        neighbours = table[ending, picks]
         population = experiment.population
         apply_events(population.theta, state["reads"], state["pending"], ending, neighbours, experiment.optimizer.lr)
         finish[ending] += state["iteration"][ending]
