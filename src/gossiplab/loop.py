@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from gossiplab.assembly import check_mixing_matrix
 from gossiplab.callbacks import Callback
 from gossiplab.merge import without_sites
-from gossiplab.optim import clip_site_gradients, learning_rate, site_state
+from gossiplab.optim import clip_site_gradients, learning_rate
 
 if TYPE_CHECKING:
     from gossiplab.runner import Runner
@@ -37,7 +37,7 @@ def train(runner: Runner, callbacks: Sequence[Callback]) -> None:
     while runner.step < config.train.steps:
         runner.step += 1
         network.advance(runner.step, runner.active, algorithm.tick(experiment.state))
-        offline = network.frozen_offline([population.theta, *site_state(optimizer)], comm.sites)
+        offline = network.frozen_offline(population.theta, optimizer, comm.sites)
         x, y = experiment.federation.sample_batch(config.train.batch_size, runner.generator, comm.sites)
         with algorithm.gradients_at(experiment.state):
             runner.record_losses(comm.gather(population.compute_gradients(x, y)))

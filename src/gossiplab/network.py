@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from gossiplab.config import ConfigError, NetworkConfig
+from gossiplab.optim import site_state
 from gossiplab.sparse import entries, matrix
 
 NETWORK_STREAM = 0x4E6574  # offsets the run's seed for the network's generator ("Net")
@@ -73,7 +74,6 @@ class Network:
         )
         links = read_link_trace(Path(config.link_trace).expanduser(), num_sites) if config.link_trace else None
         self.links = links if links is not None and len(links[0]) else None  # (keys, latency, bandwidth)
-        self.num_sites = num_sites
         self.online = torch.ones(num_sites, dtype=torch.bool)
         self.time = 0.0  # simulated seconds so far
 
@@ -152,7 +152,7 @@ class Network:
             receivers, senders = rows[rows != columns], columns[rows != columns]
         if len(receivers) == 0:
             return
-        wanted = receivers * self.num_sites + senders
+        wanted = receivers * len(self.online) + senders
         found = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
         listed = keys[found] == wanted
         link_latency = torch.where(listed, latency[found], self.config.latency)
@@ -175,9 +175,12 @@ class Network:
         if sites > 1:
             self.time += 2 * (sites - 1) * self.slowest_transfer(vector_bytes / sites)
 
-    def frozen_offline(self, tensors: Sequence[torch.Tensor], sites: slice) -> OfflineRows:
-        """Guard the rows of this process's offline sites (`sites`: the rows `tensors` hold)."""
-        return OfflineRows(tensors, ~self.online[sites] if self.churns else None)
+    def frozen_offline(self, theta: torch.Tensor, optimizer: Any, sites: slice) -> OfflineRows:
+        """Guard the rows of this process's offline sites (`sites`: the rows theta holds) in theta
+        and the optimizer's per-site state."""
+        if not self.churns:
+            return OfflineRows([], None)
+        return OfflineRows([theta, *site_state(optimizer)], ~self.online[sites])
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "online": self.online.clone(), "time": self.time}
@@ -204,9 +207,12 @@ class OfflineRows:
             tensor[rows] = before
 
 
-def read_trace(path: Path, columns: tuple[str, ...], num_sites: int, field: str) -> list[list[float]]:
-    """The rows of a CSV trace with these columns (a header first), each a list of numbers; every
-    problem is one ConfigError naming the field, the file and the line."""
+def read_trace(
+    path: Path, columns: tuple[str, ...], num_sites: int, field: str, site_columns: int = 1
+) -> list[list[float]]:
+    """The rows of a CSV trace with these columns (a header first), each a list of numbers, the
+    first `site_columns` of them sites of the run; every problem is one ConfigError naming the
+    field, the file and the line."""
     try:
         with path.open(newline="") as file:
             lines = list(csv.reader(file))
@@ -226,8 +232,9 @@ def read_trace(path: Path, columns: tuple[str, ...], num_sites: int, field: str)
         where = f"field '{field}' = '{path}', line {number}"
         if len(values) != len(columns) or not all(map(math.isfinite, values)):
             raise ConfigError(f"{where}: must hold {len(columns)} numbers ({','.join(columns)})")
-        if values[0] != int(values[0]) or not 0 <= values[0] < num_sites:
-            raise ConfigError(f"{where}: site {line[0].strip()} is not a site of this run (0 to {num_sites - 1})")
+        for name, value, text in list(zip(columns, values, line, strict=True))[:site_columns]:
+            if value != int(value) or not 0 <= value < num_sites:
+                raise ConfigError(f"{where}: {name} {text.strip()} is not a site of this run (0 to {num_sites - 1})")
         rows.append(values)
     return rows
 
@@ -266,11 +273,8 @@ def read_link_trace(path: Path, num_sites: int) -> tuple[torch.Tensor, torch.Ten
     """(receiver * N + sender sorted, latency, bandwidth) of a `receiver,sender,latency,bandwidth`
     trace: latency >= 0 seconds, bandwidth >= 0 bytes per second (0: unlimited)."""
     field = "network.link_trace"
-    rows = read_trace(path, ("receiver", "sender", "latency", "bandwidth"), num_sites, field)
+    rows = read_trace(path, ("receiver", "sender", "latency", "bandwidth"), num_sites, field, site_columns=2)
     for receiver, sender, latency, bandwidth in rows:
-        if not 0 <= sender < num_sites or sender != int(sender):
-            raise ConfigError(f"field '{field}' = '{path}': sender {sender:g} is not a site of this run (0 to "
-                              f"{num_sites - 1})")  # fmt: skip
         if latency < 0 or bandwidth < 0:
             raise ConfigError(
                 f"field '{field}' = '{path}': the link {int(receiver)} <- {int(sender)} has latency {latency:g} and "

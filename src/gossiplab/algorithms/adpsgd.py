@@ -59,8 +59,7 @@ def apply_events(
     stale gradient step, read the model for the next iteration."""
     for wave in waves(sites.tolist(), neighbours.tolist()):
         i, j = sites[wave], neighbours[wave]
-        mean = (theta[i] + theta[j]) / 2
-        theta[i] = mean
+        mean = (theta[i] + theta[j]) / 2  # a wave's pairs are disjoint: i and j never overlap
         theta[j] = mean
         theta[i] = mean - lr * pending[i]
         reads[i] = theta[i]

@@ -37,7 +37,6 @@ import torch
 from gossiplab.algorithms.base import BYTES_PER_NUMBER, Algorithm, Sent
 from gossiplab.communicator import Communicator
 from gossiplab.config import ChocoConfig
-from gossiplab.merge import message_count
 from gossiplab.registry import ALGORITHMS
 from gossiplab.sparse import entries
 
@@ -101,12 +100,13 @@ class ChocoSGD(Algorithm):
         generator = torch.Generator(device=theta.device).manual_seed(seed)
         correction, message_bytes = COMPRESSORS[options.compressor](theta - public, options, generator)
         rows, columns, _ = entries(weights)
+        between = rows != columns  # the round's messages: j = columns[k] sends to i = rows[k]
         sends = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
-        sends[columns[rows != columns].to(theta.device)] = True
+        sends[columns[between].to(theta.device)] = True
         correction[~sends] = 0.0  # a site that sent nothing this round leaves its public copy
         public.add_(correction)  # x_hat_i += q_i
         mixed = public.clone()
         comm.mix(mixed, weights, self.averager(mixed))  # sum_j W_ij x_hat_j
         theta.add_(mixed - public, alpha=options.gamma)
-        messages = message_count(weights)
+        messages = int(between.sum())
         return Sent(messages, messages * message_bytes)
