@@ -180,22 +180,6 @@ def test_traces_give_each_sites_speed_and_offline_spells(small_config, tmp_path)
     assert runner.experiment.network.online.tolist() == [True] * 7 + [False]
 
 
-@pytest.mark.parametrize(
-    ("lines", "message"),
-    [
-        ("site,seconds\n0,1\n9,1\n", "line 3: site 9 is not a site of this run (0 to 7)"),
-        ("site,seconds\n0,1\n", "lists no seconds for sites 1, 2, 3, 4, 5 and 2 more; list every site"),
-        ("sites,time\n0,1\n", "the first line must be the header site,seconds"),
-        ("site,seconds\n0,-1\n", "site 0 takes -1 s; must be > 0"),
-    ],
-)
-def test_a_bad_speed_trace_is_refused_by_line_before_any_work(small_config, tmp_path, lines, message):
-    trace = tmp_path / "speeds.csv"
-    trace.write_text(lines)
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        small_config("default", f"network.speed_trace={trace}")
-
-
 def test_a_link_trace_prices_each_message_over_its_own_link(tmp_path):
     """A round lasts its slowest message: the traced slow link when the round uses it, the default
     link otherwise; the final merge goes over the slowest link."""
@@ -215,18 +199,29 @@ def test_a_link_trace_prices_each_message_over_its_own_link(tmp_path):
     assert network.time == pytest.approx(6 * (2.0 + 1000 / 1000))
 
 
+LINKS = "receiver,sender,latency,bandwidth\n"
+
+
 @pytest.mark.parametrize(
-    ("lines", "message"),
+    ("field", "lines", "message"),
     [
-        ("receiver,sender,latency,bandwidth\n1,9,0,0\n", "sender 9 is not a site of this run (0 to 7)"),
-        ("receiver,sender,latency,bandwidth\n1,2,-1,0\n", "the link 1 <- 2 has latency -1 and bandwidth 0"),
+        ("speed_trace", "site,seconds\n0,1\n9,1\n", "line 3: site 9 is not a site of this run (0 to 7)"),
+        ("speed_trace", "site,seconds\n0,1\n", "lists no seconds for sites 1, 2, 3, 4, 5 and 2 more; list every site"),
+        ("speed_trace", "sites,time\n0,1\n", "the first line must be the header site,seconds"),
+        ("speed_trace", "site,seconds\n0,-1\n", "site 0 takes -1 s; must be > 0"),
+        ("link_trace", "receiver,sender,latency,bandwidth\n1,9,0,0\n", "sender 9 is not a site of this run (0 to 7)"),
+        (
+            "link_trace",
+            "receiver,sender,latency,bandwidth\n1,2,-1,0\n",
+            "the link 1 <- 2 has latency -1 and bandwidth 0",
+        ),
     ],
 )
-def test_a_bad_link_trace_is_refused_before_any_work(small_config, tmp_path, lines, message):
-    trace = tmp_path / "links.csv"
+def test_a_bad_trace_is_refused_by_line_before_any_work(small_config, tmp_path, field, lines, message):
+    trace = tmp_path / "trace.csv"
     trace.write_text(lines)
     with pytest.raises(ConfigError, match=re.escape(message)):
-        small_config("default", f"network.link_trace={trace}")
+        small_config("default", f"network.{field}={trace}")
 
 
 def test_a_churn_trace_and_the_markov_chain_are_not_both_taken(small_config, tmp_path):
