@@ -250,21 +250,31 @@ def test_bad_network_values_get_one_line_errors_naming_the_field(gossiplab_main,
     assert message in err
 
 
-def test_ad_psgd_waves_equal_its_iterations_one_by_one():
+@pytest.mark.parametrize("lossy_exchanges", [False, True])
+def test_ad_psgd_waves_equal_its_iterations_one_by_one(lossy_exchanges):
     """Twelve iterations ending in one tick (sites repeat as neighbours), applied in waves, equal
-    the same iterations applied one after the other in time order, bit for bit."""
+    the same iterations applied one after the other in time order, bit for bit; with lost
+    requests (the site steps alone) and lost replies (only the neighbour averages) too."""
     generator = torch.Generator().manual_seed(0)
     theta, pending = torch.randn(6, 50, generator=generator), torch.randn(6, 50, generator=generator)
     sites = torch.tensor([0, 3, 1, 4, 2, 5])
     neighbours = torch.tensor([1, 2, 0, 5, 3, 4])
+    delivered = answered = None
+    if lossy_exchanges:
+        delivered = torch.tensor([True, False, True, True, True, False])
+        answered = torch.tensor([True, False, False, True, False, False])
+        neighbours = torch.where(delivered, neighbours, sites)
     grouped_theta, grouped_reads = theta.clone(), torch.zeros_like(theta)
-    apply_events(grouped_theta, grouped_reads, pending, sites, neighbours, lr=0.1)
+    apply_events(grouped_theta, grouped_reads, pending, sites, neighbours, 0.1, delivered, answered)
     assert len(waves(sites.tolist(), neighbours.tolist())) > 1  # the events conflict: not one wave
     one_by_one, reads = theta.clone(), torch.zeros_like(theta)
-    for i, j in zip(sites.tolist(), neighbours.tolist(), strict=True):
+    for k, (i, j) in enumerate(zip(sites.tolist(), neighbours.tolist(), strict=True)):
         mean = (one_by_one[i] + one_by_one[j]) / 2
-        one_by_one[i], one_by_one[j] = mean, mean
-        one_by_one[i] = mean - 0.1 * pending[i]
+        if delivered is None or delivered[k]:
+            one_by_one[j] = mean
+        if delivered is None or answered[k]:
+            one_by_one[i] = mean
+        one_by_one[i] = one_by_one[i] - 0.1 * pending[i]
         reads[i] = one_by_one[i]
     assert torch.equal(grouped_theta, one_by_one) and torch.equal(grouped_reads, reads)
 
@@ -291,12 +301,44 @@ def test_ad_psgd_ticks_the_clock_takes_gradients_at_reads_and_resumes_exactly(sm
     assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
 
 
+def test_ad_psgd_under_churn_and_loss_freezes_offline_sites_and_counts_lost_exchanges(small_config, tmp_path):
+    """AD-PSGD on a churning, lossy network: an offline site's model and read stay as they were
+    and its iteration starts afresh when it comes back (it ends no iteration while offline); lost
+    requests and replies are counted; the run resumes to the same metrics."""
+    config = small_config(
+        "default", *AD_PSGD, "network.compute_spread=0.5", "network.churn_leave=0.1", "network.churn_return=0.4",
+        "network.message_loss=0.2",
+    )  # fmt: skip
+    before: dict[str, torch.Tensor] = {}
+    seen = {"offline": 0}
+
+    def check(runner: Runner) -> None:
+        theta, state = runner.experiment.population.theta, runner.experiment.state
+        network = runner.experiment.network
+        offline = ~network.online
+        if before:
+            assert torch.equal(theta[offline], before["theta"][offline])
+            assert bool((state["finish"][offline] > network.time).all())
+            assert torch.equal(state["reads"][offline], theta[offline])
+            seen["offline"] += int(offline.sum())
+        before.update(theta=theta.clone())
+
+    runner = run(config, tmp_path / "whole", on_step=check)
+    assert seen["offline"] > 50
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+    lost, sent = summary["communication"]["messages_lost"], runner.gossip_messages
+    assert 0.1 * sent < lost < 0.3 * sent  # each message lost with probability 0.2
+    assert summary["aga"] > 0.3  # 0.39 (0.47 on the same clock without churn or loss; chance 0.1)
+    stopped_then_resumed(config, tmp_path / "split", stop_step=40)
+    assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("train.momentum=0.9", "'train.momentum' = 0.9: must be 0 for gossip.algorithm = 'ad-psgd'"),
         ("gossip.topology=random-one-peer", "must be a fixed graph for gossip.algorithm = 'ad-psgd'"),
-        ("network.message_loss=0.1", "'ad-psgd' runs on the clock without churn or message loss"),
+        ("network.link_trace=links.csv", "must be empty for gossip.algorithm = 'ad-psgd'"),
     ],
 )
 def test_ad_psgd_refuses_what_it_does_not_model(small_config, override, message):

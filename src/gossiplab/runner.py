@@ -299,7 +299,7 @@ class Runner:
         message_bytes = sent.bytes / sent.messages if sent.messages else self.vector_bytes
         self.gossip_messages += sent.messages + delivery.lost
         self.gossip_bytes += sent.bytes + round(delivery.lost * message_bytes)
-        self.messages_lost += delivery.lost
+        self.messages_lost += delivery.lost + sent.lost
         if sent.messages + delivery.lost and self.experiment.algorithm.tick(self.experiment.state) is None:
             self.experiment.network.charge_round(message_bytes, delivery)  # (asynchronous: inside its iterations)
         if self._first_round is None:

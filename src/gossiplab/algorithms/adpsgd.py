@@ -14,8 +14,15 @@ gradient for its iteration. The iterations that end in a tick are applied in wav
 neighbour, so one wave's exchanges touch disjoint sites and commute, and the waves in order equal
 the events one by one (a test holds them equal bit for bit). `train.steps` counts ticks; compare a
 run with a synchronous method on `simulated_time_s`. The update is plain SGD (momentum, weight
-decay and clipping are refused), on a fixed graph, without churn or message loss (not modelled
-yet).
+decay and clipping are refused), on a fixed graph.
+
+Under churn and loss ([network]): a site that is offline in a tick abandons its iteration and
+starts a new one (a fresh read) when it comes back; a site picks its neighbour among its online
+ones (membership is known, as the synchronous loop's cut of W assumes) and, with none online,
+takes its gradient step alone. Each of an exchange's two messages is lost with probability
+`message_loss`: a lost request leaves both models unaveraged (site i steps alone), a lost reply
+leaves j averaged and i not, so the pair's mean is no longer kept. Both are counted as sent and
+lost; the iteration takes as long either way (the loss is noticed within the exchange's time).
 """
 
 from __future__ import annotations
@@ -53,15 +60,21 @@ def waves(sites: list[int], neighbours: list[int]) -> list[list[int]]:
 @torch.no_grad()
 def apply_events(
     theta: torch.Tensor, reads: torch.Tensor, pending: torch.Tensor, sites: torch.Tensor, neighbours: torch.Tensor,
-    lr: float,
+    lr: float, delivered: torch.Tensor | None = None, answered: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """The iterations ending now, in time order, wave by wave: average with the neighbour, take the
-    stale gradient step, read the model for the next iteration."""
+    stale gradient step, read the model for the next iteration. `delivered` [E]: x_i reached j
+    (j averages); `answered` [E]: x_j came back to i (i averages); None: every message arrived.
+    A site stepping alone is its own neighbour with neither."""
     for wave in waves(sites.tolist(), neighbours.tolist()):
         i, j = sites[wave], neighbours[wave]
         mean = (theta[i] + theta[j]) / 2  # a wave's pairs are disjoint: i and j never overlap
-        theta[j] = mean
-        theta[i] = mean - lr * pending[i]
+        if delivered is None or answered is None:
+            theta[j] = mean
+            theta[i] = mean - lr * pending[i]
+        else:
+            theta[j] = torch.where(delivered[wave, None], mean, theta[j])
+            theta[i] = torch.where(answered[wave, None], mean, theta[i]) - lr * pending[i]
         reads[i] = theta[i]
 
 
@@ -82,8 +95,6 @@ class ADPSGD(Algorithm):
              "must be 1 with gossip.schedule = 'every' for gossip.algorithm = 'ad-psgd' (it exchanges every tick)"),
             (gossip.topology in FIXED_GRAPHS, "gossip.topology",
              f"must be a fixed graph for gossip.algorithm = 'ad-psgd': {', '.join(FIXED_GRAPHS)}"),
-            (network.churn_leave == 0 and not network.churn_trace and network.message_loss == 0,
-             "gossip.algorithm", "'ad-psgd' runs on the clock without churn or message loss (not modelled yet)"),
             (not network.link_trace, "network.link_trace",
              "must be empty for gossip.algorithm = 'ad-psgd' (its exchanges take network.latency and bandwidth)"),
         ])  # fmt: skip
@@ -141,24 +152,53 @@ class ADPSGD(Algorithm):
             cached = self.__dict__["_neighbours"] = (order[:, : int(degrees.max())], degrees)
         return cached
 
+    def pick_neighbours(self, ending: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each ending site's neighbour, uniform among its online ones (the k-th, k = floor(draw *
+        count)), and whether it had one (if not, it is its own)."""
+        table, degrees = self.neighbour_table()
+        candidates = table[ending]
+        online = self.experiment.network.online
+        usable = (torch.arange(table.shape[1]) < degrees[ending, None]) & online[candidates]
+        counts = usable.sum(1)
+        picks = (draw * counts).long()
+        position = (usable.cumsum(1) > picks[:, None]).to(torch.uint8).argmax(1)  # the picks-th usable one
+        found = counts > 0
+        return torch.where(found, candidates[torch.arange(len(ending)), position], ending), found
+
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         """Apply the iterations that end in this tick, each exchanging two models with its neighbour."""
         experiment = self.experiment
+        network = experiment.network
         state["ticks"] += 1
-        now, finish = experiment.network.time, state["finish"]
+        now, finish = network.time, state["finish"]
+        theta = experiment.population.theta
+        if network.churns:  # offline sites abandon their iteration: a new one from now, a fresh read
+            offline = ~network.online
+            finish[offline] = now + state["iteration"][offline]
+            state["reads"][offline] = theta[offline]
+            state["fresh"][offline] = True
         ending = torch.nonzero(finish <= now).flatten()
         ending = ending[torch.argsort(finish[ending], stable=True)]  # time order, ties by site
         if len(ending) == 0:
             return Sent(0, 0)
         seed = (experiment.config.seed + ADPSGD_STREAM + int(state["ticks"])) % 2**63
-        draw = torch.rand(len(ending), generator=torch.Generator().manual_seed(seed))
-        table, degrees = self.neighbour_table()
-        picks = (draw * degrees[ending]).long()  # the k-th neighbour, uniformly
-        neighbours = table[ending, picks]
-        population = experiment.population
-        apply_events(population.theta, state["reads"], state["pending"], ending, neighbours, experiment.optimizer.lr)
+        generator = torch.Generator().manual_seed(seed)
+        neighbours, found = self.pick_neighbours(ending, torch.rand(len(ending), generator=generator))
+        requests, replies, lost = int(found.sum()), int(found.sum()), 0
+        delivered = answered = None
+        if network.config.message_loss > 0:
+            request_lost, reply_lost = torch.rand(2, len(ending), generator=generator) < network.config.message_loss
+            delivered = found & ~request_lost
+            answered = delivered & ~reply_lost
+            replies = int(delivered.sum())
+            lost = int((found & request_lost).sum() + (delivered & reply_lost).sum())
+            neighbours = torch.where(delivered, neighbours, ending)  # an undelivered request touches no neighbour
+        elif not bool(found.all()):
+            delivered = answered = found
+        apply_events(theta, state["reads"], state["pending"], ending, neighbours, experiment.optimizer.lr,
+                     delivered, answered)  # fmt: skip
         finish[ending] += state["iteration"][ending]
         state["fresh"][ending] = True
-        vector_bytes = population.theta.shape[1] * BYTES_PER_NUMBER
-        return Sent(2 * len(ending), 2 * len(ending) * vector_bytes)  # x_i to j and x_j back
+        vector_bytes = theta.shape[1] * BYTES_PER_NUMBER
+        return Sent(requests + replies, (requests + replies) * vector_bytes, lost)  # x_i to j, x_j back

@@ -51,10 +51,13 @@ BYTES_PER_NUMBER = 4  # float32 values and int32 indices on the wire
 @dataclass(frozen=True)
 class Sent:
     """What one communication round sent, all sites together: how many messages (one per
-    receiver and sender), and the bytes of their payloads."""
+    receiver and sender), the bytes of their payloads, and how many of those messages the
+    algorithm itself saw lost in transit (AD-PSGD's exchanges; a synchronous round's losses are
+    the network's, in its Delivery)."""
 
     messages: int
     bytes: int
+    lost: int = 0
 
     @classmethod
     def vectors(cls, weights: torch.Tensor, width: int, per_message: int = 1) -> Sent:
