@@ -19,8 +19,11 @@ CHOCO = ["gossip.algorithm=choco-sgd"]
 
 def test_top_k_keeps_each_rows_largest_entries_and_sends_values_and_indices():
     difference = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
-    kept, message_bytes = top_k(difference, ChocoConfig(kept=0.05), torch.Generator())
-    assert message_bytes == 50 * 4 * 2
+    message = top_k(difference, ChocoConfig(kept=0.05), torch.Generator())
+    kept = message.correction()
+    assert message.message_bytes == 50 * 4 * 2
+    assert [part.dtype for part in message.parts] == [torch.float32, torch.int32]  # as they travel
+    assert [part.shape for part in message.parts] == [(4, 50), (4, 50)]
     assert ((kept != 0).sum(1) == 50).all()
     smallest_kept = torch.where(kept != 0, difference.abs(), math.inf).min(1).values
     largest_left = torch.where(kept == 0, difference.abs(), 0.0).max(1).values
@@ -30,11 +33,12 @@ def test_top_k_keeps_each_rows_largest_entries_and_sends_values_and_indices():
 
 def test_random_k_keeps_k_entries_unscaled_and_sends_values_and_a_seed():
     difference = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0))
-    kept, message_bytes = random_k(difference, ChocoConfig(kept=0.05), torch.Generator().manual_seed(1))
-    assert message_bytes == 50 * 4 + 8
+    message = random_k(difference, ChocoConfig(kept=0.05), torch.Generator().manual_seed(1))
+    kept = message.correction()
+    assert message.message_bytes == 50 * 4 + 8 and message.parts[0].shape == (4, 50)
     assert ((kept != 0).sum(1) == 50).all()
     assert torch.equal(kept[kept != 0], difference[kept != 0])
-    again, _ = random_k(difference, ChocoConfig(kept=0.05), torch.Generator().manual_seed(1))
+    again = random_k(difference, ChocoConfig(kept=0.05), torch.Generator().manual_seed(1)).correction()
     assert torch.equal(again, kept)  # the receiver draws the same indices from the seed
 
 
@@ -44,11 +48,13 @@ def test_qsgd_is_unbiased_before_its_scaling_and_sends_a_norm_and_bits():
     difference = torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
     options, generator = ChocoConfig(levels=4), torch.Generator().manual_seed(1)
     tau = 1 + min(256 / 4**2, math.sqrt(256) / 4)
-    draws = [qsgd(difference, options, generator)[0] for _ in range(4000)]
+    draws = [qsgd(difference, options, generator).correction() for _ in range(4000)]
     torch.testing.assert_close(tau * torch.stack(draws).mean(0), difference, rtol=0, atol=0.08)
     quantized = tau * draws[0] / torch.linalg.vector_norm(difference) * 4  # integer levels 0..4
     torch.testing.assert_close(quantized.abs(), quantized.abs().round(), rtol=0, atol=1e-4)
-    assert qsgd(difference, options, generator)[1] == 4 + math.ceil(256 * (1 + 3) / 8)
+    message = qsgd(difference, options, generator)
+    assert message.message_bytes == 4 + math.ceil(256 * (1 + 3) / 8)
+    assert [part.dtype for part in message.parts] == [torch.float32, torch.int8]  # norm; sign and level
 
 
 def test_choco_without_compression_is_dsgd_and_compressed_it_sends_what_it_says(tmp_path):

@@ -7,6 +7,7 @@ torchrun itself), bounded in time; they stop by themselves or are killed by the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -139,6 +140,27 @@ def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, 
     summary = json.loads((tmp_path / "distributed" / "summary.json").read_text())
     assert summary["distributed"]["processes"] == processes
     assert "ALA" in results[0][1] and "ALA" not in results[1][1]  # rank 0 alone reports
+
+
+@pytest.mark.parametrize(
+    ("compressor", "travels"),
+    [
+        pytest.param("top-k", lambda p: 8 * math.ceil(0.1 * p), id="top-k"),
+        pytest.param("qsgd", lambda p: 4 + p, marks=pytest.mark.long, id="qsgd"),
+    ],
+)
+def test_choco_across_processes_is_the_simulation_and_sends_its_compressed_messages(tmp_path, compressor, travels):
+    """CHOCO-SGD on 2 processes: the single-process run, with each process sending its 4 sites'
+    compressed messages to the other every round, as they travel (top-k: k float32 values and k
+    int32 indices; qsgd: the norm and one int8 per entry), measured at the process group."""
+    overrides = [*SMALL, "gossip.algorithm=choco-sgd", "gossip.topology=ring", f"choco.compressor={compressor}"]
+    theta, rows = simulate(overrides, tmp_path / "simulation")
+    results = finish(start(2, [*overrides, "--run-dir", str(tmp_path / "distributed")]))
+    assert all(code == 0 for code, _ in results), results
+    assert_same_run(theta, rows, tmp_path / "distributed", 2)
+    summary = json.loads((tmp_path / "distributed" / "summary.json").read_text())
+    rounds, width = summary["gossip_rounds"], summary["communication"]["parameters_P"]
+    assert summary["distributed"]["payload_bytes_sent"] == rounds * 2 * 4 * travels(width)
 
 
 def test_bytes_sent_are_the_rows_neighbours_need():

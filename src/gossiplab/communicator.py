@@ -47,8 +47,9 @@ class Communicator(Protocol):
         the bytes this process sent."""
         ...
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-site rows [N_r, ...] of every process stacked in site order: [N, ...]."""
+    def gather(self, rows: torch.Tensor, payload: bool = False) -> torch.Tensor:
+        """Per-site rows [N_r, ...] of every process stacked in site order: [N, ...]. `payload`:
+        they are gossip messages (CHOCO's compressed ones), their bytes counted in `bytes_sent`."""
         ...
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ class SingleProcess:
         operator(theta, weights)
         return 0
 
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+    def gather(self, rows: torch.Tensor, payload: bool = False) -> torch.Tensor:
         return rows
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:

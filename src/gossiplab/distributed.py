@@ -701,13 +701,17 @@ class ProcessGroup:
         return max(b - a for a, b in (self.blocks[r] for r in self.members))
 
     @exchange
-    def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-site rows [N_r, ...] of every process in site order [N, ...]; lost processes' rows are zero."""
+    def gather(self, rows: torch.Tensor, payload: bool = False) -> torch.Tensor:
+        """Per-site rows [N_r, ...] of every process in site order [N, ...]; lost processes' rows are
+        zero. `payload`: gossip messages, whose bytes (this block to every other process) count in
+        `bytes_sent`."""
         self._exchanges += 1
         size = self._padded()
         send = torch.zeros(size, *rows.shape[1:], dtype=rows.dtype)
         send[: len(rows)] = rows
         received = self._allgather(send)
+        if payload:
+            self.bytes_sent += send.numel() * send.element_size() * (len(self.members) - 1)
         full = torch.zeros(self.num_sites, *rows.shape[1:], dtype=rows.dtype)
         for r, part in zip(self.members, received, strict=True):
             a, b = self.blocks[r]

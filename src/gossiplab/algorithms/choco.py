@@ -24,12 +24,20 @@ round's graph, offline) leaves it as it is; over a graph that changes between ro
 its corrections reach the sites it will mix with later (bytes count only the round's messages).
 The draws of random-k and qsgd come from a stream of the run's seed and the round, so a run
 resumes exactly.
+
+Across processes (torchrun) each process keeps every site's public copy and sends its sites'
+compressed messages, as they travel (top-k: float32 values and int32 indices; random-k: the
+values; qsgd: the norm and one int8 per entry holding sign and level, not packed to bits), to
+every other process (`comm.gather(..., payload=True)`, counted in `payload_bytes_sent`); each
+then updates every public copy and mixes its own sites. Every process draws the same random
+indices and quantization draws (those of all N sites), so the run equals the single-process one.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,42 +49,87 @@ from gossiplab.registry import ALGORITHMS
 from gossiplab.sparse import entries
 
 CHOCO_STREAM = 0x43686F  # offsets the run's seed for the compressors' draws ("Cho")
-Compressor = Callable[[torch.Tensor, ChocoConfig, torch.Generator], tuple[torch.Tensor, int]]
+
+
+@dataclass(frozen=True)
+class Compressed:
+    """The messages of a block of sites as they travel (`parts`, one row per site), the bytes one
+    message counts, and how a receiver turns rows of `parts` (any sites') back into Q(x - x_hat)."""
+
+    parts: tuple[torch.Tensor, ...]
+    message_bytes: int
+    decode: Callable[..., torch.Tensor]
+
+    def correction(self) -> torch.Tensor:
+        """Q(x - x_hat) of the sites compressed here."""
+        return self.decode(*self.parts)
+
+
+Compressor = Callable[[torch.Tensor, ChocoConfig, torch.Generator, slice, int], Compressed]
 
 
 def kept_count(options: ChocoConfig, width: int) -> int:
     return math.ceil(options.kept * width)
 
 
-def top_k(difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+def top_k(
+    difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator, sites: slice = slice(None),
+    num_sites: int = 0,
+) -> Compressed:  # fmt: skip
     """Each row's k entries of largest magnitude; k values and k indices."""
-    k = kept_count(options, difference.shape[1])
+    width = difference.shape[1]
+    k = kept_count(options, width)
     kept = difference.abs().topk(k, dim=1, sorted=False).indices  # unsorted: half the time of sorted
-    return torch.zeros_like(difference).scatter_(1, kept, difference.gather(1, kept)), 2 * k * BYTES_PER_NUMBER
+
+    def decode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(values), width, dtype=values.dtype, device=values.device).scatter_(
+            1, indices.long(), values
+        )
+
+    return Compressed((difference.gather(1, kept), kept.to(torch.int32)), 2 * k * BYTES_PER_NUMBER, decode)
 
 
-def random_k(difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+def random_k(
+    difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator, sites: slice = slice(None),
+    num_sites: int = 0,
+) -> Compressed:  # fmt: skip
     """k entries drawn uniformly without replacement, the same k for every site in a round (each
     site's Q is still CHOCO's rand_k; one draw of P indices costs a fifth of one per row); k values
     and the 8-byte seed."""
-    k = kept_count(options, difference.shape[1])
-    kept = torch.randperm(difference.shape[1], generator=generator, device=difference.device)[:k]
-    correction = torch.zeros_like(difference)
-    correction[:, kept] = difference[:, kept]
-    return correction, k * BYTES_PER_NUMBER + 8
+    width = difference.shape[1]
+    k = kept_count(options, width)
+    kept = torch.randperm(width, generator=generator, device=difference.device)[:k]
+
+    def decode(values: torch.Tensor) -> torch.Tensor:
+        correction = torch.zeros(len(values), width, dtype=values.dtype, device=values.device)
+        correction[:, kept.to(values.device)] = values
+        return correction
+
+    return Compressed((difference[:, kept],), k * BYTES_PER_NUMBER + 8, decode)
 
 
-def qsgd(difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator) -> tuple[torch.Tensor, int]:
-    """||x|| sign(x) xi(x) / (s tau), xi rounding s|x|/||x|| up or down at random (unbiased before 1/tau)."""
+def qsgd(
+    difference: torch.Tensor, options: ChocoConfig, generator: torch.Generator, sites: slice = slice(None),
+    num_sites: int = 0,
+) -> Compressed:  # fmt: skip
+    """||x|| sign(x) xi(x) / (s tau), xi rounding s|x|/||x|| up or down at random (unbiased before
+    1/tau); the draws are those of all `num_sites` sites (taken for the rows `sites`), so a block
+    draws what the whole population would."""
     width, levels = difference.shape[1], options.levels
     norm = torch.linalg.vector_norm(difference, dim=1, keepdim=True)
     scaled = levels * difference.abs() / norm.clamp_min(torch.finfo(difference.dtype).tiny)
     lower = scaled.floor()
-    draw = torch.rand(difference.shape, generator=generator, device=difference.device)
+    shape = (max(num_sites, len(difference)), width)
+    draw = torch.rand(shape, generator=generator, device=difference.device)[sites]
     level = lower + (draw < scaled - lower).to(difference.dtype)
+    signed = torch.int8 if levels <= 127 else torch.int16 if levels <= 32767 else torch.int32
     tau = 1 + min(width / levels**2, math.sqrt(width) / levels)
     bits = width * (1 + math.ceil(math.log2(levels + 1)))
-    return norm * difference.sign() * level / (levels * tau), BYTES_PER_NUMBER + math.ceil(bits / 8)
+
+    def decode(norms: torch.Tensor, signed_levels: torch.Tensor) -> torch.Tensor:
+        return norms * signed_levels.to(norms.dtype) / (levels * tau)
+
+    return Compressed((norm, (difference.sign() * level).to(signed)), BYTES_PER_NUMBER + math.ceil(bits / 8), decode)
 
 
 COMPRESSORS: dict[str, Compressor] = {"top-k": top_k, "random-k": random_k, "qsgd": qsgd}
@@ -86,9 +139,12 @@ COMPRESSORS: dict[str, Compressor] = {"top-k": top_k, "random-k": random_k, "qsg
 class ChocoSGD(Algorithm):
     """CHOCO-SGD: a local step, then a round of compressed corrections to public copies."""
 
+    distributed = True
+
     def init(self) -> dict[str, Any]:
-        theta = self.experiment.population.theta
-        return {"public": torch.zeros_like(theta), "rounds": torch.zeros((), dtype=torch.long)}
+        theta, num_sites = self.experiment.population.theta, self.experiment.config.num_sites
+        public = torch.zeros(num_sites, theta.shape[1], dtype=theta.dtype, device=theta.device)  # every site's
+        return {"public": public, "rounds": torch.zeros((), dtype=torch.long)}
 
     @torch.no_grad()
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
@@ -98,15 +154,18 @@ class ChocoSGD(Algorithm):
         state["rounds"] += 1
         seed = (config.seed + CHOCO_STREAM + int(state["rounds"])) % 2**63
         generator = torch.Generator(device=theta.device).manual_seed(seed)
-        correction, message_bytes = COMPRESSORS[options.compressor](theta - public, options, generator)
+        compress = COMPRESSORS[options.compressor]
+        message = compress(theta - public[comm.sites], options, generator, comm.sites, config.num_sites)
+        parts = tuple(comm.gather(part, payload=True).to(theta.device) for part in message.parts)
+        correction = message.decode(*parts)  # every site's Q(x - x_hat)
         rows, columns, _ = entries(weights)
         between = rows != columns  # the round's messages: j = columns[k] sends to i = rows[k]
-        sends = torch.zeros(len(theta), dtype=torch.bool, device=theta.device)
+        sends = torch.zeros(config.num_sites, dtype=torch.bool, device=theta.device)
         sends[columns[between].to(theta.device)] = True
         correction[~sends] = 0.0  # a site that sent nothing this round leaves its public copy
         public.add_(correction)  # x_hat_i += q_i
         mixed = public.clone()
-        comm.mix(mixed, weights, self.averager(mixed))  # sum_j W_ij x_hat_j
-        theta.add_(mixed - public, alpha=options.gamma)
+        self.averager(mixed)(mixed, weights)  # sum_j W_ij x_hat_j, for every site (each process: all)
+        theta.add_((mixed - public)[comm.sites], alpha=options.gamma)
         messages = int(between.sum())
-        return Sent(messages, messages * message_bytes)
+        return Sent(messages, messages * message.message_bytes)
