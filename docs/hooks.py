@@ -5,6 +5,8 @@
   docs/generated/ (not committed): the default, the single global merge, DIMAT, L2C and MAZEL.
   With GOSSIPLAB_DOCS_RUNS set to a folder of finished run directories named like FIGURES' keys,
   their plots are taken instead (the tests hand over the runs of the pages' own walk-through).
+- Comparisons (COMPARISONS) run a few short variants and draw them in one figure, against the
+  simulated clock: the real-networks page's synchronous and asynchronous SGD on uneven devices.
 """
 
 from __future__ import annotations
@@ -24,10 +26,19 @@ FIGURES = {  # folder -> (preset, overrides, plots the pages show); short runs: 
     "mazel": ("mazel-8site", ["train.steps=100", "eval.every=25", "gossip.every=25", "data.train_per_source=400",
                               "data.test_per_source=150"], ["accuracy", "accuracy_matrix"]),
 }  # fmt: skip
+DEVICES = ["network.compute_time=0.05", "network.compute_spread=0.5", "network.latency=0.05",
+           "network.bandwidth=12.5e6", "gossip.topology=ring", "gossip.every=1", "train.momentum=0"]  # fmt: skip
+COMPARISONS = {  # folder -> figure, variants (label -> preset, overrides): 400 D-PSGD rounds, the same time
+    "networks": ("compare_time", {
+        "D-PSGD": ("default", [*DEVICES, "train.steps=400", "eval.every=40"]),
+        "AD-PSGD": ("default", [*DEVICES, "gossip.algorithm=ad-psgd", "train.steps=740", "eval.every=74"]),
+    }),
+}  # fmt: skip
 
 
 def on_pre_build(config) -> None:
     import gossiplab
+    from gossiplab.compare import plot_curves
 
     generated = Path(config["docs_dir"]) / "generated"
     given = Path(os.environ["GOSSIPLAB_DOCS_RUNS"]) if os.environ.get("GOSSIPLAB_DOCS_RUNS") else None
@@ -43,6 +54,14 @@ def on_pre_build(config) -> None:
             gossiplab.run(preset, overrides, run_dir=source)
         for plot in plots:
             shutil.copyfile(source / f"{plot}.png", target / f"{plot}.png")
+    for folder, (figure, variants) in COMPARISONS.items():
+        target = generated / folder / f"{figure}.png"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            runs = Path(tempfile.mkdtemp())
+            groups = {label: [gossiplab.run(preset, overrides, run_dir=runs / label).final]
+                      for label, (preset, overrides) in variants.items()}  # fmt: skip
+            plot_curves("merged and local models in simulated time", groups, target, x="simulated_time_s")
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
