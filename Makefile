@@ -75,6 +75,6 @@ docs: install
 
 test: install
 	@$(call apt_ensure,$(TEST_DEBIAN))
-	$(BIN)/ruff check src tests examples docs/hooks.py
-	$(BIN)/ruff format --check src tests examples docs/hooks.py
+	$(BIN)/ruff check src tests examples benchmarks docs/hooks.py
+	$(BIN)/ruff format --check src tests examples benchmarks docs/hooks.py
 	$(BIN)/python -m pytest -q
