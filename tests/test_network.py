@@ -251,12 +251,14 @@ def test_bad_network_values_get_one_line_errors_naming_the_field(gossiplab_main,
 
 
 @pytest.mark.parametrize("lossy_exchanges", [False, True])
-def test_ad_psgd_waves_equal_its_iterations_one_by_one(lossy_exchanges):
-    """Twelve iterations ending in one tick (sites repeat as neighbours), applied in waves, equal
-    the same iterations applied one after the other in time order, bit for bit; with lost
-    requests (the site steps alone) and lost replies (only the neighbour averages) too."""
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+def test_ad_psgd_exchanges_equal_its_iterations_one_by_one(lossy_exchanges, kernels):
+    """Twelve iterations ending in one tick (sites repeat as neighbours), applied in waves (torch)
+    or in one compiled pass (numba), equal the same iterations applied one after the other in
+    time order, bit for bit; with lost requests (the site steps alone) and lost replies (only the
+    neighbour averages) too."""
     generator = torch.Generator().manual_seed(0)
-    theta, pending = torch.randn(6, 50, generator=generator), torch.randn(6, 50, generator=generator)
+    theta, pending = torch.randn(6, 5000, generator=generator), torch.randn(6, 5000, generator=generator)
     sites = torch.tensor([0, 3, 1, 4, 2, 5])
     neighbours = torch.tensor([1, 2, 0, 5, 3, 4])
     delivered = answered = None
@@ -265,8 +267,15 @@ def test_ad_psgd_waves_equal_its_iterations_one_by_one(lossy_exchanges):
         answered = torch.tensor([True, False, False, True, False, False])
         neighbours = torch.where(delivered, neighbours, sites)
     grouped_theta, grouped_reads = theta.clone(), torch.zeros_like(theta)
-    apply_events(grouped_theta, grouped_reads, pending, sites, neighbours, 0.1, delivered, answered)
-    assert len(waves(sites.tolist(), neighbours.tolist())) > 1  # the events conflict: not one wave
+    if kernels == "numba":
+        compiled = pytest.importorskip("gossiplab.kernels")
+        every = torch.ones(6, dtype=torch.bool)
+        compiled.apply_exchanges(grouped_theta, grouped_reads, pending, sites, neighbours,
+                                 every if delivered is None else delivered, every if answered is None else answered,
+                                 0.1, block=1024)  # fmt: skip
+    else:
+        apply_events(grouped_theta, grouped_reads, pending, sites, neighbours, 0.1, delivered, answered)
+        assert len(waves(sites.tolist(), neighbours.tolist())) > 1  # the events conflict: not one wave
     one_by_one, reads = theta.clone(), torch.zeros_like(theta)
     for k, (i, j) in enumerate(zip(sites.tolist(), neighbours.tolist(), strict=True)):
         mean = (one_by_one[i] + one_by_one[j]) / 2

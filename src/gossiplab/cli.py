@@ -690,7 +690,8 @@ def _bench_network(counts: list[int], steps: int, repeats: int, json_path: Path 
             table.add_row(*cells)
     console.print(
         "churn + loss: each step a site leaves with probability 0.01 and returns with 0.05, each message is lost "
-        "with probability 0.5; CHOCO: top-10% of x - x_hat per message"
+        "with probability 0.5; CHOCO: top-10% of x - x_hat per message; AD-PSGD tick: one loop step of AD-PSGD "
+        "over a ring"
     )
     if json_path is not None:
         json_path.write_text(json.dumps(rows, indent=2))

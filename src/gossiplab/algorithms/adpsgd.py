@@ -36,6 +36,7 @@ import torch
 from gossiplab.algorithms.base import BYTES_PER_NUMBER, Algorithm, Sent
 from gossiplab.communicator import Communicator
 from gossiplab.config import Config, problems_of
+from gossiplab.devices import resolve_kernels
 from gossiplab.registry import ALGORITHMS
 from gossiplab.sparse import dense
 
@@ -119,9 +120,13 @@ class ADPSGD(Algorithm):
     @contextlib.contextmanager
     def gradients_at(self, state: dict[str, Any]) -> Iterator[None]:
         """Gradients at every site's read model, not its current one (which its neighbours may
-        have averaged into since)."""
+        have averaged into since). The current models wait in a buffer made once (a fresh clone of
+        [N, P] each tick cost 3x a copy: new pages)."""
         theta = self.experiment.population.theta
-        current = theta.clone()
+        current = self.__dict__.get("_current")
+        if current is None or current.shape != theta.shape:
+            current = self.__dict__["_current"] = torch.empty_like(theta)
+        current.copy_(theta)
         theta.copy_(state["reads"])
         try:
             yield
@@ -151,6 +156,24 @@ class ADPSGD(Algorithm):
             order = torch.argsort((~graph).to(torch.uint8), dim=1, stable=True)  # neighbours first, in order
             cached = self.__dict__["_neighbours"] = (order[:, : int(degrees.max())], degrees)
         return cached
+
+    def apply(
+        self, theta: torch.Tensor, state: dict[str, Any], sites: torch.Tensor, neighbours: torch.Tensor,
+        delivered: torch.Tensor | None, answered: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """The exchanges in time order: one compiled pass (train.kernels resolving to numba, rows
+        in float32 on the CPU), else `apply_events`' waves; the same bits either way (tested)."""
+        lr, reads, pending = self.experiment.optimizer.lr, state["reads"], state["pending"]
+        compiled = resolve_kernels(self.experiment.config.train.kernels, theta.device) == "numba"
+        if compiled and theta.dtype == torch.float32 and theta.is_contiguous():
+            from gossiplab import kernels  # numba is optional (the `compiled` extra)
+
+            every = torch.ones(len(sites), dtype=torch.bool)
+            kernels.apply_exchanges(theta, reads, pending, sites, neighbours,
+                                    every if delivered is None else delivered,
+                                    every if answered is None else answered, lr)  # fmt: skip
+        else:
+            apply_events(theta, reads, pending, sites, neighbours, lr, delivered, answered)
 
     def pick_neighbours(self, ending: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each ending site's neighbour, uniform among its online ones (the k-th, k = floor(draw *
@@ -196,8 +219,7 @@ class ADPSGD(Algorithm):
             neighbours = torch.where(delivered, neighbours, ending)  # an undelivered request touches no neighbour
         elif not bool(found.all()):
             delivered = answered = found
-        apply_events(theta, state["reads"], state["pending"], ending, neighbours, experiment.optimizer.lr,
-                     delivered, answered)  # fmt: skip
+        self.apply(theta, state, ending, neighbours, delivered, answered)
         finish[ending] += state["iteration"][ending]
         state["fresh"][ending] = True
         vector_bytes = theta.shape[1] * BYTES_PER_NUMBER
