@@ -5,8 +5,9 @@
   docs/generated/ (not committed): the default, the single global merge, DIMAT, L2C and MAZEL.
   With GOSSIPLAB_DOCS_RUNS set to a folder of finished run directories named like FIGURES' keys,
   their plots are taken instead (the tests hand over the runs of the pages' own walk-through).
-- Comparisons (COMPARISONS) run a few short variants and draw them in one figure, against the
-  simulated clock: the real-networks page's synchronous and asynchronous SGD on uneven devices.
+- Comparisons (COMPARISONS) run a few short variants and draw them in one figure: the real-networks
+  page's synchronous and asynchronous SGD on uneven devices against the simulated clock, and DSGD
+  and CHOCO-SGD against the bytes sent.
 """
 
 from __future__ import annotations
@@ -28,17 +29,21 @@ FIGURES = {  # folder -> (preset, overrides, plots the pages show); short runs: 
 }  # fmt: skip
 DEVICES = ["network.compute_time=0.05", "network.compute_spread=0.5", "network.latency=0.05",
            "network.bandwidth=12.5e6", "gossip.topology=ring", "gossip.every=1", "train.momentum=0"]  # fmt: skip
-COMPARISONS = {  # folder -> figure, variants (label -> preset, overrides): 400 D-PSGD rounds, the same time
-    "networks": ("compare_time", {
+COMPARISONS = {  # folder -> figure, x, variants (label -> preset, overrides)
+    "networks": ("compare_time", "simulated_time_s", {  # 400 D-PSGD rounds and the ticks of the same time
         "D-PSGD": ("default", [*DEVICES, "train.steps=400", "eval.every=40"]),
         "AD-PSGD": ("default", [*DEVICES, "gossip.algorithm=ad-psgd", "train.steps=740", "eval.every=74"]),
+    }),
+    "compression": ("compare_bytes", "bytes_sent", {
+        "DSGD": ("default", ["train.steps=400", "eval.every=40"]),
+        "CHOCO top-10%": ("default", ["gossip.algorithm=choco-sgd", "train.steps=400", "eval.every=40"]),
     }),
 }  # fmt: skip
 
 
 def on_pre_build(config) -> None:
     import gossiplab
-    from gossiplab.compare import plot_curves
+    from gossiplab.compare import AXES, plot_curves
 
     generated = Path(config["docs_dir"]) / "generated"
     given = Path(os.environ["GOSSIPLAB_DOCS_RUNS"]) if os.environ.get("GOSSIPLAB_DOCS_RUNS") else None
@@ -54,14 +59,14 @@ def on_pre_build(config) -> None:
             gossiplab.run(preset, overrides, run_dir=source)
         for plot in plots:
             shutil.copyfile(source / f"{plot}.png", target / f"{plot}.png")
-    for folder, (figure, variants) in COMPARISONS.items():
+    for folder, (figure, x, variants) in COMPARISONS.items():
         target = generated / folder / f"{figure}.png"
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             runs = Path(tempfile.mkdtemp())
             groups = {label: [gossiplab.run(preset, overrides, run_dir=runs / label).final]
                       for label, (preset, overrides) in variants.items()}  # fmt: skip
-            plot_curves("merged and local models in simulated time", groups, target, x="simulated_time_s")
+            plot_curves(f"merged and local models against {AXES[x]}", groups, target, x=x)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

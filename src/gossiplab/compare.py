@@ -144,7 +144,11 @@ def _cell(value: Any) -> Any:
     return value if isinstance(value, int | float | str | bool) or value is None else str(value)
 
 
-AXES = {"step": "step", "simulated_time_s": "simulated time (s), [network] clock"}
+AXES = {
+    "step": "step",
+    "simulated_time_s": "simulated time (s), [network] clock",
+    "bytes_sent": "bytes sent by all sites",
+}
 
 
 def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path, x: str = "step") -> Path:
