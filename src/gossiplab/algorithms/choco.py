@@ -22,6 +22,9 @@ top-k with kept = 1 and gamma = 1 is DSGD's round (x_hat = x, then x <- W x). On
 site stands for every neighbour's: a site that sends nothing in a round (no neighbour in that
 round's graph, offline) leaves it as it is; over a graph that changes between rounds this assumes
 its corrections reach the sites it will mix with later (bytes count only the round's messages).
+Under message loss ([network]) a lost message's weight leaves the round's W as for DSGD, while
+the sender's public copy still moves for every holder: a receiver left with a stale copy of its
+neighbour is not modelled.
 The draws of random-k and qsgd come from a stream of the run's seed and the round, so a run
 resumes exactly.
 
