@@ -143,17 +143,24 @@ def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, 
 
 
 @pytest.mark.parametrize(
-    ("compressor", "travels"),
+    ("compressor", "travels", "network"),
     [
-        pytest.param("top-k", lambda p: 8 * math.ceil(0.1 * p), id="top-k"),
-        pytest.param("qsgd", lambda p: 4 + p, marks=pytest.mark.long, id="qsgd"),
+        pytest.param("top-k", lambda p: 8 * math.ceil(0.1 * p), [], id="top-k"),
+        pytest.param("qsgd", lambda p: 4 + p, [], marks=pytest.mark.long, id="qsgd"),
+        pytest.param(
+            "top-k", lambda p: 8 * math.ceil(0.1 * p), LOSSY_CHURNING, marks=pytest.mark.long, id="top-k-lossy-churning"
+        ),
     ],
 )
-def test_choco_across_processes_is_the_simulation_and_sends_its_compressed_messages(tmp_path, compressor, travels):
-    """CHOCO-SGD on 2 processes: the single-process run, with each process sending its 4 sites'
-    compressed messages to the other every round, as they travel (top-k: k float32 values and k
-    int32 indices; qsgd: the norm and one int8 per entry), measured at the process group."""
-    overrides = [*SMALL, "gossip.algorithm=choco-sgd", "gossip.topology=ring", f"choco.compressor={compressor}"]
+def test_choco_across_processes_is_the_simulation_and_sends_its_compressed_messages(
+    tmp_path, compressor, travels, network
+):
+    """CHOCO-SGD on 2 processes: the single-process run (on a lossy, churning network too), with
+    each process sending its 4 sites' compressed messages to the other every round, as they travel
+    (top-k: k float32 values and k int32 indices; qsgd: the norm and one int8 per entry), measured
+    at the process group."""
+    overrides = [*SMALL, "gossip.algorithm=choco-sgd", "gossip.topology=ring", f"choco.compressor={compressor}",
+                 *network]  # fmt: skip
     theta, rows = simulate(overrides, tmp_path / "simulation")
     results = finish(start(2, [*overrides, "--run-dir", str(tmp_path / "distributed")]))
     assert all(code == 0 for code, _ in results), results
