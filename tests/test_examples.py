@@ -241,6 +241,27 @@ def test_dimat_runs_on_a_user_model_and_its_matching_acts(tmp_path):
     assert matched["matched_mmga"] > matched["mmga"]
 
 
+def test_a_population_made_by_hand_is_what_config_toml_and_the_summary_record(tmp_path, capsys):
+    """A user's own module swapped into a built experiment (population and optimizer) runs, and
+    config.toml names it by class and size, not the configured MLP it replaced, with a warning
+    that the file cannot re-run it."""
+    from gossiplab.assembly import build_experiment
+    from gossiplab.optim import build_optimizer
+    from gossiplab.population import Population
+
+    config = gossiplab.build_config("default", [*SHORT, "num_sites=4"])
+    experiment = build_experiment(config)
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    experiment.population = Population(module, 4, seed=0)
+    experiment.optimizer = build_optimizer(config.train, experiment.population.parameters.shape)
+    capsys.readouterr()
+    result = gossiplab.run(config, run_dir=tmp_path / "swapped", experiment=experiment)
+    recorded = "<torch.nn.modules.container.Sequential: 7,850 parameters>"
+    assert f'name = "{recorded}"' in (result.run_dir / "config.toml").read_text()
+    assert result.final["parts"]["model.name"] == recorded and result.final["num_parameters"] == 7850
+    assert f"model.name = '{recorded}' is not importable by name" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_part_registered_by_a_plain_import_is_recorded_so_config_toml_reruns_it(tmp_path, capsys):
     """A script that imports its parts (without naming them in `plugins`) still saves a config that
     re-runs in a fresh process: the part's module goes into `plugins`, and its section with it. A

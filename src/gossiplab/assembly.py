@@ -249,6 +249,7 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
         first_site=sites.start,
         loss=LOSSES.get(config.train.loss),
         device=device,
+        model_name=config.model.name,
     )
     gossip = config.gossip
     experiment = Experiment(
@@ -287,10 +288,14 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
     the module a user's part comes from (the module that registered it, or that defines an
     unregistered one) to `plugins`, so the saved config imports it, and with it the part's own
     config section; returns the names that cannot be re-run from a config (a lambda, a part from
-    a script or notebook, `__main__`)."""
+    a script or notebook, `__main__`, a population a user made from a module of their own: named
+    by its class and size, so config.toml does not claim the configured model ran)."""
     for key, name in part_names(experiment).items():
         section, leaf = key.split(".")
         setattr(getattr(config, section), leaf, name)
+    population = experiment.population
+    if population.model_name != config.model.name:
+        config.model.name = f"<{qualified_name(type(population.module))}: {population.num_parameters:,} parameters>"
     unresolvable, packages = [], imported_packages(config.plugins)
     for registry in (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS, LOSSES):
         section, leaf = registry.field.split(".")

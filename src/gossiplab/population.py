@@ -191,9 +191,11 @@ class Population:
         first_site: int = 0,
         loss: LossFunction = F.cross_entropy,
         device: torch.device | str = "cpu",
+        model_name: str = "",
     ):
         self.device = torch.device(device)
         self.module = module.to(self.device).train()
+        self.model_name = model_name  # the config's model.name it was built from ('' when a user made it)
         self.loss = loss  # loss(logits [B, C], targets [B]) -> the batch's mean loss, a scalar
         # [N, C] bool: the classes each site may predict (its own label space, MAZEL); None: all.
         self.class_mask = None if class_mask is None else class_mask.to(self.device)
