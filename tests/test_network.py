@@ -81,6 +81,32 @@ def test_churn_is_a_two_state_markov_chain_per_site():
     assert not sent_by_offline.any()  # nor sends
 
 
+@pytest.mark.parametrize("churn_per", ["step", "second"])
+def test_churn_per_second_is_the_same_in_time_whatever_a_step_lasts(churn_per):
+    """Ticks of 0.05 s and of 0.1 s over the same 400 simulated seconds: churn per second gives
+    both the same share offline (leave / (leave + return) = 0.2) and about the same leaves per
+    second; churn per step (the same numbers as probabilities) leaves twice as often on the
+    shorter ticks."""
+    options = {"churn_leave": 0.02, "churn_return": 0.08, "churn_per": churn_per}
+    leaves_per_second, offline_shares = [], []
+    for tick in (0.05, 0.1):
+        network, everyone = lossy(num_sites=500, **options), torch.ones(500, dtype=torch.bool)
+        leaves, offline = 0, 0.0
+        for _ in range(round(400 / tick)):
+            before = network.online
+            network.advance(1, everyone, tick)
+            leaves += int((before & ~network.online).sum())
+            offline += tick * float((~network.online).float().mean())
+        leaves_per_second.append(leaves / 400)
+        offline_shares.append(offline / 400)
+    ratio = leaves_per_second[0] / leaves_per_second[1]
+    if churn_per == "second":
+        assert offline_shares == pytest.approx([0.2, 0.2], abs=0.02)
+        assert ratio == pytest.approx(1.0, abs=0.1)
+    else:
+        assert ratio == pytest.approx(2.0, abs=0.2)
+
+
 def run(config, run_dir, on_step=None) -> Runner:
     run_dir.mkdir()
     runner = Runner(config, run_dir, show_progress=False)
@@ -149,10 +175,11 @@ def test_lost_messages_are_counted_and_charged(small_config, tmp_path):
     assert communication["gossip_bytes"] == runner.gossip_messages * runner.vector_bytes
 
 
-def test_a_lossy_churning_run_resumes_exactly(small_config, tmp_path):
-    config = small_config(
-        "default", "gossip.every=5", "network.message_loss=0.3", "network.churn_leave=0.1", "network.compute_spread=1"
-    )
+@pytest.mark.parametrize(
+    "churn", [["network.churn_leave=0.1"], ["network.churn_per=second", "network.churn_leave=0.1"]]
+)
+def test_a_lossy_churning_run_resumes_exactly(small_config, tmp_path, churn):
+    config = small_config("default", "gossip.every=5", "network.message_loss=0.3", *churn, "network.compute_spread=1")
     run(config, tmp_path / "whole")
     stopped_then_resumed(config, tmp_path / "split", stop_step=40)
     whole, split = (tmp_path / name / "metrics.jsonl" for name in ("whole", "split"))
@@ -239,6 +266,8 @@ def test_a_churn_trace_and_the_markov_chain_are_not_both_taken(small_config, tmp
     [
         ("network.message_loss=1.5", "'network.message_loss' = 1.5: must be a probability in [0, 1]"),
         ("network.churn_leave=-0.1", "'network.churn_leave' = -0.1: must be a probability in [0, 1]"),
+        ("network.churn_return=1.5", "'network.churn_return' = 1.5: must be a probability in [0, 1]"),
+        ("network.churn_per=minute", "'network.churn_per' = 'minute'"),
         ("network.latency=-1", "'network.latency' = -1"),
         ("network.bandwidth=-5", "'network.bandwidth' = -5"),
         ("network.compute_time=0", "'network.compute_time' = 0"),

@@ -388,8 +388,17 @@ class NetworkConfig:
     come back, messages lost in transit, and a clock that prices steps and messages in seconds."""
 
     message_loss: float = documented(0.0, "probability that a gossip message is lost in transit, in [0, 1]")
-    churn_leave: float = documented(0.0, "each step, an online site's probability of going offline, in [0, 1]")
-    churn_return: float = documented(0.1, "each step, an offline site's probability of coming back, in [0, 1]")
+    churn_leave: float = documented(
+        0.0, "each step, an online site's probability of going offline, in [0, 1] (per second: a rate, >= 0)"
+    )
+    churn_return: float = documented(
+        0.1, "each step, an offline site's probability of coming back, in [0, 1] (per second: a rate, >= 0)"
+    )
+    churn_per: str = documented(
+        "step", "what churn_leave and churn_return count: per loop `step` (probabilities), or per simulated `second` "
+        "of the clock (rates: the chain moves over the time each step took, so methods whose steps last "
+        "differently, AD-PSGD's ticks and synchronous rounds, see the same churn in time)", ("step", "second"),
+    )  # fmt: skip
     compute_time: float = documented(1.0, "simulated seconds of one local step on a median site, > 0")
     compute_spread: float = documented(
         0.0, "sigma of each site's log-normal slowdown, drawn once (0: every site equally fast), >= 0"
@@ -415,8 +424,10 @@ class NetworkConfig:
     def problems(self, config: Any) -> list[str]:
         return problems_of(config, [
             (0 <= self.message_loss <= 1, "network.message_loss", "must be a probability in [0, 1]"),
-            (0 <= self.churn_leave <= 1, "network.churn_leave", "must be a probability in [0, 1]"),
-            (0 <= self.churn_return <= 1, "network.churn_return", "must be a probability in [0, 1]"),
+            (0 <= self.churn_leave <= (1 if self.churn_per == "step" else math.inf), "network.churn_leave",
+             "must be a probability in [0, 1]" if self.churn_per == "step" else "must be a rate >= 0 (per second)"),
+            (0 <= self.churn_return <= (1 if self.churn_per == "step" else math.inf), "network.churn_return",
+             "must be a probability in [0, 1]" if self.churn_per == "step" else "must be a rate >= 0 (per second)"),
             (self.compute_time > 0, "network.compute_time", "must be > 0 (simulated seconds per step)"),
             (self.compute_spread >= 0, "network.compute_spread", "must be >= 0 (0: equal speeds)"),
             (self.latency >= 0, "network.latency", "must be >= 0 (seconds)"),

@@ -1,7 +1,10 @@
 """A simulated network under the synchronous loop: churn, message loss and a clock ([network]).
 
 Churn: every site is a two-state Markov chain, online -> offline with probability `churn_leave`
-and offline -> online with `churn_return` at each step (from step 1; all sites start online). An
+and offline -> online with `churn_return` at each step (from step 1; all sites start online); with
+`churn_per = "second"` they are rates per simulated second, and at each step the chain moves over
+the time the previous step took (probabilities 1 - exp(-rate dt)), so an asynchronous method's
+short ticks and a synchronous method's rounds see the same churn in time. An
 offline site neither trains nor sends nor receives: its parameters, buffers and optimizer state
 are left exactly as they were, and every message from or to it is not sent.
 
@@ -76,6 +79,7 @@ class Network:
         self.links = links if links is not None and len(links[0]) else None  # (keys, latency, bandwidth)
         self.online = torch.ones(num_sites, dtype=torch.bool)
         self.time = 0.0  # simulated seconds so far
+        self.churned_at = 0.0  # the clock when the chain last moved (churn per second)
 
     @property
     def churns(self) -> bool:
@@ -92,6 +96,9 @@ class Network:
         elif self.churns:
             draw = torch.rand(len(self.online), generator=self.generator)
             leave, come_back = self.config.churn_leave, self.config.churn_return
+            if self.config.churn_per == "second":
+                elapsed, self.churned_at = self.time - self.churned_at, self.time
+                leave, come_back = -math.expm1(-leave * elapsed), -math.expm1(-come_back * elapsed)
             self.online = torch.where(self.online, draw >= leave, draw < come_back)
         if tick is not None:
             self.time += tick
@@ -183,12 +190,16 @@ class Network:
         return OfflineRows([theta, *site_state(optimizer)], ~self.online[sites])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "online": self.online.clone(), "time": self.time}
+        return {
+            "generator": self.generator.get_state(), "online": self.online.clone(), "time": self.time,
+            "churned_at": self.churned_at,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.online = state["online"].clone()
         self.time = state["time"]
+        self.churned_at = state.get("churned_at", self.time)  # (checkpoints of per-step churn only)
 
 
 class OfflineRows:
