@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gossiplab.algorithms.l2c.learned import LearnedMixing, MetaLearnedMixing
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
 from gossiplab.config import ConfigError
-from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.mixing import fomo, uniform
 from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency

@@ -35,7 +35,7 @@ from gossiplab.safeload import load_tensors
 
 class LearnedMixing:
     """L2C's learned aggregation: `weights()`, the current learned W, and `__call__`, the update
-    aggregation and one step on the weights (gossiplab.algorithms.l2c runs it)."""
+    aggregation and one step on the weights (the L2C algorithm, this package's __init__, runs it)."""
 
     def __init__(
         self,

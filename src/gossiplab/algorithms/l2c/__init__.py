@@ -1,5 +1,5 @@
 """L2C and meta-L2C (Li et al. 2022): mixing weights learned from each site's validation loss,
-then pruned to the strongest neighbours (gossiplab.l2c holds the learned aggregation).
+then pruned to the strongest neighbours; the learned aggregation itself is in `learned.py` here.
 
 The candidates are the neighbours of the configured topology's first graph; the weights start
 uniform over them (`gossip.mixing` must stay "uniform": the learned weights replace it).
@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.algorithms.l2c.learned import LearnedMixing, MetaLearnedMixing
 from gossiplab.communicator import Communicator
 from gossiplab.config import Config
-from gossiplab.l2c import LearnedMixing, MetaLearnedMixing
 from gossiplab.registry import ALGORITHMS
 
 
