@@ -8,21 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from gossiplab.algorithms.dimat.matching import MatchedMerge, activations, match_activations, match_weights
 from gossiplab.algorithms.sgp import SGP, push_sum_matrix
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import SingleProcess
 from gossiplab.config import ModelConfig
-from gossiplab.merge import MatchedMerge
 from gossiplab.models import build_model
-from gossiplab.permutation import (
-    activations,
-    match_activations,
-    match_weights,
-    permutation_spec,
-    permuted_index,
-    random_permutations,
-)
+from gossiplab.permutation import permutation_spec, permuted_index, random_permutations
 from gossiplab.population import Population
 from gossiplab.runner import Runner
 from gossiplab.topology import build_adjacency

@@ -11,12 +11,12 @@ import types
 import pytest
 import torch
 
+from gossiplab.algorithms.dimat.matching import MatchedMerge
 from gossiplab.api import run
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
 from gossiplab.config import SECTIONS, ConfigError
 from gossiplab.data.federation import sample_held_out
-from gossiplab.merge import MatchedMerge
 from gossiplab.mixing import uniform
 from gossiplab.optim import StackedAdam, StackedSGD
 from gossiplab.permutation import permutation_spec

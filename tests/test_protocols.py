@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from gossiplab.algorithms.dimat.matching import MatchedMerge
 from gossiplab.assembly import build_experiment
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import SingleProcess
 from gossiplab.data.federation import build_federation
 from gossiplab.evaluation import evaluate
-from gossiplab.merge import MatchedMerge
 from gossiplab.metrics import Scoring
 from gossiplab.permutation import permutation_spec
 from gossiplab.runner import Runner

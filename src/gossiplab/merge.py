@@ -1,5 +1,5 @@
-"""Merge operators on the [N, P] population tensor: gossip averaging, DIMAT's matched merge and
-the single final global merge."""
+"""Merge operators on the [N, P] population tensor: gossip averaging and the single final global
+merge (DIMAT's matched merge is DIMAT's own: gossiplab.algorithms.dimat.matching)."""
 
 from __future__ import annotations
 
@@ -156,78 +156,6 @@ def without_sites(weights: torch.Tensor, active: torch.Tensor, stochastic: str =
     weights = torch.where(active[:, None] & active[None, :], weights, 0.0)
     weights = torch.where(active[:, None], weights, torch.eye(len(weights)))
     return oriented(weights / weights.sum(1, keepdim=True), stochastic)
-
-
-class MatchedMerge:
-    """DIMAT's merge (Saadati et al. 2024, eq. 2-4): theta_i <- sum_j W_ij P_ij(theta_j), P_ij the
-    permutation of j's hidden units that aligns them with i's, found by `method`:
-    - "activation-matching": correlations of i's and j's activations on a fixed sample of inputs
-      (`match_inputs[i]`: of the global training set, as DIMAT's code, or of i's own data), one
-      linear assignment per layer;
-    - "weight-matching": Git Re-Basin's data-free weight matching;
-    - "identity": no alignment (plain weight averaging through the same merge, DIMAT's WA).
-    P_ii is the identity, so with W = I nothing changes. When every row of W is the same (a complete
-    graph with uniform weights) every site receives one model, as in DIMAT's code: all rows aligned
-    to the first sender's units and averaged with that row's weights (exact consensus); aligning
-    each receiver separately would leave N different unit orders of the same average. The linear
-    assignments run in scipy, one per (receiver, neighbour, layer): that part is sequential;
-    gathering the permuted rows and the weighted sum are tensor operations on whole parameter vectors.
-    """
-
-    def __init__(self, population, spec, method: str, match_inputs: torch.Tensor | None = None):
-        self.population, self.spec, self.method = population, spec, method
-        self.match_inputs = match_inputs
-
-    def alignments(self, theta: torch.Tensor, receiver: int, senders: list[int]) -> list[torch.Tensor]:
-        """[P] indices that permute each sender's parameter vector onto the receiver's units."""
-        from gossiplab import permutation
-
-        population, spec = self.population, self.spec
-        if self.method == "identity":
-            return [torch.arange(theta.shape[1], device=theta.device) for _ in senders]
-        if self.method == "weight-matching":
-            perms = [
-                permutation.match_weights(spec, population.names, population.shapes, theta[receiver], theta[j])
-                for j in senders
-            ]
-        else:
-            x = self.match_inputs[receiver].to(theta.device)
-            with population.evaluating():  # BatchNorm on running statistics, which it must not update
-                reference = permutation.activations(population.module, spec, population.views(theta[receiver]), x)
-                perms = [
-                    permutation.match_activations(
-                        reference, permutation.activations(population.module, spec, population.views(theta[j]), x), spec
-                    )
-                    for j in senders
-                ]
-        return [permutation.permuted_index(spec, population.names, population.shapes, p) for p in perms]
-
-    def aligned_rows(self, theta: torch.Tensor, reference: int, rows: list[int]) -> torch.Tensor:
-        """theta's `rows` [len(rows), P], each permuted onto `reference`'s units (that row as it is)."""
-        others = [j for j in rows if j != reference]
-        index = dict(zip(others, self.alignments(theta, reference, others), strict=True))
-        return torch.stack([theta[j] if j == reference else theta[j][index[j]] for j in rows])
-
-    @torch.no_grad()
-    def merged_model(self, theta: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
-        """The population's merged model [1, P] in a common frame: every (active) row aligned to the
-        first one, then averaged. Under a matched merge each site keeps its own unit order, so
-        the plain mean of rows would average misaligned units."""
-        rows = (torch.arange(len(theta)) if active is None else active.nonzero().flatten()).tolist()
-        return self.aligned_rows(theta, rows[0], rows).mean(0, keepdim=True)
-
-    @torch.no_grad()
-    def __call__(self, theta: torch.Tensor, weights: torch.Tensor) -> None:
-        if len(weights) > 1 and bool((weights == weights[:1]).all()):
-            senders = weights[0].nonzero().flatten().tolist()
-            merged = weights[0, senders].to(theta) @ self.aligned_rows(theta, senders[0], senders)
-            theta.copy_(merged.expand_as(theta))
-            return
-        mixed = torch.empty_like(theta)
-        for receiver in range(len(weights)):
-            senders = weights[receiver].nonzero().flatten().tolist()
-            mixed[receiver] = weights[receiver, senders].to(theta) @ self.aligned_rows(theta, receiver, senders)
-        theta.copy_(mixed)
 
 
 def final_merge_rounds(config: Any) -> int:

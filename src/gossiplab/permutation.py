@@ -4,10 +4,11 @@ Permuting the hidden units of a layer (rows of its weight and bias, the matching
 normalisation, columns of the next layer's weight) leaves the network's function unchanged. A
 `PermutationSpec` lists every permutable hidden dimension (a `PermutationGroup`) with each
 parameter axis it acts on and the module whose output holds its activations, so that the matched
-merges of DIMAT (activation matching) and Git Re-Basin (weight matching) are written once for
-every architecture. Adding an architecture means writing its spec, not merge code: a user's
-model declares its own as a method, `permutation_spec(input_shape) -> PermutationSpec`, in the
-names of its own parameters (examples/user_model.py).
+merges of DIMAT (activation matching) and Git Re-Basin (weight matching), both in
+gossiplab.algorithms.dimat.matching, are written once for every architecture. Adding an
+architecture means writing its spec, not merge code: a user's model declares its own as a method,
+`permutation_spec(input_shape) -> PermutationSpec`, in the names of its own parameters
+(examples/user_model.py).
 
 GroupNorm normalises groups of consecutive channels: moving one channel to another group changes
 the statistics, so under GroupNorm (`blocks` groups) a permutation moves whole groups and
@@ -208,95 +209,4 @@ def random_permutations(spec: PermutationSpec, generator: torch.Generator) -> li
         width = group.size // group.blocks
         order = torch.randperm(group.blocks, generator=generator)
         perms.append(torch.cat([b * width + torch.randperm(width, generator=generator) for b in order.tolist()]))
-    return perms
-
-
-def assignment(similarity: torch.Tensor, blocks: int) -> torch.Tensor:
-    """The permutation p maximising sum_k similarity[k, p[k]] (scipy's linear_sum_assignment)
-    among those GroupNorm allows: every (block a, block b) pair matched unit to unit, then the
-    blocks matched to each other on those pairs' best totals. Exact over that set: a block's
-    total depends only on which block it takes."""
-    from scipy.optimize import linear_sum_assignment
-
-    similarity = similarity.cpu()  # scipy's solver works on the CPU; the permutations index any device
-    width = len(similarity) // blocks
-    scores = torch.empty(blocks, blocks, dtype=torch.float64)
-    inner: dict[tuple[int, int], torch.Tensor] = {}
-    for a in range(blocks):
-        for b in range(blocks):
-            part = similarity[a * width : (a + 1) * width, b * width : (b + 1) * width].double()
-            rows, columns = linear_sum_assignment(part.numpy(), maximize=True)
-            scores[a, b] = part[rows, columns].sum()
-            inner[a, b] = torch.from_numpy(columns)
-    _, taken = linear_sum_assignment(scores.numpy(), maximize=True)
-    return torch.cat([inner[a, int(b)] + int(b) * width for a, b in enumerate(taken)])
-
-
-def activations(module: nn.Module, spec: PermutationSpec, params: dict, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each group's activations [samples, units] of the model with `params` on inputs x; a
-    convolutional unit contributes one sample per image and spatial position."""
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        module.get_submodule(g.activation).register_forward_hook(
-            lambda _m, _i, out, name=g.activation: captured.__setitem__(name, out)
-        )
-        for g in spec.groups
-    ]
-    try:
-        with torch.no_grad():
-            torch.func.functional_call(module, params, (x,))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [captured[g.activation].movedim(1, -1).reshape(-1, g.size) for g in spec.groups]
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation [units_a, units_b] between the columns of a and b (DIMAT eq. 3)."""
-    a = (a - a.mean(0)) / (a.std(0) + 1e-8)
-    b = (b - b.mean(0)) / (b.std(0) + 1e-8)
-    return a.T @ b / len(a)
-
-
-def match_activations(
-    reference: list[torch.Tensor], other: list[torch.Tensor], spec: PermutationSpec
-) -> list[torch.Tensor]:
-    """Per group, the permutation of `other`'s units that best correlates them with `reference`'s
-    (DIMAT eq. 2-3). Activations of a unit do not depend on how other layers are permuted, so
-    every layer is matched independently."""
-    return [assignment(correlation(a, b), g.blocks) for a, b, g in zip(reference, other, spec.groups, strict=True)]
-
-
-def match_weights(
-    spec: PermutationSpec,
-    names: list[str],
-    shapes: list[torch.Size],
-    reference: torch.Tensor,
-    other: torch.Tensor,
-    max_iterations: int = 100,
-) -> list[torch.Tensor]:
-    """Git Re-Basin weight matching (Ainsworth et al. 2023, Algorithm 1): coordinate ascent on
-    sum over parameters of <W_ref, P(W_other)>, one group's permutation at a time by linear
-    assignment with the others fixed, until no permutation changes. Data-free."""
-    perms = [torch.arange(g.size) for g in spec.groups]
-    shape_of = dict(zip(names, shapes, strict=True))
-    offset_of = dict(zip(names, torch.tensor([0, *[s.numel() for s in shapes[:-1]]]).cumsum(0).tolist(), strict=True))
-
-    def param(flat: torch.Tensor, axis: Axis, units: int) -> torch.Tensor:
-        shape = shape_of[axis.name]
-        value = flat[offset_of[axis.name] : offset_of[axis.name] + shape.numel()].view(shape)
-        return value.movedim(axis.axis, 0).reshape(units, -1)
-
-    for _ in range(max_iterations):
-        changed = False
-        for g, group in enumerate(spec.groups):
-            others = [p if k != g else torch.arange(group.size) for k, p in enumerate(perms)]
-            permuted = other[permuted_index(spec, names, shapes, others)]
-            similarity = sum(param(reference, a, group.size) @ param(permuted, a, group.size).T for a in group.axes)
-            new = assignment(similarity, group.blocks)
-            if not torch.equal(new, perms[g]):
-                changed = True
-                perms[g] = new
-        if not changed:
-            break
     return perms

@@ -1,8 +1,8 @@
 """DIMAT (Saadati et al. 2024): gossip that merges neighbours by aligning their hidden units first.
 
 theta_i <- sum_j W_ij P_ij(theta_j) (DIMAT eq. 2-4), P_ij the permutation of j's units that best
-matches i's (gossiplab.merge.MatchedMerge): by activations on a fixed sample of the global training
-set, as DIMAT's code does at every merge, or of i's own data (`dimat.match_on`) ("dimat",
+matches i's (`matching.MatchedMerge`, in this package): by activations on a fixed sample of the
+global training set, as DIMAT's code does at every merge, or of i's own data (`dimat.match_on`) ("dimat",
 activation matching), or by weights alone ("weight-matching", Git Re-Basin). On a complete graph
 every agent receives the one merged model (exact consensus, as in DIMAT's code). "merge-average"
 is weight averaging (WA) through the same merge with the units left as they are: DIMAT's baseline
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
+from gossiplab.algorithms.dimat.matching import MatchedMerge
 from gossiplab.communicator import Communicator
-from gossiplab.merge import MatchedMerge
 from gossiplab.permutation import permutation_spec
 from gossiplab.registry import ALGORITHMS
 
