@@ -1,13 +1,13 @@
 """`gossiplab bench --network`: what the simulated network costs a training step.
 
 The default experiment (MLP, B = 32 per site) at N sites, gossiping at every step (the worst case
-for per-round costs), run through the real loop in four variants: synchronous and reliable (the
+for per-round costs), run through the real loop in five variants: synchronous and reliable (the
 plain loop), with churn and message loss, CHOCO-SGD with top-10% compression, both, and a tick of
 AD-PSGD (over a ring, plain SGD; every site's gradient at its read, the exchanges ending in the
-tick applied in waves). Each is
-timed over the same steps after a warm-up, without the evaluations; the variants alternate within
-each repeat, so that machine noise hits all alike, and the median over repeats is reported with
-its ratio to the synchronous loop measured in the same repeat sequence.
+tick applied in time order). Each is timed over the same steps after a warm-up, without the
+evaluations; the variants alternate within each repeat, so that machine noise hits all alike, and
+the median over repeats is reported with its ratio to the synchronous loop measured in the same
+repeat sequence.
 """
 
 from __future__ import annotations

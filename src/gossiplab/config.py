@@ -422,12 +422,12 @@ class NetworkConfig:
     )
 
     def problems(self, config: Any) -> list[str]:
+        probability, rate = "must be a probability in [0, 1]", "must be a rate >= 0 (per second)"
+        churn_bound, churn_allowed = (1, probability) if self.churn_per == "step" else (math.inf, rate)
         return problems_of(config, [
-            (0 <= self.message_loss <= 1, "network.message_loss", "must be a probability in [0, 1]"),
-            (0 <= self.churn_leave <= (1 if self.churn_per == "step" else math.inf), "network.churn_leave",
-             "must be a probability in [0, 1]" if self.churn_per == "step" else "must be a rate >= 0 (per second)"),
-            (0 <= self.churn_return <= (1 if self.churn_per == "step" else math.inf), "network.churn_return",
-             "must be a probability in [0, 1]" if self.churn_per == "step" else "must be a rate >= 0 (per second)"),
+            (0 <= self.message_loss <= 1, "network.message_loss", probability),
+            (0 <= self.churn_leave <= churn_bound, "network.churn_leave", churn_allowed),
+            (0 <= self.churn_return <= churn_bound, "network.churn_return", churn_allowed),
             (self.compute_time > 0, "network.compute_time", "must be > 0 (simulated seconds per step)"),
             (self.compute_spread >= 0, "network.compute_spread", "must be >= 0 (0: equal speeds)"),
             (self.latency >= 0, "network.latency", "must be >= 0 (seconds)"),

@@ -208,7 +208,8 @@ class ADPSGD(Algorithm):
         seed = (experiment.config.seed + ADPSGD_STREAM + int(state["ticks"])) % 2**63
         generator = torch.Generator().manual_seed(seed)
         neighbours, found = self.pick_neighbours(ending, torch.rand(len(ending), generator=generator))
-        requests, replies, lost = int(found.sum()), int(found.sum()), 0
+        requests = replies = int(found.sum())
+        lost = 0
         delivered = answered = None
         if network.config.message_loss > 0:
             request_lost, reply_lost = torch.rand(2, len(ending), generator=generator) < network.config.message_loss

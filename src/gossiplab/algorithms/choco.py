@@ -116,14 +116,13 @@ def qsgd(
     num_sites: int = 0,
 ) -> Compressed:  # fmt: skip
     """||x|| sign(x) xi(x) / (s tau), xi rounding s|x|/||x|| up or down at random (unbiased before
-    1/tau); the draws are those of all `num_sites` sites (taken for the rows `sites`), so a block
-    draws what the whole population would."""
+    1/tau); the draws are those of all `num_sites` sites (taken for the rows `sites`; 0: `difference`
+    holds every site), so a block draws what the whole population would."""
     width, levels = difference.shape[1], options.levels
     norm = torch.linalg.vector_norm(difference, dim=1, keepdim=True)
     scaled = levels * difference.abs() / norm.clamp_min(torch.finfo(difference.dtype).tiny)
     lower = scaled.floor()
-    shape = (max(num_sites, len(difference)), width)
-    draw = torch.rand(shape, generator=generator, device=difference.device)[sites]
+    draw = torch.rand((num_sites or len(difference), width), generator=generator, device=difference.device)[sites]
     level = lower + (draw < scaled - lower).to(difference.dtype)
     signed = torch.int8 if levels <= 127 else torch.int16 if levels <= 32767 else torch.int32
     tau = 1 + min(width / levels**2, math.sqrt(width) / levels)
