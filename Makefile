@@ -47,9 +47,11 @@ $(BIN)/python:
 # --no-compile: byte-compiling every installed file (torch's thousands) took half the install (42 -> 21 s);
 # instead a two-step run compiles just the modules a run uses, even where PYTHONDONTWRITEBYTECODE is set
 # (without their .pyc files every command compiled them again: 2.5-3 s more per run), and the gossip kernel.
+# That run is the default's, so Debian's Fashion-MNIST is installed before it.
 # pip's own lines show progress (which package, downloads with their bars).
 $(VENV)/.installed-core: $(BIN)/python pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[compiled]'
+	@$(call apt_ensure,$(DEBIAN_DEFAULT))
 	@warm=$$(mktemp -d) && env -u PYTHONDONTWRITEBYTECODE $(BIN)/gossiplab run --quiet --run-dir $$warm/run \
 		num_sites=2 train.steps=2 eval.every=2 gossip.every=1 > /dev/null; status=$$?; rm -rf $$warm; exit $$status
 	touch $@
