@@ -83,13 +83,31 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_the_loop_draws_nothing_and_the_parts_know_no_process_runtime():
     """Training (loop, runner, callbacks, evaluation) reaches no plotting code: the plots are a
-    callback the API and the command line add. Parts (operators, mixing rules, algorithms) and the
-    loop talk to the communicator protocol, never to torch.distributed's runtime, and the runtime
-    consults no registry of parts (the catalogue refuses what it cannot run)."""
+    callback the API and the command line add; the loop reaches no file of a run directory. Parts
+    (operators, mixing rules, algorithms) and the loop talk to the communicator protocol, never to
+    torch.distributed's runtime, and the runtime consults no registry of parts (the catalogue
+    refuses what it cannot run)."""
     graph = import_graph()
     for module in ("gossiplab.loop", "gossiplab.runner", "gossiplab.callbacks", "gossiplab.evaluation"):
         assert not reachable(graph, module) & {"gossiplab.report", "gossiplab.plots"}, module
+    # the loop trains an experiment and a training state and talks to callbacks: it knows no run directory
+    run_directory = {"gossiplab.runner", "gossiplab.rundir", "gossiplab.callbacks", "gossiplab.api", "gossiplab.cli"}
+    assert not reachable(graph, "gossiplab.loop") & run_directory
     parts = [m for m in graph if m.startswith("gossiplab.algorithms")]
     for module in [*parts, "gossiplab.merge", "gossiplab.mixing", "gossiplab.runner", "gossiplab.evaluation"]:
         assert "gossiplab.distributed" not in reachable(graph, module), module
     assert not graph["gossiplab.distributed"] & {"gossiplab.registry", "gossiplab.catalogue"}
+
+
+def test_one_module_names_the_files_of_a_run_directory():
+    """The run folder (gossiplab.runfolder.RunFolder) owns the names of a run directory's files:
+    no other module spells one as a string of its own."""
+    names = {"config.toml", "metrics.jsonl", "summary.json", "checkpoint.pt", "premerge.pt", "premerge.json",
+             "accuracy_matrices", "tensorboard"}  # fmt: skip
+    spelled = {
+        module_name(path)
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and node.value in names
+    }
+    assert spelled == {"gossiplab.runfolder"}

@@ -147,3 +147,39 @@ def test_cli_run_writes_a_complete_run_directory_that_reruns_identically(tmp_pat
     )
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()
+
+
+def test_the_loop_trains_without_a_run_directory(small_config, tmp_path):
+    """`gossiplab.loop.train(experiment, state, comm, callbacks)` alone, no runner and no file,
+    computes the runner's metrics to the bit: the run directory is the runner's side only."""
+    from gossiplab.assembly import build_experiment, check_experiment
+    from gossiplab.callbacks import Callback
+    from gossiplab.communicator import SingleProcess
+    from gossiplab.devices import PinnedCompute, resolve_device, resolved_threads
+    from gossiplab.loop import train
+    from gossiplab.state import TrainingState
+
+    config = small_config("default", "gossip.final_merge=exact")
+    finish(config, tmp_path / "run")
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    class Rows(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_evaluation(self, experiment, state, row, matrix):
+            self.rows.append(row)
+
+    rows = Rows()
+    compute = PinnedCompute(resolved_threads(config.train.threads), resolve_device(config.train.device))
+    try:
+        experiment, comm = build_experiment(config), SingleProcess(config.num_sites)
+        experiment.state = experiment.algorithm.init()
+        check_experiment(experiment, comm.sites)
+        state = TrainingState.start(config.num_sites, config.seed)
+        train(experiment, state, comm, [rows])
+    finally:
+        compute.restore()
+    assert [row["step"] for row in rows.rows] == [0, 40, 80, 120]
+    assert json.loads(json.dumps(rows.rows)) == logged
+    assert state.traffic.merge_messages == 2 * (config.num_sites - 1)  # the exact final merge ran

@@ -150,7 +150,7 @@ def test_push_sum_keeps_its_mass_when_messages_are_lost(small_config, tmp_path):
     weights = runner.experiment.state["push_sum_weights"]
     assert float(weights.sum()) == pytest.approx(8.0, rel=1e-5)
     assert float(weights.std()) > 0.01  # the losses made the weights uneven: the check is not vacuous
-    assert runner.messages_lost > 0
+    assert runner.state.traffic.messages_lost > 0
 
 
 def test_the_clock_prices_the_slowest_site_and_every_round(small_config, tmp_path):
@@ -160,7 +160,7 @@ def test_the_clock_prices_the_slowest_site_and_every_round(small_config, tmp_pat
     )
     runner = run(config, tmp_path / "clock")
     network = runner.experiment.network
-    message_bytes = runner.vector_bytes
+    message_bytes = runner.experiment.population.theta.shape[1] * 4
     expected = 120 * float(network.compute_time.max()) + 12 * (0.25 + message_bytes / 1e6)
     rows = [json.loads(line) for line in (tmp_path / "clock" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["simulated_time_s"] == pytest.approx(expected, rel=1e-9)
@@ -171,8 +171,9 @@ def test_lost_messages_are_counted_and_charged(small_config, tmp_path):
     config = small_config("default", "gossip.every=10", "network.message_loss=0.5")
     runner = run(config, tmp_path / "lossy")
     communication = json.loads((tmp_path / "lossy" / "summary.json").read_text())["communication"]
-    assert communication["messages_lost"] == runner.messages_lost > 0
-    assert communication["gossip_bytes"] == runner.gossip_messages * runner.vector_bytes
+    traffic, vector_bytes = runner.state.traffic, runner.experiment.population.theta.shape[1] * 4
+    assert communication["messages_lost"] == traffic.messages_lost > 0
+    assert communication["gossip_bytes"] == traffic.gossip_messages * vector_bytes
 
 
 @pytest.mark.parametrize(
@@ -364,7 +365,7 @@ def test_ad_psgd_under_churn_and_loss_freezes_offline_sites_and_counts_lost_exch
     runner = run(config, tmp_path / "whole", on_step=check)
     assert seen["offline"] > 50
     summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-    lost, sent = summary["communication"]["messages_lost"], runner.gossip_messages
+    lost, sent = summary["communication"]["messages_lost"], runner.state.traffic.gossip_messages
     assert 0.1 * sent < lost < 0.3 * sent  # each message lost with probability 0.2
     assert summary["aga"] > 0.3  # 0.39 (0.47 on the same clock without churn or loss; chance 0.1)
     stopped_then_resumed(config, tmp_path / "split", stop_step=40)

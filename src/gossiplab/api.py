@@ -18,12 +18,13 @@ from typing import Any
 import torch
 
 from gossiplab.assembly import Experiment
-from gossiplab.callbacks import ACCURACY_MATRICES, Callback
+from gossiplab.callbacks import Callback
 from gossiplab.catalogue import build_config, validate
 from gossiplab.config import Config, ConfigError, apply_values, parse_override, read_run_config
 from gossiplab.registry import LOSSES, qualified_name
 from gossiplab.report import Plots
 from gossiplab.rundir import read_metrics, read_summary
+from gossiplab.runfolder import RunFolder
 from gossiplab.runner import Runner
 from gossiplab.safeload import load_tensors
 
@@ -39,10 +40,10 @@ class Result:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Result:
-        run_dir = Path(run_dir)
-        rows = read_metrics(run_dir / "metrics.jsonl")
-        summary = read_summary(run_dir)
-        return cls(run_dir, read_run_config(run_dir / "config.toml"), summary, rows)
+        folder = RunFolder(Path(run_dir))
+        rows = read_metrics(folder.metrics)
+        summary = read_summary(folder.path)
+        return cls(folder.path, read_run_config(folder.config), summary, rows)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class Result:
 
     def accuracy_matrices(self) -> dict[int, torch.Tensor]:
         """step -> A[i, j] at every evaluation (model i on site j's test set)."""
-        files = sorted((self.run_dir / ACCURACY_MATRICES).glob("step-*.pt"))
+        files = sorted(RunFolder(self.run_dir).accuracy_matrices.glob("step-*.pt"))
         return {int(f.stem.removeprefix("step-")): load_tensors(f, "accuracy matrix") for f in files}
 
     def to_frame(self) -> Any:

@@ -24,6 +24,7 @@ from gossiplab.catalogue import build_config
 from gossiplab.config import Config, ConfigError, load_preset, preset_names
 from gossiplab.memory import ResourceError
 from gossiplab.plugins import DEBUG_OPTION, debugging, plugin_fault
+from gossiplab.runfolder import RunFolder
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -450,7 +451,7 @@ def check_output_folder(folder: Path, option: str) -> None:
     folder, whose files a report would overwrite or mix with its own."""
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{option} {folder} is a file: give a folder")
-    if any((folder / name).exists() for name in ("config.toml", "summary.json", "metrics.jsonl")):
+    if RunFolder(folder).holds_a_run():
         raise ConfigError(
             f"{option} {folder} is a run directory: its files would be overwritten; choose another folder"
         )
@@ -548,8 +549,8 @@ def landscape(
         _fail(f"--metric {metric}: must be loss or accuracy")
     if resolution < 3 or samples < 1:
         _fail("--resolution must be >= 3 and --samples >= 1")
-    premerge = run_dir / "premerge.pt"
-    source = run_dir / "checkpoint.pt" if after_merge or not premerge.is_file() else premerge
+    files = RunFolder(run_dir)
+    source = files.checkpoint if after_merge or not files.premerge_theta.is_file() else files.premerge_theta
     try:
         config = load_run_config(run_dir, finished_ok=True)
         experiment = build_experiment(config)
@@ -569,7 +570,7 @@ def landscape(
         experiment.population, theta[:count], federation.test_x[chosen], federation.test_y[chosen], resolution
     )
     values = losses if metric == "loss" else accuracies
-    label = "before the final merge" if source == premerge else "at the end"
+    label = "before the final merge" if source == files.premerge_theta else "at the end"
     path = plot_landscape(
         points,
         values,

@@ -56,8 +56,9 @@ class Communicator(Protocol):
         """The sum of `value` over processes."""
         ...
 
-    def rank_file(self, run_dir: Path, name: str) -> Path:
-        """Where this process keeps its own file `name` (its checkpoints)."""
+    def own_folder(self, run_dir: Path) -> Path | None:
+        """Where this process keeps the files only it writes (its checkpoints), if not in run_dir
+        itself (`gossiplab.rundir.RunFolder`)."""
         ...
 
     def share(self, key: str, value: str) -> str:
@@ -100,8 +101,8 @@ class SingleProcess:
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def rank_file(self, run_dir: Path, name: str) -> Path:
-        return run_dir / name
+    def own_folder(self, run_dir: Path) -> Path | None:
+        return None
 
     def share(self, key: str, value: str) -> str:
         return value

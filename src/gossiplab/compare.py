@@ -14,6 +14,7 @@ from typing import Any
 from gossiplab.config import flatten, read_run_config
 from gossiplab.plots import plt
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
+from gossiplab.runfolder import RunFolder
 
 TABLE_ROWS = (  # label, summary key, scale, format
     ("ALA", "ala", 1.0, ".4f"),
@@ -68,7 +69,7 @@ def find_runs(paths: list[Path], warn: Callable[[str], None] = print) -> list[Pa
     A run that diverged is left out with a warning (it has no final metrics to compare)."""
     candidates = []
     for path in paths:
-        if (path / "summary.json").is_file():
+        if RunFolder(path).summary.is_file():
             candidates.append(path)
         elif (path / "sweep.json").is_file():
             candidates += sorted(p.parent for p in path.glob("*/seed-*/summary.json"))
@@ -101,7 +102,7 @@ def group_runs(runs: list[Path]) -> dict[str, list[dict[str, Any]]]:
 def configs_and_differing_keys(runs: list[Path]) -> tuple[dict[Path, dict[str, Any]], list[str]]:
     """Each run's flattened config, and the keys whose values are not the same in every run (its
     name, description and seed aside: seeds are pooled, not compared)."""
-    configs = {run: flatten(read_run_config(run / "config.toml").to_dict()) for run in runs}
+    configs = {run: flatten(read_run_config(RunFolder(run).config).to_dict()) for run in runs}
     ignored = {"name", "description", "seed"}
     return configs, sorted(
         {
@@ -121,7 +122,7 @@ def tidy_rows(runs: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for run, config in configs.items():
         fixed = {"run": str(run), "seed": config["seed"], **{k: _cell(config.get(k)) for k in keys}}
-        for metrics in read_metrics(run / "metrics.jsonl"):
+        for metrics in read_metrics(RunFolder(run).metrics):
             for metric, value in metrics.items():
                 if metric != "step" and isinstance(value, int | float) and not isinstance(value, bool):
                     rows.append({**fixed, "step": metrics["step"], "metric": metric, "value": value})
@@ -157,7 +158,7 @@ def plot_curves(title: str, groups: dict[str, list[dict[str, Any]]], path: Path,
     network's clock), one colour per group (its first run; rows without that value are skipped)."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for index, (label, summaries) in enumerate(groups.items()):
-        rows = [r for r in read_metrics(Path(summaries[0]["run_dir"]) / "metrics.jsonl") if x in r]
+        rows = [r for r in read_metrics(RunFolder(Path(summaries[0]["run_dir"])).metrics) if x in r]
         at = [r[x] for r in rows]
         ax.plot(at, [r["mmga"] for r in rows], color=f"C{index}", label=f"{label}: merged (MMGA)")
         ax.plot(at, [r["aga"] for r in rows], color=f"C{index}", linestyle="--", label=f"{label}: local (AGA)")

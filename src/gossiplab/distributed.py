@@ -731,11 +731,11 @@ class ProcessGroup:
 
     # --- checkpoints -------------------------------------------------------------------------
 
-    def rank_file(self, run_dir: Path, name: str) -> Path:
-        """This process's own file `name` (checkpoints, a config copy): under run_dir/rank<r>/."""
+    def own_folder(self, run_dir: Path) -> Path | None:
+        """This process's own files (checkpoints, a config copy): under run_dir/rank<r>/."""
         folder = run_dir / f"rank{self.rank}"
         folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
+        return folder
 
     def agree_on_step(self, steps: list[int]) -> int:
         """The step every process can resume from: the oldest newest checkpoint (a process killed

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from gossiplab.runfolder import RunFolder
+
 
 def launched_distributed() -> bool:
     """True when a launcher (torchrun, srun wrappers) started this process as one of several."""
@@ -22,6 +24,7 @@ def relaunched_by_torchrun(run_dir: Path | None) -> bool:
     attempt already started: the same command must then continue that run from its checkpoints."""
     if not launched_distributed() or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         return False
-    rank = rank_of_process()
-    own = "config.toml" if rank == 0 else f"rank{rank}/config.toml"
-    return run_dir is not None and (run_dir / own).is_file()
+    if run_dir is None:
+        return False
+    rank, folder = rank_of_process(), RunFolder(run_dir)
+    return (folder.config if rank == 0 else folder.rank_config(rank)).is_file()

@@ -20,11 +20,13 @@ from gossiplab.mixing import mixing_matrix, spectral_gap
 from gossiplab.plots import plt
 from gossiplab.registry import MIXING_RULES
 from gossiplab.rundir import RunDirError, read_metrics, read_summary
+from gossiplab.runfolder import RunFolder
 from gossiplab.sparse import dense
 from gossiplab.topology import build_adjacency, is_time_varying
 
 if TYPE_CHECKING:
-    from gossiplab.runner import Runner
+    from gossiplab.assembly import Experiment
+    from gossiplab.state import TrainingState
 
 SUMMARY_ROWS = (  # label, summary key, format
     ("ALA", "ala", "{:.4f}"),
@@ -182,11 +184,26 @@ def write_outputs(
 
 
 class Plots(Callback):
-    """Every plot and the HTML report of a finished run, drawn from its metrics rows and summary."""
+    """Every plot and the HTML report of a finished run, drawn from its files (config.toml names
+    the parts that ran), its summary, and the graph and W of the first gossip round this process
+    ran (else, as the parts give them for round 0)."""
 
-    def on_finish(self, runner: Runner, summary: dict[str, Any]) -> None:
-        rows = read_metrics(runner.metrics_path)
-        write_outputs(runner.run_dir, runner.config, rows, summary, runner.drawn_graph())
+    def __init__(self) -> None:
+        self.first_round: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def on_gossip(
+        self, experiment: Experiment, state: TrainingState, adjacency: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        if self.first_round is None:
+            self.first_round = (adjacency, weights)
+
+    def on_finish(self, experiment: Experiment, state: TrainingState, summary: dict[str, Any]) -> None:
+        folder = RunFolder(Path(summary["run_dir"]))
+        graph = self.first_round
+        if graph is None:
+            adjacency = experiment.topology(0)
+            graph = (adjacency, experiment.algorithm.mixing(0, adjacency, experiment.state))
+        write_outputs(folder.path, read_run_config(folder.config), read_metrics(folder.metrics), summary, graph)
 
 
 def replot(run_dir: Path) -> list[Path]:
@@ -197,8 +214,8 @@ def replot(run_dir: Path) -> list[Path]:
             f"{run_dir} did not finish ({summary['status']}: {summary.get('message', '')}); its metrics.jsonl "
             "holds the rows it logged"
         )
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    return write_outputs(run_dir, read_run_config(run_dir / "config.toml"), rows, summary)
+    folder = RunFolder(run_dir)
+    return write_outputs(run_dir, read_run_config(folder.config), read_metrics(folder.metrics), summary)
 
 
 def figure_html(path: Path, caption: str) -> str:
@@ -249,6 +266,6 @@ run directory <code>{html.escape(str(run_dir))}</code></p>
 <h2>Configuration (config.toml)</h2><pre>{html.escape(config.to_toml())}</pre>
 </body></html>
 """
-    path = run_dir / "report.html"
+    path = RunFolder(run_dir).report
     path.write_text(page)
     return path

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from gossiplab.runfolder import RunFolder
 from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors, plain_error
 
 WRITE_PROBE = ".gossiplab-write-test"  # the file `gossiplab run` writes and removes to test a run directory
@@ -176,7 +177,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
     """A run's summary.json; RunDirError if it is missing, cut short or not a summary."""
-    path = run_dir / "summary.json"
+    path = RunFolder(run_dir).summary
     try:
         summary = json.loads(path.read_text())
     except FileNotFoundError:
@@ -252,14 +253,15 @@ def claim_new_dir(base: Path) -> Path:
 
 def prepare_run_dir(run_dir: Path, resume: bool) -> None:
     """Refuse a directory that holds a finished run, or an unfinished one unless resuming."""
-    if resume and not (run_dir / "config.toml").is_file():
+    folder = RunFolder(run_dir)
+    if resume and not folder.config.is_file():
         raise RunDirError(f"--resume {run_dir}: no config.toml there, so there is nothing to resume")
-    if (run_dir / "summary.json").is_file():
+    if folder.summary.is_file():
         raise RunDirError(f"run directory {run_dir} already holds a finished run; choose another --run-dir")
     # (another process of a distributed run may be probing that it can write here)
     ignored = (WRITE_PROBE, LOCK_FILE)
     if not resume and run_dir.exists() and any(not p.name.startswith(ignored) for p in run_dir.iterdir()):
-        if (run_dir / "config.toml").is_file():
+        if folder.config.is_file():
             raise RunDirError(
                 f"run directory {run_dir} already holds an unfinished run; continue it with "
                 f"'gossiplab run --resume {run_dir}' or choose another --run-dir"

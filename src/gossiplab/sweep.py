@@ -36,6 +36,7 @@ from gossiplab.config import (
 from gossiplab.devices import with_pinned_threads
 from gossiplab.report import Plots
 from gossiplab.rundir import atomic_write, read_summary
+from gossiplab.runfolder import RunFolder
 from gossiplab.runner import Runner
 
 
@@ -125,10 +126,10 @@ def run_sweep(
     results: dict[str, list[dict[str, Any]]] = {variant: [] for variant in sweep.variants}
     for (variant, seed), config in configs.items():
         run_dir = run_dirs[(variant, seed)]
-        if (run_dir / "summary.json").is_file():
+        if RunFolder(run_dir).summary.is_file():
             summary = read_summary(run_dir)
         else:
-            resume = (run_dir / "checkpoint.pt").is_file()
+            resume = RunFolder(run_dir).checkpoint.is_file()
             run_dir.mkdir(parents=True, exist_ok=True)
             runner = Runner(config, run_dir, resume=resume, console=console, show_progress=show_progress)
             summary = runner.run(callbacks=[Plots()])
@@ -143,13 +144,13 @@ def pending_runs(sweep: Sweep, sweep_dir: Path, extra: list[str], seeds: int) ->
     configs = variant_configs(sweep, extra, seeds)
     run_dirs = {key: sweep_dir / slug(key[0]) / f"seed-{key[1]}" for key in configs}
     check_sweep_dir(sweep_dir, {run_dirs[key]: config for key, config in configs.items()})
-    return [(configs[key], run_dirs[key]) for key in configs if not (run_dirs[key] / "summary.json").is_file()]
+    return [(configs[key], run_dirs[key]) for key in configs if not RunFolder(run_dirs[key]).summary.is_file()]
 
 
 def run_one(config: Config, run_dir: Path) -> Path:
     """One run to its end, quietly, resuming a checkpoint (what a worker process of `run_in_processes` does)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    resume = (run_dir / "checkpoint.pt").is_file()
+    resume = RunFolder(run_dir).checkpoint.is_file()
     runner = Runner(config, run_dir, resume=resume, console=Console(stderr=True, quiet=True), show_progress=False)
     runner.run(callbacks=[Plots()])
     return run_dir
@@ -195,12 +196,12 @@ def check_sweep_dir(sweep_dir: Path, configs: dict[Path, Config]) -> None:
     """A sweep directory is reused only for the same sweep: refuse a run directory, and any
     variant's run that was made with another resolved config (changed overrides), before anything
     runs, so stale results are never reported as the new ones."""
-    if any((sweep_dir / name).exists() for name in ("config.toml", "summary.json", "metrics.jsonl")):
+    if RunFolder(sweep_dir).holds_a_run():
         raise ConfigError(f"--sweep-dir {sweep_dir} is a run directory, not a sweep's: choose another folder")
     stale = []
     for run_dir, config in configs.items():
-        if (run_dir / "config.toml").is_file():
-            written = with_pinned_threads(flatten(build_config(path=run_dir / "config.toml").to_dict()))
+        if RunFolder(run_dir).config.is_file():
+            written = with_pinned_threads(flatten(build_config(path=RunFolder(run_dir).config).to_dict()))
             differing = differing_fields(written, with_pinned_threads(flatten(config.to_dict())))
             if differing:
                 stale.append(f"{run_dir.relative_to(sweep_dir)} ({', '.join(differing)})")
