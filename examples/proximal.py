@@ -30,7 +30,7 @@ class ProximalDSGD(DSGD):
     def adjust_gradients(self, x, y, state) -> None:
         population = self.experiment.population
         anchor = state["anchor"][:, : population.num_parameters]
-        population.grad.add_(population.parameters - anchor, alpha=self.experiment.config.prox.mu)
+        population.grad.add_(population.parameters - anchor, alpha=self.experiment.config.section(ProxConfig).mu)
 
     def communicate(self, weights, state, comm):
         sent = super().communicate(weights, state, comm)  # DSGD's round, and what it sent

@@ -161,3 +161,24 @@ def test_help_presets_and_typos_answer_without_importing_pytorch(arguments, exit
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert says in result.stdout + result.stderr
+
+
+def test_a_part_reads_its_own_section_by_its_class():
+    """`config.section(ChocoConfig)` is the [choco] table, typed; sections are not attributes of
+    the config (no `config.choco`), and a class no one declared is refused naming the fix."""
+    from dataclasses import dataclass
+
+    from gossiplab.config import ChocoConfig
+
+    config = build_config("default", ["choco.gamma=0.25", "choco.compressor=qsgd"])
+    options = config.section(ChocoConfig)
+    assert isinstance(options, ChocoConfig) and (options.gamma, options.compressor) == (0.25, "qsgd")
+    assert options is config.sections["choco"]
+    assert not hasattr(config, "choco")
+
+    @dataclass
+    class Undeclared:
+        size: int = 1
+
+    with pytest.raises(ConfigError, match=r"Undeclared is not a config section: declare it with register_section"):
+        config.section(Undeclared)

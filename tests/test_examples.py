@@ -99,7 +99,7 @@ def test_a_proximal_term_in_the_local_step(tmp_path):
     assert metrics(off.run_dir) == metrics(plain.run_dir)  # mu = 0 is DSGD exactly
     pulled = gossiplab.run("default", [*SHORT, "plugins=['proximal']", "gossip.algorithm=dsgd-prox", "prox.mu=1"],
                            run_dir=tmp_path / "pulled")  # fmt: skip
-    assert pulled.config.prox.mu == 1.0
+    assert pulled.config.sections["prox"].mu == 1.0
     assert pulled.final["consensus_distance"] < 0.5 * plain.final["consensus_distance"]
 
 

@@ -169,7 +169,8 @@ def test_dice_influence_is_the_raw_one_hop_score_of_each_receivers_held_out_grad
     weights = MIXING_RULES.get("influence-dice")(ring, experiment)
     assert torch.equal(population.grad, training)
     federation = experiment.federation
-    vx, vy = sample_held_out(federation.val_x, federation.val_y, federation.val_site, 4, config.fomo.val_batch,
+    batch = config.sections["fomo"].val_batch
+    vx, vy = sample_held_out(federation.val_x, federation.val_y, federation.val_site, 4, batch,
                              torch.Generator().manual_seed(config.seed + 3))  # fmt: skip
     population.compute_gradients(vx, vy)
     held_out = population.grad.clone()

@@ -44,8 +44,9 @@ def test_keys_of_earlier_versions_are_read_in_their_current_form():
     old = config_from_toml(
         '[gossip]\nmerge = "push-sum"\nval_batch = 16\nl2c_lr = 0.5\nditto_lambda = 0.3\nmatch_samples = 64\n'
     )
-    assert (old.gossip.algorithm, old.l2c.val_batch, old.fomo.val_batch) == ("sgp", 16, 16)
-    assert (old.l2c.lr, old.ditto.strength, old.dimat.match_samples) == (0.5, 0.3, 64)
+    sections = old.sections
+    assert (old.gossip.algorithm, sections["l2c"].val_batch, sections["fomo"].val_batch) == ("sgp", 16, 16)
+    assert (sections["l2c"].lr, sections["ditto"].strength, sections["dimat"].match_samples) == (0.5, 0.3, 64)
     assert build_config("default", ["gossip.order=before-update"]).gossip.algorithm == "cdsgd"
     l2c = build_config("default", ["gossip.mixing=meta-l2c"])
     assert (l2c.gossip.algorithm, l2c.gossip.mixing) == ("meta-l2c", "uniform")
@@ -113,9 +114,12 @@ def test_a_notebook_cell_that_declares_a_section_runs_twice_and_another_class_is
         "register_section('notebook', NotebookOptions)\n"
     )
     try:
-        exec(cell.replace("RATE", "0.1"), {"__name__": "__main__"})
-        exec(cell.replace("RATE", "0.2"), {"__name__": "__main__"})  # the cell again, edited: it replaces
-        assert build_config("default", ["notebook.rate=0.3"]).notebook.rate == 0.3
+        first, again = {"__name__": "__main__"}, {"__name__": "__main__"}
+        exec(cell.replace("RATE", "0.1"), first)
+        exec(cell.replace("RATE", "0.2"), again)  # the cell again, edited: it replaces
+        config = build_config("default", ["notebook.rate=0.3"])
+        assert config.section(again["NotebookOptions"]).rate == 0.3
+        assert config.section(first["NotebookOptions"]).rate == 0.3  # the class of the cell's first run too
         assert SECTIONS["notebook"]().rate == 0.2
         with pytest.raises(ValueError, match=r"\[notebook\] is declared already by __main__.NotebookOptions: declare"):
             exec(cell.replace("RATE", "0.1").replace("NotebookOptions", "Other"), {"__name__": "__main__"})

@@ -99,7 +99,7 @@ def test_class_weighted_local_accuracy_is_each_sites_classes_on_the_whole_test_s
 def test_dimat_on_a_complete_graph_hands_every_agent_one_matched_model_and_reports_mmga_apart(tmp_path):
     overrides = ["train.steps=20", "eval.every=20", "gossip.every=10", "gossip.start_after=0", "model.name=mlp"]
     config = build_config("dimat", [*overrides, "model.hidden=[64]", "gossip.topology=complete"])
-    assert config.num_sites == 5 and config.dimat.match_on == "global"
+    assert config.num_sites == 5 and config.sections["dimat"].match_on == "global"
     experiment = build_experiment(config)
     federation = experiment.federation
     owners = federation.train_label_counts() > 0

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import tomli_w
 
@@ -52,12 +52,20 @@ def documented(default: Any, doc: str, choices: tuple[str, ...] = ()) -> Any:
     return field(default=default, metadata=metadata)
 
 
+def table_of(config: Any, path: str) -> tuple[Any, str]:
+    """The table holding the key `path` (the config itself, a core section such as `train`, or a
+    part's own section from `config.sections`) and the key's name in it."""
+    *parents, leaf = path.split(".")
+    table, sections = config, getattr(config, "sections", {})
+    for depth, parent in enumerate(parents):
+        table = sections[parent] if depth == 0 and parent in sections else getattr(table, parent)
+    return table, leaf
+
+
 def problem(config: Any, path: str, allowed: str) -> str:
     """'field PATH = VALUE: ALLOWED', the value read from the config."""
-    value: Any = config
-    for part in path.split("."):
-        value = getattr(value, part)
-    return f"field '{path}' = {value!r}: {allowed}"
+    table, leaf = table_of(config, path)
+    return f"field '{path}' = {getattr(table, leaf)!r}: {allowed}"
 
 
 def problems_of(config: Any, checks: list[tuple[bool, str, str]]) -> list[str]:
@@ -437,6 +445,7 @@ class NetworkConfig:
         ])  # fmt: skip
 
 
+Section = TypeVar("Section")
 SECTIONS: dict[str, type] = {}  # config sections declared by parts (algorithms, mixing rules): name -> dataclass
 
 
@@ -635,11 +644,18 @@ class Config:
         for name, section in SECTIONS.items():
             self.sections.setdefault(name, section())
 
-    def __getattr__(self, name: str) -> Any:
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        raise AttributeError(f"Config has no section or field '{name}'")
+    def section(self, kind: type[Section]) -> Section:
+        """A part's own section, typed: `config.section(ChocoConfig).gamma`. A part finds its
+        options by the class it declared with `register_section`, so a type checker sees its
+        fields (the name string is the TOML table's, `[choco]`). A class declared again (a notebook
+        cell run twice) is the same section."""
+        for name, declared in SECTIONS.items():
+            if (declared.__module__, declared.__qualname__) == (kind.__module__, kind.__qualname__):
+                return self.sections.setdefault(name, declared())  # (declared after this config was made)
+        raise ConfigError(
+            f"{kind.__module__}.{kind.__qualname__} is not a config section: declare it with "
+            f"register_section(name, {kind.__qualname__})"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as TOML tables: the core sections, the built-in parts' sections, and the
@@ -787,11 +803,8 @@ def apply_values(config: Config, values: dict[str, Any]) -> None:
     for key, value in upgrade_keys(values).items():
         try:
             path = resolve_key(key, types)
-            target: Any = config
-            *parents, leaf = path.split(".")
-            for parent in parents:
-                target = getattr(target, parent)
-            setattr(target, leaf, _coerce(path, value, types))
+            table, leaf = table_of(config, path)
+            setattr(table, leaf, _coerce(path, value, types))
         except ConfigError as error:
             errors.append(str(error))
     if errors:

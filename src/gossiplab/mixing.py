@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gossiplab.config import Config
+from gossiplab.config import Config, FomoConfig
 from gossiplab.data.federation import sample_held_out
 from gossiplab.registry import MIXING_RULES
 from gossiplab.sparse import dense, entries, matrix
@@ -198,9 +198,8 @@ def dice_influence_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tenso
     same every round; the sites' training gradients are left as they were."""
     config, federation, population = experiment.config, experiment.federation, experiment.population
     generator = torch.Generator().manual_seed(config.seed + 3)
-    x, y = sample_held_out(
-        federation.val_x, federation.val_y, federation.val_site, config.num_sites, config.fomo.val_batch, generator
-    )
+    batch = config.section(FomoConfig).val_batch
+    x, y = sample_held_out(federation.val_x, federation.val_y, federation.val_site, config.num_sites, batch, generator)
     training = population.grad.clone()
     population.compute_gradients(x, y)
     held_out = population.grad.clone()
@@ -230,7 +229,7 @@ def fomo_rule(adjacency: torch.Tensor, experiment: Any) -> torch.Tensor:
     Every model is scored on every site's fixed validation sample (`fomo.val_batch` images
     each, drawn from the seed, the same sample every round)."""
     config, federation, population = experiment.config, experiment.federation, experiment.population
-    num_sites, batch = config.num_sites, config.fomo.val_batch
+    num_sites, batch = config.num_sites, config.section(FomoConfig).val_batch
     generator = torch.Generator().manual_seed(config.seed + 2)
     x, y = sample_held_out(federation.val_x, federation.val_y, federation.val_site, num_sites, batch, generator)
     x, y = x.flatten(0, 1), y.flatten()

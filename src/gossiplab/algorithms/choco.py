@@ -152,7 +152,7 @@ class ChocoSGD(Algorithm):
     def communicate(self, weights: torch.Tensor, state: dict[str, Any], comm: Communicator) -> Sent:
         theta, public = self.experiment.population.theta, state["public"]
         config = self.experiment.config
-        options = config.choco
+        options = config.section(ChocoConfig)
         state["rounds"] += 1
         seed = (config.seed + CHOCO_STREAM + int(state["rounds"])) % 2**63
         generator = torch.Generator(device=theta.device).manual_seed(seed)

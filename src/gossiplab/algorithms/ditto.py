@@ -18,6 +18,7 @@ import torch
 
 from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.communicator import Communicator
+from gossiplab.config import DittoConfig
 from gossiplab.optim import build_optimizer
 from gossiplab.population import Population
 from gossiplab.registry import ALGORITHMS
@@ -43,7 +44,8 @@ class Ditto(Algorithm):
         """The proximal gradient on the personal models; one step of the global track."""
         population, optimizer = self.experiment.population, state["optimizer"]
         received = state["received"][:, : population.num_parameters]
-        population.grad.add_(population.parameters - received, alpha=self.experiment.config.ditto.strength)
+        strength = self.experiment.config.section(DittoConfig).strength
+        population.grad.add_(population.parameters - received, alpha=strength)
         self.global_track.compute_gradients(x, y)
         optimizer.lr = self.experiment.optimizer.lr
         optimizer.step(self.global_track.parameters, self.global_track.grad)

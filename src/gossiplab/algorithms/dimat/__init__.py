@@ -20,6 +20,7 @@ import torch
 from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.algorithms.dimat.matching import MatchedMerge
 from gossiplab.communicator import Communicator
+from gossiplab.config import DimatConfig
 from gossiplab.permutation import permutation_spec
 from gossiplab.registry import ALGORITHMS
 
@@ -33,15 +34,16 @@ class ActivationMatching(Algorithm):
     def init(self) -> dict[str, Any]:
         experiment = self.experiment
         population, federation, config = experiment.population, experiment.federation, experiment.config
+        options = config.section(DimatConfig)
         spec = permutation_spec(population.module, federation.image_shape)
         match_inputs = None
         if self.method == "activation-matching":  # a fixed sample, drawn once from the seed
             generator = torch.Generator().manual_seed(config.seed + 1)
-            if config.dimat.match_on == "own":
-                match_inputs, _ = federation.sample_batch(config.dimat.match_samples, generator)
+            if options.match_on == "own":
+                match_inputs, _ = federation.sample_batch(options.match_samples, generator)
             else:
                 pool = federation.train_index.cpu()
-                chosen = pool[torch.randint(len(pool), (config.dimat.match_samples,), generator=generator)]
+                chosen = pool[torch.randint(len(pool), (options.match_samples,), generator=generator)]
                 images = federation.normalise(federation.pool_x[chosen.to(federation.pool_x.device)])
                 match_inputs = images.expand(config.num_sites, *images.shape)
         self.merge = MatchedMerge(population, spec, self.method, match_inputs)
@@ -54,9 +56,10 @@ class ActivationMatching(Algorithm):
         population, config = self.experiment.population, self.experiment.config
         comm.mix(population.theta, weights, self.merge)
         state["rounds"] += 1
-        if population.num_buffers and config.dimat.reestimate_batches:
+        reestimate = config.section(DimatConfig).reestimate_batches
+        if population.num_buffers and reestimate:
             generator = torch.Generator().manual_seed(config.seed * 100_003 + int(state["rounds"]))
-            batches = [self.statistics_batch(generator, comm) for _ in range(config.dimat.reestimate_batches)]
+            batches = [self.statistics_batch(generator, comm) for _ in range(reestimate)]
             population.reestimate_statistics(batches)
         return Sent.vectors(weights, population.theta.shape[1])
 
@@ -64,7 +67,7 @@ class ActivationMatching(Algorithm):
         """[N, B, ...] images BatchNorm statistics are recomputed on: each site's own, or one batch
         of the global training set for every site (`dimat.reestimate_on`)."""
         federation, config = self.experiment.federation, self.experiment.config
-        if config.dimat.reestimate_on == "own":
+        if config.section(DimatConfig).reestimate_on == "own":
             return federation.sample_batch(config.train.batch_size, generator, comm.sites)[0]
         pool = federation.train_index.cpu()
         chosen = pool[torch.randint(len(pool), (config.train.batch_size,), generator=generator)]

@@ -15,7 +15,7 @@ import torch
 from gossiplab.algorithms.base import Algorithm, Sent
 from gossiplab.algorithms.l2c.learned import LearnedMixing, MetaLearnedMixing
 from gossiplab.communicator import Communicator
-from gossiplab.config import Config
+from gossiplab.config import Config, L2CConfig
 from gossiplab.registry import ALGORITHMS
 
 
@@ -38,7 +38,7 @@ class L2C(Algorithm):
 
     def init(self) -> dict[str, Any]:
         experiment = self.experiment
-        config, options = experiment.config, experiment.config.l2c
+        config, options = experiment.config, experiment.config.section(L2CConfig)
         meta = {"encoder_path": options.meta_encoder} if self.learned_mixing is MetaLearnedMixing else {}
         learned = self.learned_mixing(
             experiment.population,
