@@ -174,7 +174,7 @@ def test_the_loop_trains_without_a_run_directory(small_config, tmp_path):
     compute = PinnedCompute(resolved_threads(config.train.threads), resolve_device(config.train.device))
     try:
         experiment, comm = build_experiment(config), SingleProcess(config.num_sites)
-        experiment.state = experiment.algorithm.init()
+        experiment.init_states()
         check_experiment(experiment, comm.sites)
         state = TrainingState.start(config.num_sites, config.seed)
         train(experiment, state, comm, [rows])

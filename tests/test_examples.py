@@ -15,6 +15,7 @@ import torch
 import gossiplab
 from gossiplab.data.sources import SOURCES, SourceInfo, dataset_from_arrays, register_source
 from gossiplab.registry import MIXING_RULES
+from resume import stopped_then_resumed
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SHORT = ["num_sites=8", "train.steps=60", "eval.every=30", "gossip.every=10"]
@@ -92,15 +93,23 @@ def test_a_user_network_trains_on_real_data(tmp_path):
     assert result.final["strategy"] == "loop"  # per-site dropout streams
 
 
-def test_a_proximal_term_in_the_local_step(tmp_path):
-    plain = gossiplab.run("default", SHORT, run_dir=tmp_path / "plain")
-    off = gossiplab.run("default", [*SHORT, "plugins=['proximal']", "gossip.algorithm=dsgd-prox", "prox.mu=0"],
-                        run_dir=tmp_path / "off")  # fmt: skip
-    assert metrics(off.run_dir) == metrics(plain.run_dir)  # mu = 0 is DSGD exactly
-    pulled = gossiplab.run("default", [*SHORT, "plugins=['proximal']", "gossip.algorithm=dsgd-prox", "prox.mu=1"],
-                           run_dir=tmp_path / "pulled")  # fmt: skip
-    assert pulled.config.sections["prox"].mu == 1.0
-    assert pulled.final["consensus_distance"] < 0.5 * plain.final["consensus_distance"]
+def test_a_link_of_the_gradient_chain_chained_after_the_proximal_term(tmp_path):
+    """examples/gradient_noise.py chained after the built-in proximal term, under CHOCO-SGD: sigma
+    = 0 is the proximal run exactly; noise changes the run, and a stopped and resumed run draws the
+    same noise (the generator is the link's checkpointed state)."""
+    chain = [*SHORT, "plugins=['gradient_noise']", "gossip.algorithm=choco-sgd", "proximal.mu=0.2",
+             "train.gradient_transforms=['proximal', 'gaussian-noise']"]  # fmt: skip
+    proximal = gossiplab.run("default", [*chain[:-1], "train.gradient_transforms=['proximal']"],
+                             run_dir=tmp_path / "proximal")  # fmt: skip
+    silent = gossiplab.run("default", [*chain, "noise.sigma=0"], run_dir=tmp_path / "silent")
+    assert metrics(silent.run_dir) == metrics(proximal.run_dir)
+    noisy = gossiplab.build_config("default", [*chain, "noise.sigma=0.02"])
+    whole = gossiplab.run(noisy, run_dir=tmp_path / "noisy")
+    assert whole.config.section(sys.modules["gradient_noise"].NoiseConfig).sigma == 0.02
+    assert whole.final["parts"]["train.gradient_transforms"] == ["proximal", "gaussian-noise"]
+    assert metrics(whole.run_dir) != metrics(proximal.run_dir)
+    stopped_then_resumed(noisy, tmp_path / "split", stop_step=30)
+    assert metrics(tmp_path / "split") == metrics(whole.run_dir)
 
 
 SITES = 4
@@ -146,12 +155,12 @@ def test_gradient_tracking_reaches_the_exact_minimiser_where_dsgd_keeps_a_bias(t
 
 
 def test_a_plugin_section_goes_only_into_the_config_toml_of_configs_naming_its_plugin():
-    """Once imported, the `[prox]` section exists in every config of the process, but only a config
-    that names `proximal` writes it: the others' config.toml must read back where it is not installed."""
-    import proximal  # noqa: F401
+    """Once imported, the `[noise]` section exists in every config of the process, but only a config
+    that names `gradient_noise` writes it: the others' config.toml must read back where it is not installed."""
+    import gradient_noise  # noqa: F401
 
-    assert "prox" not in gossiplab.build_config("default").to_dict()
-    assert gossiplab.build_config("default", ["plugins=['proximal']"]).to_dict()["prox"] == {"mu": 0.1}
+    assert "noise" not in gossiplab.build_config("default").to_dict()
+    assert gossiplab.build_config("default", ["plugins=['gradient_noise']"]).to_dict()["noise"] == {"sigma": 0.01}
 
 
 def test_dsgd_written_from_scratch_ends_where_the_librarys_run_ends(tmp_path):
@@ -266,11 +275,12 @@ def test_a_part_registered_by_a_plain_import_is_recorded_so_config_toml_reruns_i
     """A script that imports its parts (without naming them in `plugins`) still saves a config that
     re-runs in a fresh process: the part's module goes into `plugins`, and its section with it. A
     part registered in a script or notebook (`__main__`) is run, with a warning that it cannot be."""
-    import proximal  # noqa: F401  (registers dsgd-prox and its [prox] section)
+    import gradient_noise  # noqa: F401  (registers gaussian-noise and its [noise] section)
 
-    first = gossiplab.run("default", [*SHORT, "gossip.algorithm=dsgd-prox", "prox.mu=0.5"], run_dir=tmp_path / "first")
+    noisy = [*SHORT, "train.gradient_transforms=['gaussian-noise']", "noise.sigma=0.02"]
+    first = gossiplab.run("default", noisy, run_dir=tmp_path / "first")
     saved = (first.run_dir / "config.toml").read_text()
-    assert 'plugins = [\n    "proximal",\n]' in saved and "[prox]\nmu = 0.5" in saved
+    assert 'plugins = [\n    "gradient_noise",\n]' in saved and "[noise]\nsigma = 0.02" in saved
     again = tmp_path / "again"
     command = [sys.executable, "-m", "gossiplab", "run", "--config", str(first.run_dir / "config.toml"), "--quiet",
                "--run-dir", str(again)]  # fmt: skip

@@ -104,7 +104,7 @@ def test_a_run_keeps_every_accuracy_matrix_per_site_losses_and_a_frame(tmp_path)
     assert sum(losses[2]) / 4 == pytest.approx(result.metrics["train_loss"][2], rel=1e-5)
     assert result.final["parts"] == {"gossip.algorithm": "dsgd", "gossip.topology": "random-one-peer",
                                      "gossip.mixing": "uniform", "train.loss": "cross-entropy",
-                                     "model.name": "mlp"}  # fmt: skip
+                                     "train.gradient_transforms": [], "model.name": "mlp"}  # fmt: skip
 
 
 def test_a_notebook_cell_that_declares_a_section_runs_twice_and_another_class_is_refused():

@@ -31,7 +31,16 @@ from gossiplab.optim import build_optimizer
 from gossiplab.plugins import DEBUG_HINT, describe_fault, imported_packages, within
 from gossiplab.population import Population, choose_strategy, state_entries
 from gossiplab.prealign import pre_aligned_projection
-from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, qualified_name
+from gossiplab.registry import (
+    ALGORITHMS,
+    GRADIENT_TRANSFORMS,
+    LOSSES,
+    MIXING_RULES,
+    MODELS,
+    TOPOLOGIES,
+    Registry,
+    qualified_name,
+)
 from gossiplab.schedule import GossipSchedule
 from gossiplab.sparse import entries, oriented, row_sums
 from gossiplab.topology import build_adjacency
@@ -50,8 +59,10 @@ class Experiment:
 
     topology(round) -> adjacency [N, N] bool; mixing_rule(adjacency, experiment) -> W [N, N]
     (rows sum to 1); algorithm: the hooks the loop calls (gossiplab.algorithms), built on this
-    experiment; state: the algorithm's state, made by `algorithm.init()` when the run starts;
-    network: the simulated network's conditions and clock (gossiplab.network).
+    experiment; state: the algorithm's state; gradient_transforms: the local step's chain
+    (gossiplab.gradients), with their states in transform_states (the states are made by
+    `init_states()` when the run starts, after any part was swapped); network: the simulated
+    network's conditions and clock (gossiplab.network).
     """
 
     config: Config
@@ -63,11 +74,23 @@ class Experiment:
     mixing_rule: Callable[[torch.Tensor, Any], torch.Tensor]
     algorithm: Any = None
     state: dict[str, Any] = field(default_factory=dict)
+    gradient_transforms: list[Any] = field(default_factory=list)
+    transform_states: list[dict[str, Any]] = field(default_factory=list)
     network: Network = None  # type: ignore[assignment]  # churn, loss and the clock ([network]): made from config
 
     def __post_init__(self) -> None:
         if self.network is None:
             self.network = Network(self.config.network, self.config.num_sites, self.config.seed)
+
+    @property
+    def gradient_chain(self) -> list[tuple[Any, dict[str, Any]]]:
+        """The gradient transforms with their states, in the chain's order."""
+        return list(zip(self.gradient_transforms, self.transform_states, strict=True))
+
+    def init_states(self) -> None:
+        """The algorithm's and the gradient transforms' states at step 0."""
+        self.state = self.algorithm.init()
+        self.transform_states = [transform.init() for transform in self.gradient_transforms]
 
     def graph(self, step: int, round_index: int) -> torch.Tensor:
         """The graph of the round at `step`: the topology's, or outside a communication window with
@@ -262,6 +285,9 @@ def build_experiment(config: Config, console: Console | None = None, sites: slic
         mixing_rule=MIXING_RULES.get(gossip.mixing),
     )
     experiment.algorithm = ALGORITHMS.get(gossip.algorithm)(experiment)
+    experiment.gradient_transforms = [
+        GRADIENT_TRANSFORMS.get(name)(experiment) for name in config.train.gradient_transforms
+    ]
     return experiment
 
 
@@ -273,14 +299,22 @@ def topology_name(topology: Callable[[int], torch.Tensor]) -> str:
     return qualified_name(topology)
 
 
-def part_names(experiment: Experiment) -> dict[str, str]:
+def part_names(experiment: Experiment) -> dict[str, Any]:
     """The parts that run, as a config names them (a user's unregistered part by qualified name)."""
     return {
         "gossip.algorithm": ALGORITHMS.name_of(type(experiment.algorithm)),
         "gossip.topology": topology_name(experiment.topology),
         "gossip.mixing": MIXING_RULES.name_of(experiment.mixing_rule),
         "train.loss": LOSSES.name_of(experiment.population.loss),
+        "train.gradient_transforms": [GRADIENT_TRANSFORMS.name_of(type(t)) for t in experiment.gradient_transforms],
     }
+
+
+def configured_names(config: Config, registry: Registry) -> list[str]:
+    """The names of the parts of one kind a config names (one, or a chain's list)."""
+    section, leaf = registry.field.split(".")
+    value = getattr(getattr(config, section), leaf)
+    return value if isinstance(value, list) else [value]
 
 
 def record_parts(experiment: Experiment, config: Config) -> list[str]:
@@ -297,9 +331,8 @@ def record_parts(experiment: Experiment, config: Config) -> list[str]:
     if population.model_name != config.model.name:
         config.model.name = f"<{qualified_name(type(population.module))}: {population.num_parameters:,} parameters>"
     unresolvable, packages = [], imported_packages(config.plugins)
-    for registry in (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS, LOSSES):
-        section, leaf = registry.field.split(".")
-        name = getattr(getattr(config, section), leaf)
+    registries = (ALGORITHMS, TOPOLOGIES, MIXING_RULES, MODELS, LOSSES, GRADIENT_TRANSFORMS)
+    for registry, name in ((r, name) for r in registries for name in configured_names(config, r)):
         module = registry.origin(name)
         if "<" in name or module == "__main__":
             unresolvable.append(f"{registry.field} = {name!r}")

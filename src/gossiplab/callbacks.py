@@ -113,9 +113,9 @@ class TensorBoardLog(Callback):
 
 class Checkpoints(Callback):
     """A verified checkpoint of this process at every evaluation: the training state and every
-    part's own (theta with the sites' random streams, the optimizer's buffers, the algorithm's
-    state, the network's clock and churn) and the config that ran (a resume under another
-    config is refused). `step` is the step of the last one written (-1: none yet)."""
+    part's own (theta with the sites' random streams, the optimizer's buffers, the states of the
+    algorithm and the gradient transforms, the network's clock and churn) and the config that ran
+    (a resume under another config is refused). `step` is the step of the last one written (-1: none yet)."""
 
     def __init__(self, path: Path, config: dict[str, Any]):
         self.path, self.config, self.step = path, config, -1
@@ -134,6 +134,7 @@ class Checkpoints(Callback):
             "random_streams": experiment.population.random_streams,
             "optimizer": experiment.optimizer.state_dict(),
             "algorithm": saved(experiment.state),
+            "gradient_transforms": [saved(state) for state in experiment.transform_states],
             "config": self.config,
         }
         write_checkpoint(content, self.path)
@@ -149,6 +150,8 @@ class Checkpoints(Callback):
         experiment.population.random_streams.copy_(content["random_streams"])
         experiment.optimizer.load_state_dict(content["optimizer"])
         restore(experiment.state, content["algorithm"])
+        for state, written in zip(experiment.transform_states, content.get("gradient_transforms", []), strict=False):
+            restore(state, written)
 
 
 class FinalMergeFiles(Callback):

@@ -26,13 +26,22 @@ from gossiplab.config import (
     problems_of,
 )
 from gossiplab.launch import launched_distributed
-from gossiplab.registry import ALGORITHMS, LOSSES, MIXING_RULES, MODELS, TOPOLOGIES, UnknownPart
+from gossiplab.registry import (
+    ALGORITHMS,
+    GRADIENT_TRANSFORMS,
+    LOSSES,
+    MIXING_RULES,
+    MODELS,
+    TOPOLOGIES,
+    UnknownPart,
+)
 
 
 def load_builtin_parts() -> None:
     """Import the modules that register the built-in parts (algorithms, topologies, mixing rules,
-    models, the loss); a user's parts are imported by the config's `plugins`."""
+    models, the loss, gradient transforms); a user's parts are imported by the config's `plugins`."""
     import gossiplab.algorithms
+    import gossiplab.gradients
     import gossiplab.mixing
     import gossiplab.models
     import gossiplab.population
@@ -72,6 +81,7 @@ def part_problems(config: Config) -> list[str]:
         (MIXING_RULES, config.gossip.mixing),
         (MODELS, config.model.name),
         (LOSSES, config.train.loss),
+        *((GRADIENT_TRANSFORMS, name) for name in config.train.gradient_transforms),
     ):
         try:
             registry.get(name)
@@ -111,7 +121,11 @@ def distributed_problems(config: Config, world_size: int) -> list[str]:
     processes."""
     load_builtin_parts()
     errors = []
-    for registry, name in ((ALGORITHMS, config.gossip.algorithm), (MIXING_RULES, config.gossip.mixing)):
+    for registry, name in (
+        (ALGORITHMS, config.gossip.algorithm),
+        (MIXING_RULES, config.gossip.mixing),
+        *((GRADIENT_TRANSFORMS, name) for name in config.train.gradient_transforms),
+    ):
         if name in registry.names() and not registry.property(name, "distributed", False):
             allowed = [n for n in registry.names() if registry.property(n, "distributed", False)]
             where = f"runs only in one process; across processes use one of {', '.join(allowed)}"

@@ -222,6 +222,11 @@ class TrainConfig:
     clip_grad_norm: float = documented(
         0.0, "clip each site's gradient to this L2 norm before its step (0: off), >= 0; a remedy for divergence"
     )
+    gradient_transforms: list[str] = documented(
+        [],
+        "the local step's named chain: links that change every site's gradient, in this order, after the "
+        "algorithm's own and before clipping (`proximal`, or a user's registered link; gossiplab.gradients)",
+    )
     reset_optimizer: bool = documented(
         False, "every site's optimizer state starts fresh after each communication round (DIMAT's code builds a new "
         "optimizer for each training phase)",
@@ -511,6 +516,19 @@ class DittoConfig:
 
 
 register_section("ditto", DittoConfig)
+
+
+@dataclass
+class ProximalConfig:
+    """[proximal]: the proximal link of the local step's chain (gossiplab.gradients.ProximalTerm)."""
+
+    mu: float = documented(0.01, "mu, the pull of each gradient towards the model after the site's last gossip round")
+
+    def problems(self, config: Config) -> list[str]:
+        return [] if self.mu >= 0 else [f"field 'proximal.mu' = {self.mu}: must be >= 0"]
+
+
+register_section("proximal", ProximalConfig)
 
 
 @dataclass

@@ -7,7 +7,8 @@ the traffic; callbacks log, checkpoint, draw and report.
         [the network: churn moves, the clock waits for the slowest online site (or ticks, asynchronous)]
         every site's gradient on its own batch, at algorithm.gradients_at   (one engine call)
         [communicate, for algorithms that mix before the step (CDSGD)]
-        algorithm.adjust_gradients; the optimizer step on [N, P]; offline sites' rows put back
+        algorithm.adjust_gradients; the gradient transforms' chain (train.gradient_transforms);
+        the optimizer step on [N, P]; offline sites' rows put back
         [communicate: if the schedule fires, W = algorithm.mixing(round, graph) as the network delivers
          it (offline sites and lost messages cut), algorithm.communicate(W), its Sent added to the
          traffic (then, with train.reset_optimizer, a fresh optimizer state)]
@@ -74,6 +75,8 @@ def train(experiment: Experiment, state: TrainingState, comm: Communicator, call
             communicate(experiment, state, comm, callbacks)
         optimizer.lr = learning_rate(config.train, state.step)
         algorithm.adjust_gradients(x, y, experiment.state)
+        for transform, transform_state in experiment.gradient_chain:
+            transform.update(population.grad, transform_state, state.step)
         if config.train.clip_grad_norm:
             clip_site_gradients(population.grad, config.train.clip_grad_norm)
         optimizer.step(population.parameters, population.grad)
@@ -138,6 +141,8 @@ def communicate(
             traffic.messages_lost += delivery.lost + sent.lost
             if sent.messages + delivery.lost and algorithm.tick(experiment.state) is None:
                 experiment.network.charge_round(message_bytes, delivery)  # (asynchronous: inside its iterations)
+            for transform, transform_state in experiment.gradient_chain:
+                transform.after_gossip(transform_state)
             for callback in callbacks:
                 callback.on_gossip(experiment, state, adjacency, delivery.weights)
         if merges:

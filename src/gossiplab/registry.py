@@ -115,3 +115,4 @@ MIXING_RULES: Registry[Callable[..., Any]] = Registry("mixing rule", "gossip.mix
 ALGORITHMS: Registry[type] = Registry("algorithm", "gossip.algorithm")
 MODELS: Registry[Callable[..., Any]] = Registry("model", "model.name")
 LOSSES: Registry[Callable[..., Any]] = Registry("loss", "train.loss")
+GRADIENT_TRANSFORMS: Registry[type] = Registry("gradient transform", "train.gradient_transforms")

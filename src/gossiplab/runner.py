@@ -125,7 +125,7 @@ class Runner:
             config.train.threads = self.threads
             unresolvable = record_parts(self.experiment, config)  # config.toml names the parts that run
             self.parts = {**part_names(self.experiment), "model.name": config.model.name}
-            self.experiment.state = self.experiment.algorithm.init()
+            self.experiment.init_states()
             check_experiment(self.experiment, self.comm.sites)
         except BaseException:
             self._lock.release()
