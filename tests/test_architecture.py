@@ -111,3 +111,36 @@ def test_one_module_names_the_files_of_a_run_directory():
         if isinstance(node, ast.Constant) and node.value in names
     }
     assert spelled == {"gossiplab.runfolder"}
+
+
+def test_following_the_config_from_the_api_never_climbs_back_up(tmp_path):
+    """Every call that carries the run's config (or an object holding it: the experiment) during
+    `gossiplab.run`, traced: none goes from a module into one that imports it (control climbing
+    back up the layers; callbacks are objects of a layer the loop does not import)."""
+    import sys
+
+    import gossiplab
+    from gossiplab.config import Config
+
+    graph = import_graph()
+    importers = {module: {other for other in graph if module in reachable(graph, other)} for module in graph}
+    calls = []
+
+    def trace(frame, event, arg):
+        module = frame.f_globals.get("__name__", "")
+        if event != "call" or not module.startswith("gossiplab"):
+            return
+        carried = (isinstance(v, Config) or isinstance(getattr(v, "config", None), Config) for v in frame.f_locals.values())
+        if any(carried):
+            caller = frame.f_back
+            while caller is not None and not caller.f_globals.get("__name__", "").startswith("gossiplab"):
+                caller = caller.f_back
+            calls.append((caller.f_globals["__name__"] if caller else "", module, frame.f_code.co_name))
+
+    sys.setprofile(trace)
+    try:
+        gossiplab.run("default", ["num_sites=4", "train.steps=20", "eval.every=10"], run_dir=tmp_path / "run")
+    finally:
+        sys.setprofile(None)
+    assert len({module for _, module, _ in calls}) > 10  # the walk was traced
+    assert [call for call in calls if call[1] in importers.get(call[0], set())] == []

@@ -154,6 +154,18 @@ class Checkpoints(Callback):
             restore(state, written)
 
 
+class LastEvaluation(Callback):
+    """The accuracy matrix of the last evaluation this process ran (the summary's)."""
+
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None
+
+    def on_evaluation(
+        self, experiment: Experiment, state: TrainingState, row: dict[str, Any], matrix: torch.Tensor
+    ) -> None:
+        self.matrix = matrix
+
+
 class FinalMergeFiles(Callback):
     """Before the final global merge: this process's rows of theta as premerge.pt (its own
     file, `theta`), and the metrics just before the merge as premerge.json (`metrics`, given

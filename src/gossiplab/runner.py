@@ -20,7 +20,16 @@ from rich.markup import escape
 
 from gossiplab import loop, metrics
 from gossiplab.assembly import Experiment, build_experiment, check_experiment, part_names, record_parts
-from gossiplab.callbacks import Callback, Checkpoints, FinalMergeFiles, Hooks, MetricsLog, ProgressBar, TensorBoardLog
+from gossiplab.callbacks import (
+    Callback,
+    Checkpoints,
+    FinalMergeFiles,
+    Hooks,
+    LastEvaluation,
+    MetricsLog,
+    ProgressBar,
+    TensorBoardLog,
+)
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import Communicator, PeerLost, SingleProcess
 from gossiplab.config import Config, differing_fields, flatten, upgrade_keys
@@ -138,7 +147,7 @@ class Runner:
             )
         self.state = TrainingState.start(config.num_sites, config.seed)
         self.checkpoints = Checkpoints(self.folder.checkpoint, config.to_dict())
-        self._last_evaluation = _LastEvaluation()
+        self._last_evaluation = LastEvaluation()
 
     @property
     def step(self) -> int:
@@ -364,15 +373,3 @@ class Runner:
             callback.on_finish(experiment, state, summary)
         atomic_write(self.folder.summary, json.dumps(summary, indent=2).encode())
         return summary
-
-
-class _LastEvaluation(Callback):
-    """The accuracy matrix of the last evaluation this process ran (the summary's)."""
-
-    def __init__(self) -> None:
-        self.matrix: torch.Tensor | None = None
-
-    def on_evaluation(
-        self, experiment: Experiment, state: TrainingState, row: dict[str, Any], matrix: torch.Tensor
-    ) -> None:
-        self.matrix = matrix
