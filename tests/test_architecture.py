@@ -130,8 +130,8 @@ def test_following_the_config_from_the_api_never_climbs_back_up(tmp_path):
         module = frame.f_globals.get("__name__", "")
         if event != "call" or not module.startswith("gossiplab"):
             return
-        carried = (isinstance(v, Config) or isinstance(getattr(v, "config", None), Config) for v in frame.f_locals.values())
-        if any(carried):
+        values = frame.f_locals.values()
+        if any(isinstance(v, Config) or isinstance(getattr(v, "config", None), Config) for v in values):
             caller = frame.f_back
             while caller is not None and not caller.f_globals.get("__name__", "").startswith("gossiplab"):
                 caller = caller.f_back
