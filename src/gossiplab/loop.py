@@ -155,11 +155,11 @@ def merge_globally(
     experiment: Experiment, state: TrainingState, comm: Communicator, callbacks: Sequence[Callback]
 ) -> None:
     """The single global merge, the callbacks shown the metrics just before it."""
-    config, theta = experiment.config, experiment.population.theta
+    config = experiment.config
     before = score(experiment, state.active, comm)[0]
     for callback in callbacks:
         callback.on_final_merge(experiment, state, before)
-    state.traffic.merge_messages += merge.final_merge(theta, config, state.active, comm)
+    state.traffic.merge_messages += experiment.algorithm.final_merge(state.active, experiment.state, comm)
     network, sites, row_bytes = experiment.network, int(state.active.sum()), vector_bytes(experiment)
     if config.gossip.final_merge == "exact":
         network.charge_all_reduce(sites, row_bytes)

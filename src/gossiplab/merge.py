@@ -169,7 +169,7 @@ def final_merge(theta: torch.Tensor, config: Any, active: torch.Tensor, comm: Co
     'exact': every row <- the mean (an all-reduce: 2 (N - 1) vectors, ring all-reduce).
     'exponential' / 'one-peer-exponential': k rounds of uniform gossip on that graph instead
     (k = gossip.final_merge_rounds, or ceil(log2 N)), the single-merge paper's appendix C. Plain
-    averaging whatever the run's algorithm (L2C or DIMAT would learn or match here).
+    averaging: what `Algorithm.final_merge` does unless a method overrides it.
     """
     gossip, num_sites = config.gossip, config.num_sites
     if gossip.final_merge == "exact":

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from gossiplab.communicator import Communicator
-from gossiplab.merge import GossipAverager, message_count
+from gossiplab.merge import GossipAverager, final_merge, message_count
 
 if TYPE_CHECKING:
     from gossiplab.assembly import Experiment
@@ -118,6 +118,13 @@ class Algorithm:
     def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Communicator) -> torch.Tensor | None:
         """The counterfactual merged model [1, P]; None: the uniform mean of the active rows."""
         return None
+
+    def final_merge(self, active: torch.Tensor, state: dict[str, Any], comm: Communicator) -> int:
+        """The single global merge after the last step (gossip.final_merge); returns how many
+        parameter vectors it sent. Default: plain averaging of the active rows, exact or by a few
+        gossip rounds (`gossiplab.merge.final_merge`); a method that merges its own way (matched
+        units, learned weights) overrides it."""
+        return final_merge(self.experiment.population.theta, self.experiment.config, active, comm)
 
     def summary(self, state: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         """Extra fields for summary.json (and files of its own in the run directory)."""
