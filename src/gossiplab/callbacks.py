@@ -7,7 +7,7 @@ at every step, after every gossip round (its graph and the W delivered), at ever
 the metrics row, before the final merge, when sites are dropped, at the start and end of the
 loop, and with the summary of a finished run (the plots and the HTML report are such a callback,
 `gossiplab.report.Plots`, added by the API and the command line: the loop's layer draws nothing).
-Callbacks that write files are given their paths by the runner (`gossiplab.rundir.RunFolder`)
+Callbacks that write files are given their paths by the runner (`gossiplab.runfolder.RunFolder`)
 and are made only in the process that writes them.
 """
 

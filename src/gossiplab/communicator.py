@@ -58,7 +58,7 @@ class Communicator(Protocol):
 
     def own_folder(self, run_dir: Path) -> Path | None:
         """Where this process keeps the files only it writes (its checkpoints), if not in run_dir
-        itself (`gossiplab.rundir.RunFolder`)."""
+        itself (`gossiplab.runfolder.RunFolder`)."""
         ...
 
     def share(self, key: str, value: str) -> str:
