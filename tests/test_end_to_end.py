@@ -183,3 +183,33 @@ def test_the_loop_trains_without_a_run_directory(small_config, tmp_path):
     assert [row["step"] for row in rows.rows] == [0, 40, 80, 120]
     assert json.loads(json.dumps(rows.rows)) == logged
     assert state.traffic.merge_messages == 2 * (config.num_sites - 1)  # the exact final merge ran
+
+
+def test_a_checkpoint_from_before_a_config_key_existed_resumes_with_its_default(small_config, tmp_path):
+    """A run stopped by an earlier gossiplab, whose checkpoint's config lacks a key added since
+    (train.gradient_transforms), resumes: the missing key reads as its default, which is what that
+    run ran. A key whose value differs is still refused."""
+    from gossiplab.rundir import RunDirError, read_checkpoints, write_checkpoint
+
+    config = small_config()
+    finish(config, tmp_path / "whole")
+
+    def stop(runner, row):
+        if row["step"] == 40:
+            runner.request_stop()
+
+    (tmp_path / "split").mkdir()
+    with pytest.raises(RunInterrupted):
+        Runner(config, tmp_path / "split", show_progress=False).run(on_evaluation=stop)
+    path = tmp_path / "split" / "checkpoint.pt"
+    state = read_checkpoints(path)[0]
+    del state["config"]["train"]["gradient_transforms"]
+    write_checkpoint(state, path)  # (the previous one, step 0, is kept beside it)
+    finish(config, tmp_path / "split", resume=True)
+    assert (tmp_path / "split" / "metrics.jsonl").read_bytes() == (tmp_path / "whole" / "metrics.jsonl").read_bytes()
+
+    (tmp_path / "other").mkdir()
+    with pytest.raises(RunInterrupted):
+        Runner(config, tmp_path / "other", show_progress=False).run(on_evaluation=stop)
+    with pytest.raises(RunDirError, match=r"another config .*train.lr: 0.05 vs 0.01"):
+        Runner(small_config("default", "train.lr=0.01"), tmp_path / "other", resume=True, show_progress=False).run()

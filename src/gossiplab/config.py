@@ -860,6 +860,12 @@ def config_from_toml(text: str, origin: str = "config", untrusted: tuple[Path, .
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{origin} is not valid TOML: {error}") from error
+    return config_from_tables(table, origin, untrusted)
+
+
+def config_from_tables(table: dict[str, Any], origin: str = "config", untrusted: tuple[Path, ...] = ()) -> Config:
+    """The config of TOML tables (`Config.to_dict()`'s form): keys it lacks keep their defaults,
+    earlier keys are read in their current form."""
     import_config_plugins(table.get("plugins", []), untrusted)
     config = Config()
     try:

@@ -32,7 +32,7 @@ from gossiplab.callbacks import (
 )
 from gossiplab.catalogue import build_config
 from gossiplab.communicator import Communicator, PeerLost, SingleProcess
-from gossiplab.config import Config, differing_fields, flatten, upgrade_keys
+from gossiplab.config import Config, ConfigError, config_from_tables, differing_fields, flatten, upgrade_keys
 from gossiplab.devices import PinnedCompute, platform_record, resolve_device, resolved_threads, with_pinned_threads
 from gossiplab.evaluation import evaluate
 from gossiplab.launch import launched_distributed
@@ -186,7 +186,11 @@ class Runner:
         state = next(state for state in states if state["step"] == agreed)
         if "random_streams" not in state:  # written before sites kept buffers and random streams (2026-12)
             raise RunDirError(f"{self.run_dir}/checkpoint.pt was written by an earlier gossiplab; start the run anew")
-        written = with_pinned_threads(upgrade_keys(flatten(state["config"])))
+        try:  # a key added to gossiplab since the checkpoint was written reads as its default
+            written = flatten(config_from_tables(state["config"], f"{self.folder.checkpoint}").to_dict())
+        except ConfigError:  # (a key gossiplab no longer knows: compared as written, so refused below)
+            written = upgrade_keys(flatten(state["config"]))
+        written = with_pinned_threads(written)
         current = flatten(self.config.to_dict())
         differing = differing_fields(written, current)
         if differing:
