@@ -144,6 +144,17 @@ def test_a_final_gossip_merge_after_l2c_is_plain_averaging(tmp_path):
     assert runner.experiment.state["learned"].rounds == 2  # the two training rounds only
 
 
+@pytest.mark.parametrize("algorithm", ["l2c", "meta-l2c"])
+def test_a_run_that_never_communicates_reports_no_learned_weights(tmp_path, algorithm):
+    """With gossip.schedule = "none" the weights stay at their uniform start: not a result to report."""
+    overrides = [f"gossip.algorithm={algorithm}", "gossip.schedule=none", "train.steps=20", "eval.every=20"]
+    runner = Runner(build_config("l2c", overrides), tmp_path, show_progress=False)
+    summary = runner.run()
+    assert summary["learned_rounds"] == 0
+    assert "learned_weight_same_task" not in summary and "learned_self_weight" not in summary
+    assert not any(tmp_path.glob("learned_*"))
+
+
 def meta(sites: int = 20, **kwargs) -> MetaLearnedMixing:
     config = build_config("l2c", [f"num_sites={sites}", "model.hidden=[16]", "gossip.algorithm=meta-l2c"])
     experiment = build_experiment(config)

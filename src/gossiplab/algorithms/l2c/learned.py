@@ -135,8 +135,12 @@ class LearnedMixing:
 
     def summarize(self, run_dir: Path) -> dict:
         """Write learned_weights.pt ([rounds, N, N]) and learned_weights.png; return how much weight
-        sites put on neighbours that share a class with them against the others (L2C Fig. 4/7)."""
-        history = torch.stack(self.history) if self.history else self.weights().detach()[None]
+        sites put on neighbours that share a class with them against the others (L2C Fig. 4/7).
+        A run that never communicated (gossip.schedule = "none") learned nothing: only its round
+        count is reported, not the untrained uniform start as if it were a result."""
+        if not self.history:
+            return {"learned_rounds": 0}
+        history = torch.stack(self.history)
         torch.save(history, run_dir / "learned_weights.pt")
         counts = self.federation.train_label_counts() > 0
         same_task = (counts.float() @ counts.float().T) > 0
@@ -145,6 +149,7 @@ class LearnedMixing:
         same, other = final[same_task & off_diagonal], final[~same_task & off_diagonal]
         plot_learned_weights(final, counts, run_dir / "learned_weights.png")
         return {
+            "learned_rounds": len(history),
             "learned_weight_same_task": float(same.mean()) if len(same) else None,
             "learned_weight_other_task": float(other.mean()) if len(other) else None,
             "learned_self_weight": float(final.diagonal().mean()),
@@ -198,7 +203,8 @@ class MetaLearnedMixing(LearnedMixing):
 
     def summarize(self, run_dir: Path) -> dict:
         """L2C's summary, and the trained encoder (learned_encoder.pt) for new sites or tasks."""
-        torch.save(self.encoders.state_dict(), run_dir / "learned_encoder.pt")
+        if self.history:
+            torch.save(self.encoders.state_dict(), run_dir / "learned_encoder.pt")
         return super().summarize(run_dir)
 
 
