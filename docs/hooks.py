@@ -12,10 +12,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+# MkDocs prints its own loggers' records ("INFO    -  ..."), so a build's log says which run it is training
+log = logging.getLogger("mkdocs.hooks.gossiplab")
 
 FIGURES = {  # folder -> (preset, overrides, plots the pages show); short runs: the site builds in the tests
     "default": ("default", ["train.steps=200", "eval.every=25"],
@@ -56,6 +60,8 @@ def on_pre_build(config) -> None:
             continue
         else:
             source = Path(tempfile.mkdtemp()) / "run"
+            log.info("Training the figures' run '%s' (preset %s, %s), cached in %s", folder, preset,
+                     " ".join(overrides), target)  # fmt: skip
             gossiplab.run(preset, overrides, run_dir=source)
         for plot in plots:
             shutil.copyfile(source / f"{plot}.png", target / f"{plot}.png")
@@ -64,6 +70,7 @@ def on_pre_build(config) -> None:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             runs = Path(tempfile.mkdtemp())
+            log.info("Training the comparison '%s' (%s), cached in %s", folder, ", ".join(variants), target)
             groups = {label: [gossiplab.run(preset, overrides, run_dir=runs / label).final]
                       for label, (preset, overrides) in variants.items()}  # fmt: skip
             plot_curves(f"merged and local models against {AXES[x]}", groups, target, x=x)
