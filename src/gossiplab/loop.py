@@ -217,6 +217,7 @@ def handle_divergence(
     message = f"{what} at step {state.step} on {listed_sites(sites)} (last finite loss per site: {shown})"
     if config.train.on_divergence == "drop" and bool((state.active & ~diverged).any()):
         state.active &= ~diverged
+        experiment.algorithm.drop_sites(diverged, experiment.state)
         mine = diverged[comm.sites]
         experiment.population.theta[mine] = 0.0
         experiment.optimizer.reset_rows(mine)

@@ -23,6 +23,8 @@ takes its gradient step alone. Each of an exchange's two messages is lost with p
 `message_loss`: a lost request leaves both models unaveraged (site i steps alone), a lost reply
 leaves j averaged and i not, so the pair's mean is no longer kept. Both are counted as sent and
 lost; the iteration takes as long either way (the loss is noticed within the exchange's time).
+A site dropped for divergence (train.on_divergence = drop) ends no more iterations and is nobody's
+neighbour from then on, as a synchronous W cuts it out.
 """
 
 from __future__ import annotations
@@ -111,7 +113,13 @@ class ADPSGD(Algorithm):
             "finish": iteration.clone(),  # when each site's iteration ends (simulated seconds)
             "iteration": iteration,
             "ticks": torch.zeros((), dtype=torch.long),
+            "active": torch.ones(len(theta), dtype=torch.bool),  # not dropped for divergence
         }
+
+    def drop_sites(self, dropped: torch.Tensor, state: dict[str, Any]) -> None:
+        """A dropped site ends no more iterations and no site picks it: its model (zeroed by the
+        loop) would otherwise be averaged into its neighbours' at their next exchange."""
+        state["active"] &= ~dropped
 
     def tick(self, state: dict[str, Any]) -> float:
         """The shortest iteration (a step and an exchange): no site ends two iterations in a tick."""
@@ -175,13 +183,15 @@ class ADPSGD(Algorithm):
         else:
             apply_events(theta, reads, pending, sites, neighbours, lr, delivered, answered)
 
-    def pick_neighbours(self, ending: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each ending site's neighbour, uniform among its online ones (the k-th, k = floor(draw *
-        count)), and whether it had one (if not, it is its own)."""
+    def pick_neighbours(
+        self, ending: torch.Tensor, draw: torch.Tensor, active: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each ending site's neighbour, uniform among its online, not dropped ones (the k-th,
+        k = floor(draw * count)), and whether it had one (if not, it is its own)."""
         table, degrees = self.neighbour_table()
         candidates = table[ending]
-        online = self.experiment.network.online
-        usable = (torch.arange(table.shape[1]) < degrees[ending, None]) & online[candidates]
+        reachable = self.experiment.network.online & active
+        usable = (torch.arange(table.shape[1]) < degrees[ending, None]) & reachable[candidates]
         counts = usable.sum(1)
         picks = (draw * counts).long()
         position = (usable.cumsum(1) > picks[:, None]).to(torch.uint8).argmax(1)  # the picks-th usable one
@@ -201,13 +211,13 @@ class ADPSGD(Algorithm):
             finish[offline] = now + state["iteration"][offline]
             state["reads"][offline] = theta[offline]
             state["fresh"][offline] = True
-        ending = torch.nonzero(finish <= now).flatten()
+        ending = torch.nonzero((finish <= now) & state["active"]).flatten()
         ending = ending[torch.argsort(finish[ending], stable=True)]  # time order, ties by site
         if len(ending) == 0:
             return Sent(0, 0)
         seed = (experiment.config.seed + ADPSGD_STREAM + int(state["ticks"])) % 2**63
         generator = torch.Generator().manual_seed(seed)
-        neighbours, found = self.pick_neighbours(ending, torch.rand(len(ending), generator=generator))
+        neighbours, found = self.pick_neighbours(ending, torch.rand(len(ending), generator=generator), state["active"])
         requests = replies = int(found.sum())
         lost = 0
         delivered = answered = None

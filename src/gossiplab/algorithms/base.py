@@ -11,6 +11,7 @@ The loop (gossiplab.loop) calls an algorithm unconditionally and names none:
                      W = mixing(round, adjacency, state)  default: the configured mixing rule
                      communicate(W, state, comm) -> Sent  default: theta <- W theta (DSGD),
                                                         one parameter vector per edge
+    a divergence: drop_sites(dropped, state)            (train.on_divergence = drop)
     evaluation:  merged_model(active, state, comm)       the counterfactual merged model
     the end:     summary(state, run_dir)                 extra summary fields and files
 
@@ -114,6 +115,11 @@ class Algorithm:
         theta = self.experiment.population.theta
         comm.mix(theta, weights, self.averager(theta))
         return Sent.vectors(weights, theta.shape[1])
+
+    def drop_sites(self, dropped: torch.Tensor, state: dict[str, Any]) -> None:
+        """The loop took these sites ([N] bool) out for divergence (train.on_divergence = drop).
+        W reaches `communicate` with them cut out already; an algorithm that picks its partners
+        itself, not through W (AD-PSGD), must stop picking them here."""
 
     def merged_model(self, active: torch.Tensor, state: dict[str, Any], comm: Communicator) -> torch.Tensor | None:
         """The counterfactual merged model [1, P]; None: the uniform mean of the active rows."""
