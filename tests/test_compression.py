@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gossiplab
-from gossiplab.algorithms.choco import qsgd, random_k, top_k
+from gossiplab.algorithms.choco import pack_bits, qsgd, random_k, top_k, unpack_bits
 from gossiplab.config import ChocoConfig
 from gossiplab.rundir import read_metrics
 from resume import stopped_then_resumed
@@ -55,6 +55,27 @@ def test_qsgd_is_unbiased_before_its_scaling_and_sends_a_norm_and_bits():
     message = qsgd(difference, options, generator)
     assert message.message_bytes == 4 + math.ceil(256 * (1 + 3) / 8)
     assert [part.dtype for part in message.parts] == [torch.float32, torch.int8]  # norm; sign and level
+
+
+@pytest.mark.parametrize(("levels", "width"), [(1, 9), (4, 256), (16, 1001), (200, 37), (40000, 5)])
+def test_qsgd_travels_packed_in_exactly_its_message_bytes_and_unpacks_to_the_same_correction(levels, width):
+    """What crosses processes is the norm and 1 + ceil(log2(s + 1)) bits per entry: as many bytes
+    as the run is charged, and the receiver decodes the sender's correction bit for bit."""
+    difference = torch.randn(3, width, generator=torch.Generator().manual_seed(levels))
+    difference[0, :2] = 0.0  # level 0 of either sign
+    message = qsgd(difference, ChocoConfig(levels=levels), torch.Generator().manual_seed(2))
+    wire = message.pack(*message.parts)
+    assert [part.dtype for part in wire] == [torch.float32, torch.uint8]
+    assert all(sum(part[i].numel() * part.element_size() for part in wire) == message.message_bytes for i in range(3))
+    assert all(torch.equal(a, b) for a, b in zip(message.unpack(*wire), message.parts, strict=True))
+    assert torch.equal(message.decode(*message.unpack(*wire)), message.correction())
+
+
+def test_packed_bits_are_the_codes_most_significant_first():
+    codes = torch.tensor([[5, 0, 7], [1, 2, 3]])
+    packed = pack_bits(codes, 3)  # 101 000 111 + 7 padding bits; 001 010 011 + padding
+    assert packed.tolist() == [[0b10100011, 0b10000000], [0b00101001, 0b10000000]]
+    assert torch.equal(unpack_bits(packed, 3, 3), codes)
 
 
 def test_choco_without_compression_is_dsgd_and_compressed_it_sends_what_it_says(tmp_path):

@@ -146,7 +146,7 @@ def test_processes_reproduce_the_single_process_simulation(tmp_path, processes, 
     ("compressor", "travels", "network"),
     [
         pytest.param("top-k", lambda p: 8 * math.ceil(0.1 * p), [], id="top-k"),
-        pytest.param("qsgd", lambda p: 4 + p, [], marks=pytest.mark.long, id="qsgd"),
+        pytest.param("qsgd", lambda p: 4 + math.ceil(6 * p / 8), [], marks=pytest.mark.long, id="qsgd"),
         pytest.param(
             "top-k", lambda p: 8 * math.ceil(0.1 * p), LOSSY_CHURNING, marks=pytest.mark.long, id="top-k-lossy-churning"
         ),
@@ -157,7 +157,7 @@ def test_choco_across_processes_is_the_simulation_and_sends_its_compressed_messa
 ):
     """CHOCO-SGD on 2 processes: the single-process run (on a lossy, churning network too), with
     each process sending its 4 sites' compressed messages to the other every round, as they travel
-    (top-k: k float32 values and k int32 indices; qsgd: the norm and one int8 per entry), measured
+    (top-k: k float32 values and k int32 indices; qsgd: the norm and 6 bits per entry at s = 16), measured
     at the process group."""
     overrides = [*SMALL, "gossip.algorithm=choco-sgd", "gossip.topology=ring", f"choco.compressor={compressor}",
                  *network]  # fmt: skip

@@ -30,7 +30,7 @@ resumes exactly.
 
 Across processes (torchrun) each process keeps every site's public copy and sends its sites'
 compressed messages, as they travel (top-k: float32 values and int32 indices; random-k: the
-values; qsgd: the norm and one int8 per entry holding sign and level, not packed to bits), to
+values; qsgd: the norm and the entries' sign and level bits, packed into bytes), to
 every other process (`comm.gather(..., payload=True)`, counted in `payload_bytes_sent`); each
 then updates every public copy and mixes its own sites. Every process draws the same random
 indices and quantization draws (those of all N sites), so the run equals the single-process one.
@@ -62,10 +62,31 @@ class Compressed:
     parts: tuple[torch.Tensor, ...]
     message_bytes: int
     decode: Callable[..., torch.Tensor]
+    pack: Callable[..., tuple[torch.Tensor, ...]] = lambda *parts: parts  # parts -> the bytes that travel
+    unpack: Callable[..., tuple[torch.Tensor, ...]] = lambda *wire: wire  # and back, exactly
 
     def correction(self) -> torch.Tensor:
         """Q(x - x_hat) of the sites compressed here."""
         return self.decode(*self.parts)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integer codes [rows, n], each < 2^bits, as bytes [rows, ceil(n bits / 8)]: the
+    codes' bits one after the other, most significant first, the last byte padded with zeros."""
+    rows, n = codes.shape
+    shifts = torch.arange(bits - 1, -1, -1, device=codes.device)
+    stream = ((codes.long()[..., None] >> shifts) & 1).to(torch.uint8).reshape(rows, n * bits)
+    stream = torch.nn.functional.pad(stream, (0, -(n * bits) % 8))
+    place = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=codes.device)
+    return (stream.reshape(rows, -1, 8) * place).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: the n codes of every row, as int64."""
+    shifts = torch.arange(7, -1, -1, device=packed.device)
+    stream = ((packed.long()[..., None] >> shifts) & 1).reshape(len(packed), -1)[:, : n * bits]
+    place = 2 ** torch.arange(bits - 1, -1, -1, device=packed.device)
+    return (stream.reshape(len(packed), n, bits) * place).sum(-1)
 
 
 Compressor = Callable[[torch.Tensor, ChocoConfig, torch.Generator, slice, int], Compressed]
@@ -126,12 +147,21 @@ def qsgd(
     level = lower + (draw < scaled - lower).to(difference.dtype)
     signed = torch.int8 if levels <= 127 else torch.int16 if levels <= 32767 else torch.int32
     tau = 1 + min(width / levels**2, math.sqrt(width) / levels)
-    bits = width * (1 + math.ceil(math.log2(levels + 1)))
+    bits = 1 + math.ceil(math.log2(levels + 1))  # per entry: a sign bit and the level's
 
     def decode(norms: torch.Tensor, signed_levels: torch.Tensor) -> torch.Tensor:
         return norms * signed_levels.to(norms.dtype) / (levels * tau)
 
-    return Compressed((norm, (difference.sign() * level).to(signed)), BYTES_PER_NUMBER + math.ceil(bits / 8), decode)
+    def pack(norms: torch.Tensor, signed_levels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Code 2 |level| + (level < 0) per entry, in `bits` bits."""
+        return norms, pack_bits(2 * signed_levels.long().abs() + (signed_levels < 0), bits)
+
+    def unpack(norms: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        codes = unpack_bits(packed, bits, width)
+        return norms, ((codes >> 1) * (1 - 2 * (codes & 1))).to(signed)
+
+    message_bytes = BYTES_PER_NUMBER + math.ceil(width * bits / 8)
+    return Compressed((norm, (difference.sign() * level).to(signed)), message_bytes, decode, pack, unpack)
 
 
 COMPRESSORS: dict[str, Compressor] = {"top-k": top_k, "random-k": random_k, "qsgd": qsgd}
@@ -158,8 +188,11 @@ class ChocoSGD(Algorithm):
         generator = torch.Generator(device=theta.device).manual_seed(seed)
         compress = COMPRESSORS[options.compressor]
         message = compress(theta - public[comm.sites], options, generator, comm.sites, config.num_sites)
-        parts = tuple(comm.gather(part, payload=True).to(theta.device) for part in message.parts)
-        correction = message.decode(*parts)  # every site's Q(x - x_hat)
+        if comm.world_size > 1:  # the messages travel, as packed as the bytes they are charged
+            wire = tuple(comm.gather(part, payload=True).to(theta.device) for part in message.pack(*message.parts))
+            correction = message.decode(*message.unpack(*wire))  # every site's Q(x - x_hat)
+        else:
+            correction = message.correction()
         rows, columns, _ = entries(weights)
         between = rows != columns  # the round's messages: j = columns[k] sends to i = rows[k]
         sends = torch.zeros(config.num_sites, dtype=torch.bool, device=theta.device)
