@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gossiplab import kernels
-from gossiplab.merge import GossipAverager, global_merge
+from gossiplab.merge import GossipAverager, global_merge, mix_block, rows_read
 from gossiplab.mixing import metropolis, mixing_matrix, spectral_gap, uniform
 from gossiplab.schedule import GossipSchedule
 from gossiplab.topology import build_adjacency, exponential, one_peer_exponential, random_one_peer, ring
@@ -62,6 +62,24 @@ def test_sparse_equal_row_and_dense_gossip_equal_the_matrix_product(weights_of, 
     expected = weights @ theta
     GossipAverager(theta.shape)(theta, weights)
     torch.testing.assert_close(theta, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("topology", ["ring", "exponential", "complete", "random-one-peer"])
+@pytest.mark.parametrize("kernels_name", ["torch", "numba"])
+def test_a_blocks_mix_from_the_rows_it_reads_equals_those_rows_of_the_whole_mix(topology, kernels_name):
+    """What a process mixes for its own sites from the public copies they read (CHOCO across
+    processes) is those sites' rows of theta <- W theta, and it reads only its block and neighbours."""
+    num_sites = 12
+    weights = metropolis(build_adjacency(topology, num_sites, 3, seed=1))
+    theta = torch.randn(num_sites, 700, generator=torch.Generator().manual_seed(0))
+    whole = theta.clone()
+    GossipAverager(whole.shape, kernels_name)(whole, weights)
+    averagers: dict = {}
+    for sites in (slice(0, 4), slice(4, 8), slice(8, 12), slice(5, 6)):
+        torch.testing.assert_close(mix_block(theta, weights, sites, averagers, kernels_name), whole[sites])
+    expected = {"ring": [3, 4, 5, 6, 7, 8], "complete": list(range(num_sites))}
+    if topology in expected:
+        assert rows_read(weights, slice(4, 8)).tolist() == expected[topology]
 
 
 @pytest.mark.parametrize("topology", [*GRAPHS, "star"])

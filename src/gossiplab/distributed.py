@@ -51,6 +51,7 @@ from gossiplab import sparse
 from gossiplab.communicator import PeerLost
 from gossiplab.config import Config, ConfigError, DistributedConfig, differing_fields, flatten
 from gossiplab.devices import resolve_device
+from gossiplab.merge import block_weights, rows_read
 
 DEFAULT_SECRET_ENV = DistributedConfig.__dataclass_fields__["secret_env"].default
 HEARTBEAT_S = 0.5  # how often each process bumps its heartbeat counter in the store
@@ -642,9 +643,7 @@ class ProcessGroup:
         if dense:
             extended_sites = torch.cat([torch.arange(*self.blocks[r]) for r in self.members])
         else:
-            wanted = needs[lo:hi].any(0)
-            wanted[lo:hi] = True
-            extended_sites = torch.nonzero(wanted).flatten()
+            extended_sites = rows_read(weights, self.sites)
         if len(extended_sites) not in self._averagers:  # buffers and mixer per extended-block size, reused
             shape = torch.Size((len(extended_sites), theta.shape[1]))
             self._averagers[len(extended_sites)] = (torch.empty(shape, device=theta.device), operator.resized(shape))
@@ -684,11 +683,7 @@ class ProcessGroup:
             self._wait(works)
             for rows, tag, peer in tagged:
                 self._check_tag(rows, tag, peer, self.rank)
-        local = weights[extended_sites][:, extended_sites]
-        outside = torch.ones(len(extended_sites), dtype=torch.bool)
-        outside[own] = False
-        local[outside] = torch.eye(len(extended_sites))[outside]  # received rows are inputs only
-        averager(extended, local)
+        averager(extended, block_weights(weights, extended_sites, own))  # received rows are inputs only
         theta.copy_(extended[own])
         self.bytes_sent += sent
         return sent

@@ -11,7 +11,7 @@ import torch
 from gossiplab.communicator import Communicator
 from gossiplab.devices import resolve_kernels
 from gossiplab.mixing import mixing_matrix
-from gossiplab.sparse import entries, matrix, neighbour_lists, off_diagonal_count, oriented
+from gossiplab.sparse import dense, entries, matrix, neighbour_lists, off_diagonal_count, oriented
 from gossiplab.topology import build_adjacency
 
 
@@ -136,6 +136,42 @@ def global_merge(theta: torch.Tensor, active: torch.Tensor | None = None, comm: 
     across processes)."""
     rows = slice(None) if active is None else active if comm is None else active[comm.sites]
     theta[rows] = merged_model(theta, active, comm)
+
+
+def rows_read(weights: torch.Tensor, sites: slice) -> torch.Tensor:
+    """The sites a block of sites reads in theta <- W theta (its own and every j with W_ij != 0),
+    in increasing order: the extended block it mixes."""
+    wanted = (weights[sites] != 0).any(0)
+    wanted[sites] = True
+    return torch.nonzero(wanted).flatten()
+
+
+def block_weights(weights: torch.Tensor, extended_sites: torch.Tensor, own: slice) -> torch.Tensor:
+    """W cut to an extended block: the block's own rows mix as in W, the rows it only reads are
+    inputs (identity rows), so mixing the extended block computes the own rows' sum_j W_ij theta_j."""
+    local = weights[extended_sites][:, extended_sites]
+    outside = torch.ones(len(extended_sites), dtype=torch.bool)
+    outside[own] = False
+    local[outside] = torch.eye(len(extended_sites), dtype=local.dtype)[outside]
+    return local
+
+
+def mix_block(
+    theta: torch.Tensor, weights: torch.Tensor, sites: slice, averagers: dict[int, GossipAverager], kernels: str
+) -> torch.Tensor:
+    """sum_j W_ij theta_j [n, P] for the block `sites` only, when every row of theta is at hand (CHOCO's
+    public copies across processes): the block and the rows it reads, mixed with `block_weights`,
+    O(rows read) instead of O(N); `averagers` keeps one per extended-block size."""
+    weights = dense(weights)
+    extended_sites = rows_read(weights, sites)
+    start = int(torch.searchsorted(extended_sites, sites.start))
+    own = slice(start, start + sites.stop - sites.start)
+    extended = theta[extended_sites]
+    averager = averagers.get(len(extended_sites))
+    if averager is None:
+        averager = averagers[len(extended_sites)] = GossipAverager(extended.shape, kernels, theta.device)
+    averager(extended, block_weights(weights, extended_sites, own))
+    return extended[own]
 
 
 def without_sites(weights: torch.Tensor, active: torch.Tensor, stochastic: str = "rows") -> torch.Tensor:

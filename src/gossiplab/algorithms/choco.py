@@ -32,8 +32,10 @@ Across processes (torchrun) each process keeps every site's public copy and send
 compressed messages, as they travel (top-k: float32 values and int32 indices; random-k: the
 values; qsgd: the norm and the entries' sign and level bits, packed into bytes), to
 every other process (`comm.gather(..., payload=True)`, counted in `payload_bytes_sent`); each
-then updates every public copy and mixes its own sites. Every process draws the same random
-indices and quantization draws (those of all N sites), so the run equals the single-process one.
+then updates every public copy and mixes its own sites from the copies they read (the block and
+its neighbours, not all N). Every process draws the same random indices and quantization draws
+(those of all N sites), so the run equals the single-process one (to rounding: a block's mix
+may take another kernel path than the whole population's).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch
 from gossiplab.algorithms.base import BYTES_PER_NUMBER, Algorithm, Sent
 from gossiplab.communicator import Communicator
 from gossiplab.config import ChocoConfig
+from gossiplab.merge import mix_block
 from gossiplab.registry import ALGORITHMS
 from gossiplab.sparse import entries
 
@@ -199,8 +202,12 @@ class ChocoSGD(Algorithm):
         sends[columns[between].to(theta.device)] = True
         correction[~sends] = 0.0  # a site that sent nothing this round leaves its public copy
         public.add_(correction)  # x_hat_i += q_i
-        mixed = public.clone()
-        self.averager(mixed)(mixed, weights)  # sum_j W_ij x_hat_j, for every site (each process: all)
-        theta.add_((mixed - public)[comm.sites], alpha=options.gamma)
+        if comm.world_size > 1:  # sum_j W_ij x_hat_j for this process's sites, from the copies they read
+            averagers = self.__dict__.setdefault("_block_averagers", {})
+            mixed = mix_block(public, weights, comm.sites, averagers, config.train.kernels)
+        else:
+            mixed = public.clone()
+            self.averager(mixed)(mixed, weights)
+        theta.add_(mixed - public[comm.sites], alpha=options.gamma)
         messages = int(between.sum())
         return Sent(messages, messages * message.message_bytes)
