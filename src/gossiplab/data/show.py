@@ -25,7 +25,8 @@ def sample_grid(dataset: Dataset, path: Path, per_class: int = 10, seed: int = 0
             ax.set_yticks([])
             if k < len(chosen):
                 image = dataset.train_x[chosen[k]]
-                ax.imshow(image[0] if image.shape[0] == 1 else image.permute(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+                pixels = (image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy()
+                ax.imshow(pixels, cmap="gray", vmin=0, vmax=255)
             if k == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.suptitle(f"{dataset.name}: {len(dataset.train_y)} train / {len(dataset.test_y)} test")
@@ -62,7 +63,8 @@ def site_class_heatmap(federation: Federation, path: Path, title: str) -> Path:
     shares = counts / counts.sum(1, keepdim=True)
     width = max(6.0, 0.22 * federation.num_classes + 2)
     fig, ax = plt.subplots(figsize=(width, 0.3 * federation.num_sites + 2))
-    image = ax.imshow(shares, aspect="auto", cmap="magma", vmin=0, vmax=float(shares.max()), interpolation="nearest")
+    image = ax.imshow(shares.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=float(shares.max()),
+                      interpolation="nearest")  # fmt: skip
     fig.colorbar(image, ax=ax, label="share of the site's training samples")
     ax.set_yticks(range(federation.num_sites))
     ax.set_yticklabels([f"{i} {s}" for i, s in enumerate(federation.site_sources)], fontsize=7)
