@@ -165,6 +165,13 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_resumes_exactly
     assert (run_dir / "metrics.jsonl").read_bytes() == (finished / "metrics.jsonl").read_bytes()
 
 
+def test_a_finished_run_keeps_its_last_checkpoint_and_drops_the_fallback(finished, tmp_path):
+    """The fallback matters while a run can still be resumed mid-way; a finished run keeps one checkpoint."""
+    assert (finished / "checkpoint.pt").is_file() and not (finished / PREVIOUS).exists()
+    stopped_at(20, tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and (tmp_path / "stopped" / PREVIOUS).is_file()
+
+
 def test_no_intact_checkpoint_is_refused_clearly(tmp_path, gossiplab_main):
     run_dir = tmp_path / "run"
     stopped_at(30, run_dir)

@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from gossiplab.algorithms import restore, saved
-from gossiplab.rundir import atomic_save, atomic_write, write_checkpoint
+from gossiplab.rundir import atomic_save, atomic_write, drop_fallback, write_checkpoint
 from gossiplab.runfolder import RunFolder
 
 if TYPE_CHECKING:
@@ -139,6 +139,10 @@ class Checkpoints(Callback):
         }
         write_checkpoint(content, self.path)
         self.step = state.step
+
+    def on_end(self, experiment: Experiment, state: TrainingState) -> None:
+        if self.step == state.step == experiment.config.train.steps:  # finished, its last step saved
+            drop_fallback(self.path)
 
     @staticmethod
     def restore(experiment: Experiment, state: TrainingState, content: dict[str, Any], vector_bytes: int) -> None:

@@ -120,6 +120,12 @@ def write_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_save({**state, DIGEST_KEY: content_digest(state)}, path)
 
 
+def drop_fallback(path: Path) -> None:
+    """A finished run resumes from nowhere but its last checkpoint: the fallback beside it goes
+    (half of what a sweep's or a reproduction's finished runs hold on disk)."""
+    path.with_name(PREVIOUS).unlink(missing_ok=True)
+
+
 def verified_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint whose content matches its digest; RunDirError naming what is wrong otherwise."""
     try:
