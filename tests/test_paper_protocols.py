@@ -22,7 +22,7 @@ from gossiplab.optim import StackedAdam, StackedSGD
 from gossiplab.permutation import permutation_spec
 from gossiplab.registry import MIXING_RULES
 from gossiplab.schedule import GossipSchedule
-from gossiplab.sweep import run_in_processes, run_one
+from gossiplab.sweep import oversubscription, run_in_processes, run_one
 
 # the dimat preset's protocol on a small MLP: 30 steps alone, then a round every 5 steps
 SMALL_DIMAT = [
@@ -151,6 +151,14 @@ def test_runs_in_worker_processes_give_a_serial_runs_numbers(tmp_path, monkeypat
         serial = (tmp_path / "serial" / str(config.seed) / "metrics.jsonl").read_text().splitlines()
         parallel = (folder / "metrics.jsonl").read_text().splitlines()
         assert [line.split('"wall')[0] for line in parallel] == [line.split('"wall')[0] for line in serial]
+
+
+def test_jobs_whose_threads_do_not_fit_the_cores_are_warned_with_the_count_that_fits():
+    assert oversubscription(2, 1, 2) is None and oversubscription(4, 2, 8) is None
+    warning = oversubscription(2, 2, 2)
+    assert warning is not None and "2 jobs x 2 threads a run = 4 threads on 2 cores" in warning
+    assert warning.endswith("train.threads=1 fits them")
+    assert oversubscription(3, 8, 16).endswith("train.threads=5 fits them")
 
 
 def test_dice_influence_is_the_raw_one_hop_score_of_each_receivers_held_out_gradient(tmp_path):

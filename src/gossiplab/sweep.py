@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from gossiplab.catalogue import build_config, validate
 from gossiplab.compare import plot_against, plot_cost, plot_curves
@@ -33,7 +35,7 @@ from gossiplab.config import (
     parse_override,
     resolve_key,
 )
-from gossiplab.devices import with_pinned_threads
+from gossiplab.devices import resolved_threads, with_pinned_threads
 from gossiplab.report import Plots
 from gossiplab.rundir import atomic_write, read_summary
 from gossiplab.runfolder import RunFolder
@@ -165,20 +167,35 @@ def run_config_text(config_toml: str, run_dir: Path) -> Path:
     return run_one(config, run_dir)
 
 
+def oversubscription(jobs: int, threads: int, cores: int) -> str | None:
+    """The warning for `jobs` processes of `threads` threads each on `cores` cores, if they do not fit."""
+    if jobs * threads <= cores:
+        return None
+    fits = max(1, cores // jobs)
+    return (f"{jobs} jobs x {threads} threads a run = {jobs * threads} threads on {cores} cores: they compete "
+            f"(the numbers stay a serial run's, the time grows); train.threads={fits} fits them")  # fmt: skip
+
+
 def run_in_processes(runs: list[tuple[Config, Path]], jobs: int, console: Console | None = None) -> None:
     """The runs spread over `jobs` worker processes (spawned: no state shared with this one), the
     finished count shown. A run computes with its config's thread count whichever process runs it,
-    so its numbers are those of a serial run; give `train.threads` so that jobs x threads fits the
-    cores. The first failure stops the rest and is raised here."""
+    so its numbers are those of a serial run; when jobs x threads does not fit the cores it warns
+    (`train.threads` sets the count). The first failure stops the rest and is raised here."""
     import concurrent.futures
     import multiprocessing
 
     from rich.progress import Progress
 
+    console = console or Console(stderr=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max((resolved_threads(config.train.threads) for config, _ in runs), default=1)
+    warning = oversubscription(min(jobs, len(runs)), threads, cores)
+    if warning:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     context = multiprocessing.get_context("spawn")
     with (
         concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool,
-        Progress(console=console or Console(stderr=True), transient=True) as progress,
+        Progress(console=console, transient=True) as progress,
     ):
         task = progress.add_task(f"{len(runs)} runs in {jobs} processes", total=len(runs))
         futures = [pool.submit(run_config_text, config.to_toml(), run_dir) for config, run_dir in runs]
