@@ -50,6 +50,25 @@ def test_bad_values_are_refused_with_field_and_allowed_values(override, message)
         build_config("default", [override])
 
 
+def test_a_pre_training_phase_that_leaves_no_round_is_refused_and_a_run_without_rounds_is_said(tmp_path, capsys):
+    """DIMAT's preset shortened below its 500 pre-training steps would train every agent alone and
+    call it DIMAT (the docs' figure run did); a short run with rounds rarer than its steps is a
+    smoke test, run with a warning."""
+    with pytest.raises(
+        ConfigError,
+        match=r"field 'gossip.start_after' = 500: with gossip.every=100 leaves no "
+        r"gossip round in train.steps=200 \(the first would be at step 600\)",
+    ):
+        build_config("dimat", ["train.steps=200"])
+    with pytest.raises(ConfigError, match=r"field 'gossip.start_after' = 10: leaves none of gossip.steps=\[5, 10\]"):
+        build_config("default", ["gossip.schedule=steps", "gossip.steps=[5, 10]", "gossip.start_after=10"])
+    assert build_config("dimat", ["train.steps=600"]).gossip.start_after == 500  # one round, at step 600
+    code = subprocess.run([sys.executable, "-m", "gossiplab", "run", "num_sites=4", "train.steps=4", "eval.every=4",
+                           "--quiet", "--run-dir", str(tmp_path / "run")], capture_output=True, text=True)  # fmt: skip
+    assert code.returncode == 0, code.stderr
+    assert "gossip.schedule = 'every' gives no gossip round in train.steps = 4" in " ".join(code.stderr.split())
+
+
 def test_all_errors_are_reported_together():
     with pytest.raises(ConfigError) as error:
         build_config("default", ["data.alpha=-1", "gossip.p=2"])

@@ -293,7 +293,7 @@ class GossipConfig:
     schedule: str = documented("every", "when rounds happen", SCHEDULES)
     start_after: int = documented(
         0, "steps of local training before any round, >= 0: DIMAT's pre-training phase, every agent alone "
-        "(`every` counts from here; a run no longer has no rounds)",
+        "(`every` counts from here; it must leave at least one round in train.steps)",
     )  # fmt: skip
     every: int = documented(10, "every/window: steps between rounds, >= 1")
     steps: list[int] = documented([], "steps: the steps that gossip")
@@ -342,6 +342,13 @@ class GossipConfig:
             (0 < self.early_share < 1, "gossip.early_share", "must be in (0, 1) (share of rounds early)"),
             (0 <= self.warmup_fraction < 1, "gossip.warmup_fraction", "must be in [0, 1)"),
             (self.final_merge_rounds >= 0, "gossip.final_merge_rounds", "must be >= 0 (0: ceil(log2 N))"),
+            (self.schedule != "every" or not self.start_after or self.start_after + self.every <= steps,
+             "gossip.start_after", f"with gossip.every={self.every} leaves no gossip round in train.steps={steps} "
+             f"(the first would be at step {self.start_after + self.every}): a pre-training phase with nothing "
+             "after it; lower it, or set gossip.schedule=none for a run without gossip"),
+            (self.schedule != "steps" or any(s > self.start_after for s in self.steps), "gossip.start_after",
+             f"leaves none of gossip.steps={self.steps} a round (no round in the first start_after steps): lower it, "
+             "or set gossip.schedule=none for a run without gossip"),
         ]  # fmt: skip
         return problems_of(config, checks)
 

@@ -140,6 +140,13 @@ class Runner:
             self._lock.release()
             self._compute.restore()
             raise
+        schedule = self.experiment.schedule
+        if schedule.kind != "none" and schedule.rounds_until(config.train.steps) == 0:
+            alone = " until the final merge" if schedule.final_merge else ""
+            self.console.print(
+                f"[yellow]warning:[/] gossip.schedule = '{escape(config.gossip.schedule)}' gives no gossip round in "
+                f"train.steps = {config.train.steps}: every site trains alone{alone} (gossip.schedule=none says so)"
+            )
         for name in unresolvable:
             self.console.print(
                 f"[yellow]warning:[/] {escape(name)} is not importable by name: config.toml cannot re-run it "
