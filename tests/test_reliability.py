@@ -33,6 +33,7 @@ from gossiplab.encoders import EncoderError, ImageEncoder, cached_image_features
 from gossiplab.report import replot
 from gossiplab.rundir import PREVIOUS, RunDirError, claim_new_dir, read_metrics
 from gossiplab.runner import RunInterrupted, Runner
+from gossiplab.safeload import PlainDataFileError, UnsafeFileError, load_tensors
 from gossiplab.sweep import check_sweep_dir, load_sweep, slug, variant_configs
 
 TINY = ["num_sites=4", "train.steps=40", "eval.every=10"]
@@ -170,6 +171,19 @@ def test_a_finished_run_keeps_its_last_checkpoint_and_drops_the_fallback(finishe
     assert (finished / "checkpoint.pt").is_file() and not (finished / PREVIOUS).exists()
     stopped_at(20, tmp_path / "stopped")
     assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and (tmp_path / "stopped" / PREVIOUS).is_file()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_byte_damaged_anywhere_in_a_checkpoints_head_is_a_refusal_never_a_crash(finished, tmp_path):
+    """The unpickler fails on damaged bytes with whatever it meets (IndexError on a first byte
+    turned into 'e', which a random-damage run found): every failure is one of gossiplab's two."""
+    data = (finished / "checkpoint.pt").read_bytes()
+    damaged = tmp_path / "checkpoint.pt"
+    for at in range(96):
+        for byte in (b"e", b"(", b"}", b"\x80", b"\x00"):
+            damaged.write_bytes(data[:at] + byte + data[at + 1 :])
+            with contextlib.suppress(UnsafeFileError, PlainDataFileError):
+                load_tensors(damaged, "checkpoint")
 
 
 def test_no_intact_checkpoint_is_refused_clearly(tmp_path, gossiplab_main):

@@ -42,7 +42,7 @@ def load_tensors(path: Path, what: str) -> Any:
             f"{path}: refusing to load this {what}: it holds pickled objects other than tensors and plain "
             "data, which could run code (gossiplab loads only tensors and plain data)"
         ) from error
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # damaged bytes fail anywhere in the unpickler: IndexError, KeyError, EOFError, ...
         reason = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
         raise PlainDataFileError(f"{path}: this {what} cannot be read ({reason})") from error
 
